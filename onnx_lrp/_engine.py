@@ -1,0 +1,188 @@
+"""The reverse interpreter: a plan compiled once per explained output, run once per explanation.
+
+A plan is the list of backward steps (node or unary region) on the paths from the relevance sources to the
+explained output, in reverse topological order, with the tensors they need from the forward pass. Running it
+propagates the modified gradient ``G`` (``R_t = t * G_t``) from the output back to the sources; a tensor read
+by several nodes accumulates the sum of what each sends back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ._analysis import Analysis
+from ._graph import Graph
+from .errors import OnnxLrpError
+from .ops import REGISTRY, OpContext
+from .ops.activation import region_backward
+from .rules import Epsilon, Rule
+
+
+@dataclass
+class Step:
+    name: str
+    op_type: str
+    rule: Rule
+    inputs: list[str | None]  # carrying inputs, aligned with what ``backward`` returns
+    outputs: list[str]
+    backward: Callable
+    epsilon: float = 0.0  # eps-LRP modifier on the output gradient (needs the output value)
+
+
+@dataclass
+class Plan:
+    output: str
+    steps: list[Step]
+    values: set[str] = field(default_factory=set)  # tensors read at run time
+    shapes: set[str] = field(default_factory=set)  # tensors whose shape is read at run time
+    keep: set[str] = field(default_factory=set)  # gradients kept (sources, collected tensors)
+
+
+class Env:
+    """What a backward step reads: forward tensors (run-time and static) and shapes."""
+
+    def __init__(self, xp: Any, dtype: Any, lead: int, values: dict, shapes: dict, static: dict):
+        self.xp, self.dtype, self.lead = xp, dtype, lead
+        self._values, self._shapes, self._static = values, shapes, static
+        self._memo: dict[str, Any] = {}
+
+    def __getitem__(self, name: str):
+        v = self._values.get(name)
+        return self._static[name] if v is None else v
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        s = self._shapes.get(name)
+        return tuple(self[name].shape) if s is None else s
+
+    def memo(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+
+def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:
+    """Names of nodes/regions on carrying paths from the sources to ``output``, in topological order."""
+    seen: set[str] = set()
+    found: dict[str, int] = {}
+    stack = [output]
+    while stack:
+        t = stack.pop()
+        if t in seen or t in analysis.sources:
+            continue
+        seen.add(t)
+        p = graph.producer.get(t)
+        if p is None or t not in analysis.carrying:
+            continue
+        region = analysis.regions.get(analysis.region_of.get(p.name, ""))
+        if region is not None:
+            found[region.name] = max(n.index for n in region.nodes)
+            stack.append(region.x)
+            continue
+        if p.name not in analysis.kinds:
+            continue
+        found[p.name] = p.index
+        stack.extend(i for i in p.inputs if i and i in analysis.carrying)
+    return sorted(found, key=found.get)
+
+
+def compile_plan(
+    graph: Graph, analysis: Analysis, output: str, xp: Any, dtype: Any, collect: tuple[str, ...] = ()
+) -> Plan:
+    plan = Plan(output, [])
+    by_name = {n.name: n for n in graph.nodes}
+    gate_cache: dict[str, bool] = {}
+
+    def is_gate(t: str) -> bool:
+        return _is_gate(graph, analysis, t, gate_cache)
+
+    for name in reversed(relevant_nodes(graph, analysis, output)):
+        region = analysis.regions.get(name)
+        node = by_name[name]
+        rule = region.rule if region is not None else analysis.rules[name]
+        kind = "unary" if region is not None else analysis.kinds[name]
+        ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, plan.values, plan.shapes, is_gate)
+        if region is not None and len(region.nodes) > 1:
+            back = region_backward(ctx, region.x, region.y)
+            plan.values.update((region.x, region.y))
+            plan.steps.append(Step(name, "region", rule, [region.x], [region.y], back))
+            continue
+        builder = REGISTRY.get(node.op_type)
+        if builder is None:
+            raise OnnxLrpError(f"node {name!r}: no rule for op type {node.op_type}")
+        back = builder(ctx)
+        if back is None:
+            continue
+        eps = rule.epsilon if isinstance(rule, Epsilon) and kind in ("linear", "add", "reduce") else 0.0
+        if eps:
+            plan.values.add(node.outputs[0])
+        inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
+        plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps))
+    plan.keep = set(analysis.sources) | set(collect)
+    plan.values.update(analysis.sources)
+    plan.values.update(collect)
+    return plan
+
+
+def _is_gate(graph: Graph, analysis: Analysis, t: str, cache: dict[str, bool]) -> bool:
+    """Whether ``t`` is computed by a non-linearity (activation, softmax, top-k), looking through data
+    movement and products of such values: the factor CP-LRP treats as a constant."""
+    if t in cache:
+        return cache[t]
+    cache[t] = False
+    p = graph.producer.get(t)
+    result = False
+    if p is not None and t in analysis.carrying:
+        kind = analysis.kinds.get(p.name)
+        if p.name in analysis.region_of or kind in ("unary", "softmax") or p.op_type in ("TopK", "Sigmoid"):
+            result = True
+        elif kind in ("movement", "product", "linear") and p.op_type not in ("MatMul", "Gemm", "Conv", "Einsum"):
+            result = any(_is_gate(graph, analysis, i, cache) for i in p.inputs if i and i in analysis.carrying)
+    cache[t] = result
+    return result
+
+
+def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
+    """Propagate the start gradients through the plan; returns the gradients at ``plan.keep``."""
+    xp = env.xp
+    grads: dict[str, Any] = dict(start)
+    owned: set[str] = set()
+    keep = plan.keep
+    for step in plan.steps:
+        gy = [(grads.get(o) if o in keep else grads.pop(o, None)) for o in step.outputs]
+        if all(g is None for g in gy):
+            continue
+        if step.epsilon:
+            z = env[step.outputs[0]]
+            gy[0] = gy[0] * (z / (z + step.epsilon * xp.where(z >= 0, 1.0, -1.0).astype(z.dtype)))
+        try:
+            gx = step.backward(env, gy)
+        except OnnxLrpError:
+            raise
+        except Exception as exc:
+            raise OnnxLrpError(f"node {step.name!r} ({step.op_type}, rule {step.rule.name}): {type(exc).__name__}: {exc}") from exc
+        for name, g in zip(step.inputs, gx):
+            if name is None or g is None:
+                continue
+            prev = grads.get(name)
+            if prev is None:
+                grads[name] = g
+            elif name in owned:
+                prev += g
+            else:
+                grads[name] = prev + g
+                owned.add(name)
+    return {k: grads[k] for k in keep if k in grads}
+
+
+def to_compute(xp: Any, dtype: Any, arr: Any) -> Any:
+    """Float arrays in the compute dtype on the engine's device; other arrays unchanged in type."""
+    a = xp.asarray(arr)
+    if a.dtype.kind == "f" and a.dtype != dtype:
+        a = a.astype(dtype)
+    return a
+
+
+def as_numpy(a: Any) -> np.ndarray:
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)

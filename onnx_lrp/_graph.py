@@ -1,0 +1,211 @@
+"""A small read-only view of an ONNX graph: nodes in topological order, producers, consumers, constants.
+
+The view never modifies the user's ``ModelProto``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelLoadError
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+INT_TYPES = {
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.UINT32,
+    onnx.TensorProto.UINT64,
+}
+
+
+@dataclass
+class Node:
+    """One ONNX node; ``name`` is unique within the graph (empty names are filled in)."""
+
+    index: int
+    op_type: str
+    name: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    proto: onnx.NodeProto | None = None
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+    def __repr__(self) -> str:
+        return f"{self.op_type}({self.name!r})"
+
+
+@dataclass
+class GraphInput:
+    name: str
+    elem_type: int
+    shape: list[int | str | None]  # ints for fixed dims, names for symbolic, None for unknown
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in FLOAT_TYPES
+
+    @property
+    def is_int(self) -> bool:
+        return self.elem_type in INT_TYPES
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+
+class Graph:
+    """Nodes, tensors and constants of one ONNX model (the main graph)."""
+
+    def __init__(self, model: onnx.ModelProto, source: str = "model"):
+        self.model = model
+        self.source = source
+        g = model.graph
+        self.opset = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
+        self._initializers = {t.name: t for t in g.initializer}
+        self.inputs = [
+            GraphInput(i.name, i.type.tensor_type.elem_type, _dims(i))
+            for i in g.input
+            if i.name not in self._initializers
+        ]
+        self.input_names = {i.name for i in self.inputs}
+        self.output_names = [o.name for o in g.output]
+        self.output_types = {o.name: o.type.tensor_type.elem_type for o in g.output}
+        self.nodes: list[Node] = []
+        used: set[str] = set()
+        for k, n in enumerate(g.node):
+            name = n.name or f"{n.op_type}_{k}"
+            if name in used:
+                name = f"{name}#{k}"
+            used.add(name)
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            self.nodes.append(
+                Node(k, n.op_type, name, n.domain, list(n.input), list(n.output), attrs, n)
+            )
+        self.producer: dict[str, Node] = {}
+        self.consumers: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for o in n.outputs:
+                if o:
+                    self.producer[o] = n
+            for i in n.inputs:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self._check_topological()
+        self._constants: dict[str, np.ndarray] = {}
+        for n in self.nodes:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                self._constants[n.outputs[0]] = _constant_value(n)
+        # static = does not depend on any graph input (weights, constants and what is computed from them)
+        self.static: set[str] = set(self._initializers) | set(self._constants)
+        for n in self.nodes:
+            if all((not i) or i in self.static for i in n.inputs) and n.op_type not in _RANDOM_OPS:
+                self.static.update(o for o in n.outputs if o)
+
+    # ------------------------------------------------------------------ constants
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or ``Constant`` output, or None when it is computed at run time."""
+        if name in self._constants:
+            return self._constants[name]
+        t = self._initializers.get(name)
+        if t is None:
+            return None
+        arr = numpy_helper.to_array(t)
+        self._constants[name] = arr
+        return arr
+
+    def is_initializer(self, name: str) -> bool:
+        return name in self._initializers
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def _check_topological(self) -> None:
+        known = set(self._initializers) | self.input_names | {""}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i not in known and i in self.producer:
+                    raise ModelLoadError(
+                        f"{self.source}: node {n.name!r} ({n.op_type}) reads {i!r} before it is produced: "
+                        "the graph is not topologically sorted"
+                    )
+            known.update(n.outputs)
+
+
+_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return []
+    out: list[int | str | None] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def _constant_value(node: Node) -> np.ndarray:
+    for key, val in node.attrs.items():
+        if key == "value":
+            return numpy_helper.to_array(val)
+        if key == "value_float":
+            return np.array(val, dtype=np.float32)
+        if key == "value_floats":
+            return np.array(val, dtype=np.float32)
+        if key == "value_int":
+            return np.array(val, dtype=np.int64)
+        if key == "value_ints":
+            return np.array(val, dtype=np.int64)
+    raise ModelLoadError(f"Constant node {node.name!r} has no supported value attribute ({list(node.attrs)})")
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, str | None]:
+    """Load a model from a path or take a ``ModelProto``; returns (model, description, directory)."""
+    if isinstance(model, onnx.ModelProto):
+        return model, "ModelProto", None
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"expected a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}"
+        )
+    path = Path(model)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.onnx"))
+        if len(candidates) != 1:
+            raise ModelLoadError(
+                f"{path}: is a folder with {len(candidates)} .onnx files "
+                f"({', '.join(c.name for c in candidates) or 'none'}); name the file"
+            )
+        path = candidates[0]
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        proto = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    if not proto.graph.node:
+        raise ModelLoadError(f"{path}: not an ONNX model (the graph has no nodes)")
+    return proto, str(path), str(path.parent)

@@ -1,0 +1,35 @@
+"""Exceptions raised by onnx-lrp. Every error names what is wrong and where."""
+from __future__ import annotations
+
+
+class OnnxLrpError(Exception):
+    """Base class of every error onnx-lrp raises on purpose."""
+
+
+class ModelLoadError(OnnxLrpError, ValueError):
+    """The model file or object cannot be read as an ONNX model."""
+
+
+class UnsupportedOpError(OnnxLrpError):
+    """The graph holds relevance-carrying ops that have no rule.
+
+    ``ops`` maps each op type to the names of the nodes that use it.
+    """
+
+    def __init__(self, ops: dict[str, list[str]], where: str = "model"):
+        self.ops = ops
+        lines = [f"  {op} (e.g. node {names[0]!r}; {len(names)} node(s))" for op, names in sorted(ops.items())]
+        super().__init__(
+            f"{where}: {len(ops)} op type(s) on the relevance path have no LRP rule:\n"
+            + "\n".join(lines)
+            + "\nRegister a rule with onnx_lrp.ops.register(op_type), or pass allow_unsupported=True "
+            "to treat them as constants (no relevance flows through them)."
+        )
+
+
+class InputError(OnnxLrpError, ValueError):
+    """The inputs given to ``explain`` do not fit the model."""
+
+
+class TargetError(OnnxLrpError, ValueError):
+    """The target, position or output to explain is invalid."""

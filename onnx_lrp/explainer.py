@@ -1,0 +1,363 @@
+"""The public entry point: :class:`Explainer` (load -> analyse -> forward -> reverse) and :class:`Explanation`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from ._analysis import Analysis, analyse, graph_output_is_float
+from ._capture import ForwardCapture
+from ._engine import Env, Plan, as_numpy, compile_plan, run_plan, to_compute
+from ._graph import Graph, load_model
+from .composites import Composite, get_composite
+from .errors import InputError, TargetError
+from .ops import REGISTRY
+from .rules import Rule
+
+
+@dataclass
+class Explanation:
+    """Result of :meth:`Explainer.explain`.
+
+    ``relevance[input]``: per graph input. Token inputs (ids) get ``(batch, seq)`` (the embedding relevance
+    summed over the hidden axis); float inputs get an array of the input's shape. With several targets per
+    batch element a target axis follows the batch axis: ``(batch, targets, ...)``.
+    ``embedding_relevance[input]``: the un-summed ``(batch, seq, hidden)`` relevance of token inputs.
+    ``outputs``: the forward outputs. ``score``: the explained quantity ``sum(w * y)`` per batch element
+    (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors.
+    """
+
+    relevance: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    score: np.ndarray
+    target: np.ndarray | None
+    position: np.ndarray | None
+    latent: dict[str, np.ndarray] = field(default_factory=dict)
+    embedding_relevance: dict[str, np.ndarray] = field(default_factory=dict)
+    output: str = ""
+
+
+class Explainer:
+    """Explain an ONNX transformer with LRP.
+
+    Parameters
+    ----------
+    model: path to an ``.onnx`` file (external data next to it is read), a folder holding one, or a
+        ``onnx.ModelProto`` (left unchanged).
+    composite: ``"attnlrp"`` (default), ``"cp-lrp"``, ``"gradient-x-input"``, ``"gradient"``, ``"vit-lrp"``
+        or a :class:`~onnx_lrp.composites.Composite`.
+    overrides: extra rules by op type or node-name pattern, e.g. ``{"/model/layers.0/*": Gradient()}``.
+    providers: onnxruntime execution providers (default CPU).
+    dtype: compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
+        are explained in this dtype.
+    sources: graph inputs to explain (default: float inputs except ``past_*``, and token-id inputs).
+    allow_unsupported: treat ops without a rule as constants instead of failing.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | onnx.ModelProto,
+        composite: str | Composite = "attnlrp",
+        *,
+        overrides: Mapping[str, Rule] | None = None,
+        providers: Sequence[Any] | None = None,
+        dtype: str | np.dtype = "float32",
+        sources: Sequence[str] | None = None,
+        allow_unsupported: bool = False,
+        session_options: Any = None,
+    ):
+        proto, desc, _ = load_model(model)
+        self.graph = Graph(proto, desc)
+        self.composite = get_composite(composite, overrides)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64 (fp16 relevance underflows), got {self.dtype}")
+        self.xp = np
+        self.analysis: Analysis = analyse(
+            self.graph, self.composite, set(REGISTRY), list(sources) if sources is not None else None, allow_unsupported
+        )
+        self._plans: dict[tuple, Plan] = {}
+        self._static: dict[str, Any] = {}
+        self.default_output = self._default_output()
+        self._capture = ForwardCapture(self.graph, providers, session_options)
+        self._plan(self.default_output, ())
+
+    # ------------------------------------------------------------------ public
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.graph.output_names)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers onnxruntime actually uses."""
+        return self._capture.active_providers
+
+    def explain(
+        self,
+        inputs: Mapping[str, Any],
+        target: int | Sequence[int] | np.ndarray | None = None,
+        position: int | Sequence[int] | np.ndarray | None = None,
+        *,
+        output: str | None = None,
+        output_relevance: np.ndarray | None = None,
+        collect: Sequence[str] = (),
+    ) -> Explanation:
+        """Explain ``output`` at ``target`` (class/token id) and ``position`` (sequence index).
+
+        target: an int, one id per batch element, or a ``(batch, k)`` array of k targets per element
+            (explained together in one batched pass). Default: the model's prediction (argmax).
+        position: for outputs with a sequence axis ``(batch, seq, classes)``: an int, one per batch element,
+            or ``(batch, k)`` with k targets. Default: the last non-padding token (from ``attention_mask``).
+        output_relevance: start weights ``w`` replacing the one-hot: ``R_out = w * y`` (e.g. ``+1``/``-1``
+            for a contrastive explanation); the output's shape, or ``(k,) + shape`` for k explanations.
+        collect: intermediate tensor names whose relevance is returned in ``latent``.
+        """
+        output = output or self.default_output
+        if output not in self.graph.output_names:
+            raise TargetError(f"{self.graph.source}: no graph output {output!r}; outputs: {self.graph.output_names}")
+        collect = tuple(collect)
+        for name in collect:
+            if name not in self.analysis.carrying:
+                raise TargetError(
+                    f"collect: tensor {name!r} carries no relevance (not in the graph, or a constant for the rules)"
+                )
+        feeds = self._feeds(inputs)
+        plan = self._plan(output, collect)
+        xp, dtype = self.xp, self.dtype
+        dynamic = [v for v in plan.values if v not in self._static and v not in feeds]
+        static_now = [v for v in dynamic if v in self.graph.static]
+        want_values = list(dict.fromkeys(self.graph.output_names + dynamic))
+        want_shapes = [s for s in plan.shapes if s not in plan.values and s not in feeds and s not in self._static]
+        values, shapes = self._capture.run(feeds, want_values, want_shapes)
+        outputs = {k: values[k] for k in self.graph.output_names}
+        for v in static_now:
+            self._static[v] = to_compute(xp, dtype, values.pop(v))
+        run_values = {k: to_compute(xp, dtype, v) for k, v in values.items() if k in plan.values}
+        for k, v in feeds.items():
+            run_values[k] = to_compute(xp, dtype, v)
+        y = outputs[output]
+        w, lead, tgt, pos = self._start(y, target, position, output_relevance, feeds)
+        env = Env(xp, dtype, lead, run_values, shapes, self._static)
+        grads = run_plan(plan, env, {output: xp.asarray(w, dtype=dtype)})
+        yv = xp.asarray(y, dtype=dtype)
+        score = as_numpy((xp.asarray(w, dtype=dtype) * yv).reshape(w.shape[: lead + 1] + (-1,)).sum(-1))
+        relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
+        latent = {}
+        for name in collect:
+            g = grads.get(name)
+            t = env[name]
+            latent[name] = _batch_first(as_numpy(t * g if g is not None else xp.zeros_like(t)), lead)
+        return Explanation(
+            relevance=relevance,
+            outputs=outputs,
+            score=_batch_first(score, lead),
+            target=tgt,
+            position=pos,
+            latent=latent,
+            embedding_relevance=emb_rel,
+            output=output,
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _default_output(self) -> str:
+        for name in self.graph.output_names:
+            if graph_output_is_float(self.graph, name) and name in self.analysis.carrying:
+                return name
+        raise TargetError(
+            f"{self.graph.source}: no float graph output depends on the relevance sources "
+            f"{sorted(set(self.analysis.sources.values()))}; outputs: {self.graph.output_names}"
+        )
+
+    def _plan(self, output: str, collect: tuple[str, ...]) -> Plan:
+        key = (output, collect)
+        plan = self._plans.get(key)
+        if plan is None:
+            if output not in self.analysis.carrying:
+                raise TargetError(f"{self.graph.source}: output {output!r} does not depend on any relevance source")
+            plan = compile_plan(self.graph, self.analysis, output, self.xp, self.dtype, collect)
+            for name in list(plan.values) + list(plan.shapes):
+                c = self.graph.constant(name)
+                if c is not None and name not in self._static:
+                    self._static[name] = to_compute(self.xp, self.dtype, c)
+            self._capture.prepare(
+                {v for v in plan.values if v not in self._static} | set(self.graph.output_names),
+                {s for s in plan.shapes if s not in self._static},
+            )
+            self._plans[key] = plan
+        return plan
+
+    def _feeds(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"inputs must be a dict of input name -> array, got {type(inputs).__name__}")
+        src = self.graph.source
+        expected = {i.name: i for i in self.graph.inputs}
+        unknown = [k for k in inputs if k not in expected]
+        if unknown:
+            raise InputError(f"{src}: unknown input name(s) {unknown}; the model's inputs are {list(expected)}")
+        feeds: dict[str, np.ndarray] = {}
+        for name, spec in expected.items():
+            if name not in inputs:
+                continue
+            arr = np.asarray(inputs[name])
+            want = spec.numpy_dtype
+            if spec.is_int and arr.dtype.kind not in "iu":
+                raise InputError(f"{src}: input {name!r} must hold integers ({want}), got {arr.dtype}")
+            if spec.is_float and arr.dtype.kind != "f":
+                raise InputError(f"{src}: input {name!r} must hold floats ({want}), got {arr.dtype}")
+            if spec.elem_type and arr.dtype != want and arr.dtype.kind in "iuf":
+                arr = arr.astype(want)
+            if spec.shape and arr.ndim != len(spec.shape):
+                raise InputError(
+                    f"{src}: input {name!r} must have rank {len(spec.shape)} {tuple(spec.shape)}, "
+                    f"got shape {arr.shape}"
+                )
+            for k, (d, a) in enumerate(zip(spec.shape, arr.shape)):
+                if isinstance(d, int) and d > 0 and d != a:
+                    raise InputError(f"{src}: input {name!r} axis {k} must be {d}, got shape {arr.shape}")
+            feeds[name] = arr
+        self._fill_defaults(feeds, expected)
+        missing = [n for n in expected if n not in feeds]
+        if missing:
+            raise InputError(f"{src}: missing input(s) {missing}; the model's inputs are {list(expected)}")
+        return feeds
+
+    def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
+        """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),
+        token_type_ids (zeros), empty past key/values caches."""
+        ids = next((feeds[n] for n in ("input_ids", "decoder_input_ids") if n in feeds), None)
+        ref = ids if ids is not None else next((v for v in feeds.values() if v.ndim >= 2), None)
+        if ref is None:
+            return
+        b, s = ref.shape[0], ref.shape[1]
+        for name, spec in expected.items():
+            if name in feeds:
+                continue
+            if name == "attention_mask":
+                past = self._past_length(feeds)
+                feeds[name] = np.ones((b, s + past), dtype=spec.numpy_dtype)
+            elif name == "token_type_ids":
+                feeds[name] = np.zeros((b, s), dtype=spec.numpy_dtype)
+            elif name.startswith("past") and spec.is_float:
+                dims = [b if k == 0 else (d if isinstance(d, int) and d > 0 else 0) for k, d in enumerate(spec.shape)]
+                feeds[name] = np.zeros(dims, dtype=spec.numpy_dtype)
+        if "position_ids" in expected and "position_ids" not in feeds:
+            mask = feeds.get("attention_mask")
+            if mask is not None:
+                pos = np.cumsum(mask, axis=-1) - 1
+                pos = np.where(mask == 0, 1, pos)[:, -s:]
+            else:
+                pos = np.broadcast_to(np.arange(s), (b, s))
+            feeds["position_ids"] = np.ascontiguousarray(pos).astype(expected["position_ids"].numpy_dtype)
+
+    @staticmethod
+    def _past_length(feeds: dict[str, np.ndarray]) -> int:
+        past = [v for k, v in feeds.items() if k.startswith("past") and v.ndim == 4]
+        return int(past[0].shape[2]) if past else 0
+
+    def _start(self, y, target, position, output_relevance, feeds):
+        """Start weights ``w`` (one-hot by default), the number of leading target axes, targets, positions."""
+        src = self.graph.source
+        if output_relevance is not None:
+            w = np.asarray(output_relevance, dtype=self.dtype)
+            if w.shape == y.shape:
+                return w, 0, None, None
+            if w.shape[1:] == y.shape:
+                return w, 1, None, None
+            raise TargetError(f"{src}: output_relevance has shape {w.shape}; expected {y.shape} or (k,) + {y.shape}")
+        if y.ndim not in (2, 3):
+            raise TargetError(
+                f"{src}: output of shape {y.shape} has no (batch, classes) or (batch, seq, classes) layout; "
+                "pass output_relevance"
+            )
+        B, C = y.shape[0], y.shape[-1]
+        has_seq = y.ndim == 3
+        if position is not None and not has_seq:
+            raise TargetError(f"{src}: position given, but the output {y.shape} has no sequence axis")
+        multi = target is not None and np.ndim(target) == 2 or (position is not None and np.ndim(position) == 2)
+        k = 1
+        if target is not None and np.ndim(target) == 2:
+            k = np.shape(target)[1]
+        elif position is not None and np.ndim(position) == 2:
+            k = np.shape(position)[1]
+        pos = None
+        if has_seq:
+            S = y.shape[1]
+            if position is None:
+                pos = self._last_token(feeds, B, S)
+            else:
+                pos = np.asarray(position, dtype=np.int64)
+                if pos.ndim == 0:
+                    pos = np.full((B,), int(pos))
+                if pos.shape[0] != B:
+                    raise TargetError(f"{src}: {pos.shape[0]} positions for a batch of {B}")
+                if np.any(pos >= S) or np.any(pos < -S):
+                    raise TargetError(f"{src}: position {pos.tolist()} out of range for sequence length {S}")
+                pos = np.where(pos < 0, pos + S, pos)
+            pos = np.broadcast_to(pos.reshape(B, -1), (B, k))
+        if target is None:
+            rows = y[np.arange(B)[:, None], pos] if has_seq else np.broadcast_to(y[:, None, :], (B, k, C))
+            tgt = rows.argmax(-1)
+        else:
+            tgt = np.asarray(target)
+            if tgt.dtype.kind not in "iu":
+                raise TargetError(f"{src}: target must be integer class/token ids, got {tgt.dtype}")
+            if tgt.ndim == 0:
+                tgt = np.full((B,), int(tgt))
+            if tgt.shape[0] != B:
+                raise TargetError(f"{src}: {tgt.shape[0]} targets for a batch of {B}")
+            tgt = np.broadcast_to(tgt.reshape(B, -1), (B, k)).astype(np.int64)
+            if np.any(tgt < 0) or np.any(tgt >= C):
+                raise TargetError(f"{src}: target {tgt.tolist()} out of range: the output has {C} classes")
+        w = np.zeros((k,) + y.shape, dtype=self.dtype)
+        for j in range(k):
+            if has_seq:
+                w[j, np.arange(B), pos[:, j], tgt[:, j]] = 1.0
+            else:
+                w[j, np.arange(B), tgt[:, j]] = 1.0
+        if not multi:
+            return w[0], 0, tgt[:, 0], (pos[:, 0] if pos is not None else None)
+        return w, 1, tgt, pos
+
+    @staticmethod
+    def _last_token(feeds, B: int, S: int) -> np.ndarray:
+        mask = feeds.get("attention_mask")
+        if mask is None or mask.shape[-1] < S:
+            return np.full((B,), S - 1)
+        m = mask[:, -S:]
+        idx = np.arange(S)[None, :]
+        last = np.where(m > 0, idx, -1).max(-1)
+        return np.where(last < 0, S - 1, last)
+
+    def _source_relevance(self, grads, env: Env, feeds, lead: int):
+        xp = self.xp
+        plain_gradient = self.composite.name == "gradient"
+        relevance: dict[str, Any] = {}
+        emb: dict[str, Any] = {}
+        for tensor, inp in self.analysis.sources.items():
+            x = env[tensor]
+            g = grads.get(tensor)
+            if g is None:
+                g = xp.zeros(x.shape if not lead else (1,) + x.shape, dtype=self.dtype)
+            r = g if plain_gradient else x * g
+            if tensor in self.analysis.id_sources:
+                emb[inp] = emb.get(inp, 0) + r
+                tok = xp.sqrt((g * g).sum(-1)) if plain_gradient else r.sum(-1)
+                ids_shape = feeds[inp].shape
+                tok = tok.reshape(tok.shape[:lead] + ids_shape) if tok.size == int(np.prod(tok.shape[:lead])) * int(np.prod(ids_shape)) else tok
+                relevance[inp] = relevance.get(inp, 0) + tok
+            else:
+                relevance[inp] = relevance.get(inp, 0) + r
+        rel = {k: _batch_first(as_numpy(v), lead) for k, v in relevance.items()}
+        emb_np = {k: _batch_first(as_numpy(v), lead) for k, v in emb.items()}
+        return rel, emb_np
+
+
+def _batch_first(a: np.ndarray, lead: int) -> np.ndarray:
+    return np.moveaxis(a, 0, 1) if lead and a.ndim >= 2 else a

@@ -1,0 +1,21 @@
+"""AttnLRP rules, one module per op family, registered by ONNX op type.
+
+=====================  =========================================================================
+module                 op types
+=====================  =========================================================================
+``linear``             MatMul, Gemm, Conv
+``elementwise``        Add, Sub, Sum, Mul, Div, Where, Max, Min
+``activation``         Erf, Tanh, Sigmoid, Relu, Gelu, FastGelu, BiasGelu, QuickGelu, Pow, ... and
+                       unary regions (non-linearities written out as several ops)
+``softmax``            Softmax, LogSoftmax
+``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms
+``reduction``          ReduceSum, ReduceMean, GlobalAveragePool
+``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
+=====================  =========================================================================
+
+Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).
+"""
+from ._base import REGISTRY, OpContext, register
+from . import activation, elementwise, linear, movement, normalization, reduction, softmax  # noqa: F401
+
+__all__ = ["REGISTRY", "OpContext", "register"]

@@ -1,0 +1,261 @@
+"""MatMul, Gemm, Conv: eps-LRP / gamma-LRP with one carrying operand, uniform rule with two (Prop. 3.3)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..rules import ConstantGate, Gamma, Gradient, Uniform
+from ._base import OpContext, register, unbroadcast
+
+
+def _swap(a):
+    return a.swapaxes(-1, -2)
+
+
+def product_weights(ctx: OpContext, operands: list[int]) -> list[float]:
+    """Per-operand factor for a product of carrying tensors under the node's rule.
+
+    Uniform: 1/N each (Prop. 3.2/3.3). Gradient: 1. ConstantGate: 0 for factors computed by a non-linearity
+    (softmax, activation, routing), 1 for the others; if that does not single out a factor, Uniform.
+    """
+    n = len(operands)
+    rule = ctx.rule
+    if isinstance(rule, Gradient):
+        return [1.0] * n
+    if isinstance(rule, ConstantGate):
+        gates = [ctx.is_gate(ctx.input(k)) for k in operands]
+        if 0 < sum(gates) < n:
+            return [0.0 if g else 1.0 for g in gates]
+        return [1.0 / n] * n
+    if isinstance(rule, Uniform):
+        return [1.0 / n] * n
+    raise ctx.fail(f"rule {rule.name} does not apply to a product of {n} carrying tensors")
+
+
+@register("MatMul")
+def matmul(ctx: OpContext):
+    a, b = ctx.input(0), ctx.input(1)
+    ca, cb = ctx.carrying(0), ctx.carrying(1)
+    xp = ctx.xp
+    if ca and cb:
+        wa, wb = product_weights(ctx, [0, 1])
+        va, vb = ctx.value(a), ctx.value(b)
+
+        def back_product(env, gy):
+            g = gy[0]
+            A, B = env[va], env[vb]
+            out_ndim = max(A.ndim, B.ndim)
+            if A.ndim == 1 or B.ndim == 1:
+                raise ctx.fail("products of 1-D operands are not supported")
+            ga = unbroadcast(xp, g @ _swap(B), A.shape, out_ndim) * wa if wa else None
+            gb = unbroadcast(xp, _swap(A) @ g, B.shape, out_ndim) * wb if wb else None
+            return [ga, gb]
+
+        return back_product
+    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
+    if ca:
+        W = ctx.const(1)
+        if W is not None:
+            Wp = ctx.array(np.maximum(W, 0)) if gamma else None
+            Wm = W + gamma * np.maximum(W, 0) if gamma else W
+            Wt = ctx.array(Wm if W.ndim == 1 else np.ascontiguousarray(np.swapaxes(Wm, -1, -2)))
+            sa = ctx.shape(a)
+
+            def back_const(env, gy):
+                g = gy[0]
+                if gamma:
+                    g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon)
+                if Wt.ndim == 1:
+                    return [g[..., None] * Wt, None]
+                in_shape = env.shape(sa)
+                return [unbroadcast(xp, g @ Wt, in_shape, max(len(in_shape), Wt.ndim)), None]
+
+            if gamma:
+                ctx.value(a)
+                ctx.value(ctx.node.outputs[0])
+            return back_const
+        if gamma:
+            raise ctx.fail("the gamma rule needs a constant weight")
+        vb, sa = ctx.value(b), ctx.shape(a)
+
+        def back_dyn_weight(env, gy):
+            g, B = gy[0], env[vb]
+            if B.ndim == 1:
+                return [g[..., None] * B, None]
+            in_shape = env.shape(sa)
+            return [unbroadcast(xp, g @ _swap(B), in_shape, max(len(in_shape), B.ndim)), None]
+
+        return back_dyn_weight
+    # carrying right operand, constant left operand
+    va, sb = ctx.value(a), ctx.shape(b)
+
+    def back_right(env, gy):
+        g, A = gy[0], env[va]
+        b_shape = env.shape(sb)
+        if A.ndim == 1:
+            return [None, A[:, None] * g[..., None, :]]
+        return [None, unbroadcast(xp, _swap(A) @ g, b_shape, max(A.ndim, len(b_shape)))]
+
+    return back_right
+
+
+def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps):
+    """Gradient-form gamma rule: scale ``G_z`` by ``z / stab(z + gamma * x W+)``; the caller then applies
+    ``(W + gamma W+)^T``."""
+    xp = env.xp
+    x, z = env[x_name], env[z_name]
+    zp = z + gamma * (x @ Wp)
+    den = zp + eps * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+    return g * (z / den)
+
+
+@register("Gemm")
+def gemm(ctx: OpContext):
+    """``Y = alpha * A' B' + beta * C`` with ``A' = A^T`` if transA, ``B' = B^T`` if transB."""
+    xp = ctx.xp
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    ta, tb = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    ca, cb = ctx.carrying(0), ctx.carrying(1)
+    cc = ctx.carrying(2)
+    a, b, c = ctx.input(0), ctx.input(1), ctx.input(2)
+    sc = ctx.shape(c) if cc else None
+    weights = product_weights(ctx, [0, 1]) if (ca and cb) else [1.0, 1.0]
+    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) and not (ca and cb) else 0.0
+    if gamma and not (ca and ctx.const(1) is not None):
+        raise ctx.fail("the gamma rule needs a constant weight B")
+    Bc = ctx.const(1) if (ca and not cb) else None
+    Bp = None
+    if Bc is not None:
+        Bprime = Bc.T if tb else Bc
+        BpT = ctx.array(np.ascontiguousarray(Bprime.T))  # (N, K)
+        if gamma:
+            Bp = ctx.array(np.maximum(Bprime, 0))
+            Cc = ctx.const(2)
+            bias_p = ctx.array(np.maximum(Cc, 0) * beta) if Cc is not None else None
+            ctx.value(a), ctx.value(ctx.node.outputs[0])
+            BpT = ctx.array(np.ascontiguousarray((Bprime + gamma * np.maximum(Bprime, 0)).T))
+    va = ctx.value(a) if cb else None
+    vb = ctx.value(b) if (ca and Bc is None) else None
+
+    def back(env, gy):
+        g = gy[0]
+        out = [None, None, None]
+        if gamma:
+            A = env[a]
+            Ap = _swap(A) if ta else A
+            z = env[ctx.node.outputs[0]]
+            zp = alpha * (Ap @ Bp)
+            if bias_p is not None:
+                zp = zp + bias_p
+            zp = z + gamma * zp
+            den = zp + ctx.rule.epsilon * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+            g = g * (z / den)
+        if ca:
+            Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
+            ga = (g @ Bt) * (alpha * weights[0])
+            out[0] = _swap(ga) if ta else ga
+        if cb:
+            A = env[va]
+            Ap = _swap(A) if ta else A
+            gb = (_swap(Ap) @ g) * (alpha * weights[1])
+            out[1] = _swap(gb) if tb else gb
+        if cc:
+            out[2] = unbroadcast(xp, g * beta, env.shape(sc), 2)
+        return out
+
+    return back
+
+
+@register("Conv")
+def conv(ctx: OpContext):
+    """Conv with a constant kernel (ViT patch embedding and others): the transposed convolution of ``G``.
+
+    Gamma rule: ``G_x = conv^T(G_z * z / stab(z + gamma * conv(x, W+)), W + gamma W+)``.
+    """
+    xp = ctx.xp
+    if ctx.carrying(1):
+        raise ctx.fail("Conv with a carrying kernel is not supported")
+    W = ctx.const(1)
+    if W is None:
+        raise ctx.fail("Conv needs its kernel as an initializer")
+    group = int(ctx.attr("group", 1))
+    strides = list(ctx.attr("strides", [1] * (W.ndim - 2)))
+    dil = list(ctx.attr("dilations", [1] * (W.ndim - 2)))
+    pads = list(ctx.attr("pads", [0] * (2 * (W.ndim - 2))))
+    if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        raise ctx.fail("Conv with auto_pad SAME_* is not supported")
+    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
+    Wc = ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W)
+    Wpos = ctx.array(np.maximum(W, 0)) if gamma else None
+    Bc = ctx.const(2)
+    bias_p = ctx.array(np.maximum(Bc, 0)) if (gamma and Bc is not None) else None
+    x_name, z_name = ctx.input(0), ctx.node.outputs[0]
+    sx = ctx.shape(x_name)
+    if gamma:
+        ctx.value(x_name), ctx.value(z_name)
+
+    def back(env, gy):
+        g = gy[0]
+        x_shape = env.shape(sx)
+        if gamma:
+            z = env[z_name]
+            zp = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
+            if bias_p is not None:
+                zp = zp + bias_p.reshape((-1,) + (1,) * (zp.ndim - 2))
+            zp = z + gamma * zp
+            den = zp + ctx.rule.epsilon * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+            g = g * (z / den)
+        return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
+
+    return back
+
+
+def _kernel_offsets(kshape):
+    return np.ndindex(*kshape)
+
+
+def _conv_forward(xp, x, W, strides, dil, pads, group):
+    """Plain N-d convolution (used only by the gamma rule) as a sum over kernel offsets."""
+    nd = W.ndim - 2
+    pad_width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
+    xpad = xp.pad(x, pad_width)
+    out_sp = [
+        (xpad.shape[2 + i] - dil[i] * (W.shape[2 + i] - 1) - 1) // strides[i] + 1 for i in range(nd)
+    ]
+    cout, cin_g = W.shape[0], W.shape[1]
+    cout_g = cout // group
+    out = xp.zeros((x.shape[0], cout, *out_sp), dtype=x.dtype)
+    for off in _kernel_offsets(W.shape[2:]):
+        sl = tuple(
+            slice(off[i] * dil[i], off[i] * dil[i] + strides[i] * (out_sp[i] - 1) + 1, strides[i]) for i in range(nd)
+        )
+        patch = xpad[(slice(None), slice(None)) + sl]  # (B, Cin, *out)
+        for gi in range(group):
+            w = W[gi * cout_g : (gi + 1) * cout_g, :, *off]  # (cout_g, cin_g)
+            p = patch[:, gi * cin_g : (gi + 1) * cin_g]
+            out[:, gi * cout_g : (gi + 1) * cout_g] += xp.einsum("oc,bc...->bo...", w, p)
+    return out
+
+
+def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
+    """Gradient of a convolution with respect to its input (leading target axes allowed)."""
+    nd = W.ndim - 2
+    lead = g.shape[: g.ndim - (nd + 2)]
+    g2 = g.reshape((-1,) + g.shape[len(lead) + 1 :]) if lead else g  # merge target axes into batch
+    B = g2.shape[0]
+    padded = [x_shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd)]
+    gx = xp.zeros((B, x_shape[1], *padded), dtype=g.dtype)
+    out_sp = g2.shape[2:]
+    cout, cin_g = W.shape[0], W.shape[1]
+    cout_g = cout // group
+    for off in _kernel_offsets(W.shape[2:]):
+        sl = tuple(
+            slice(off[i] * dil[i], off[i] * dil[i] + strides[i] * (out_sp[i] - 1) + 1, strides[i]) for i in range(nd)
+        )
+        for gi in range(group):
+            w = W[gi * cout_g : (gi + 1) * cout_g, :, *off]  # (cout_g, cin_g)
+            gg = g2[:, gi * cout_g : (gi + 1) * cout_g]
+            gx[(slice(None), slice(gi * cin_g, (gi + 1) * cin_g)) + sl] += xp.einsum("oc,bo...->bc...", w, gg)
+    crop = tuple(slice(pads[i], pads[i] + x_shape[2 + i]) for i in range(nd))
+    gx = gx[(slice(None), slice(None)) + crop]
+    return gx.reshape(lead + tuple(x_shape)) if lead else gx
+
