@@ -20,14 +20,22 @@ def _axes(ctx: OpContext, ndim: int) -> tuple[int, ...]:
     return (axis - ndim if axis >= 0 else axis,)
 
 
+def _finite(xp, S):
+    """Rows that were fully masked (all ``-inf``) are NaN in the forward pass and guarded by the graph
+    (``Where(IsNaN(s), 0, s)``); they receive no gradient, so treat them as 0 rather than ``NaN * 0``."""
+    bad = xp.isnan(S)
+    return xp.where(bad, 0.0, S).astype(S.dtype) if bad.any() else S
+
+
 @register("Softmax")
 def softmax(ctx: OpContext):
     if not isinstance(ctx.rule, Gradient):
         raise ctx.fail(f"rule {ctx.rule.name} does not apply to Softmax (use Gradient or Constant)")
     s = ctx.value(ctx.node.outputs[0])
+    key = f"softmax-finite:{s}"
 
     def back(env, gy):
-        g, S = gy[0], env[s]
+        g, S = gy[0], env.memo(key, lambda: _finite(env.xp, env[s]))
         axes = _axes(ctx, S.ndim)
         return [S * (g - (S * g).sum(axis=axes, keepdims=True))]
 

@@ -1,0 +1,78 @@
+"""Run LXT 2.1 (efficient engine) on a Hugging Face model folder; one JSON request on stdin, one JSON line out.
+
+Used as the independent reference in parity tests. Runs in its own process: LXT patches transformers'
+classes globally. LXT imports ``torchvision.models.vision_transformer`` at import time; without torchvision
+(CPU torch here) an empty stand-in is registered for that import only and removed afterwards.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+
+
+def _import_lxt():
+    import torch.nn as nn
+    import transformers  # noqa: F401  (before the stand-in, so transformers sees no torchvision)
+
+    try:
+        import torchvision  # noqa: F401
+        stub = False
+    except Exception:
+        stub = True
+        tv = types.ModuleType("torchvision")
+        models = types.ModuleType("torchvision.models")
+        vt = types.ModuleType("torchvision.models.vision_transformer")
+        vt.nn = nn
+        tv.models, models.vision_transformer = models, vt
+        sys.modules.update({"torchvision": tv, "torchvision.models": models,
+                            "torchvision.models.vision_transformer": vt})
+    from lxt.efficient import monkey_patch
+    from lxt.efficient.models import get_default_map  # noqa: F401
+
+    if stub:
+        for k in [k for k in sys.modules if k.startswith("torchvision")]:
+            del sys.modules[k]
+    return monkey_patch
+
+
+def main() -> None:
+    req = json.loads(sys.stdin.read())
+    import numpy as np
+    import torch
+
+    monkey_patch = _import_lxt()
+    family = req["family"]
+    mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    patch_map = None
+    if req["composite"] == "cp-lrp":
+        lxt_models = importlib.import_module(f"lxt.efficient.models.{family}")
+        patch_map = lxt_models.cp_LRP
+    monkey_patch(mod, patch_map)
+    cls = getattr(mod, req["model_cls"])
+    assert "lxt" in cls.__module__ or family != "bert", f"{cls} is not LXT's patched class"
+    model = cls.from_pretrained(req["pt_dir"], torch_dtype=torch.float32).eval()
+    ids = torch.tensor(req["input_ids"])
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    kw = {}
+    if req["attention_mask"] is not None:
+        kw["attention_mask"] = torch.tensor(req["attention_mask"])
+    if req["position_ids"] is not None:
+        kw["position_ids"] = torch.tensor(req["position_ids"])
+    logits = model(inputs_embeds=emb, **kw).logits
+    B = ids.shape[0]
+    if logits.ndim == 3:
+        pos = torch.tensor(req["positions"]) if req["positions"] is not None else torch.full((B,), logits.shape[1] - 1)
+        rows = logits[torch.arange(B), pos]
+    else:
+        rows = logits
+    tgt = torch.tensor(req["targets"]) if req["targets"] is not None else rows.argmax(-1)
+    rows[torch.arange(B), tgt].sum().backward()
+    rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
+    print(json.dumps({"relevance": rel.tolist(), "targets": tgt.tolist(),
+                      "logits": rows.detach().numpy().tolist()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Test support: tiny random-weight transformers built from configs, exported with optimum (cached), and an
+independent reference (LXT 2.1's efficient engine on the same PyTorch weights, run in a subprocess because
+LXT's patches are process-global).
+
+Exports are cached in ``$ONNX_LRP_TEST_CACHE`` (default ``~/.cache/onnx-lrp/tests``), keyed by family, config and
+export options, so one test run exports each model once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+CACHE = Path(os.environ.get("ONNX_LRP_TEST_CACHE", Path.home() / ".cache" / "onnx-lrp" / "tests"))
+
+# family -> (config class, model class, optimum task, config kwargs)
+FAMILIES: dict[str, tuple[str, str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=None)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "text-generation", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "bert": ("BertConfig", "BertForSequenceClassification", "text-classification", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=3)),
+}
+
+
+def _key(family: str, config: dict, export: dict) -> str:
+    blob = json.dumps([family, config, export], sort_keys=True, default=str)
+    return f"{family}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Give norms and biases non-trivial values (all-ones norms and zero biases hide mistakes)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            low = name.lower()
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "norm" in low or ".ln" in low or "layernorm" in low:
+                base = 0.0 if "gemma" in type(model).__name__.lower() else 1.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
+
+
+def tiny_model(family: str, *, config: dict | None = None, opset: int | None = None, seed: int = 0,
+               attn: str | None = None) -> tuple[Path, Path]:
+    """Build (once) a tiny random model of ``family``; returns (pytorch folder, onnx file)."""
+    cfg_cls, model_cls, task, base = FAMILIES[family]
+    cfg = dict(base, **(config or {}))
+    export = {"opset": opset, "seed": seed, "attn": attn}
+    root = CACHE / _key(family, cfg, export)
+    pt_dir, onnx_dir = root / "pt", root / "onnx"
+    onnx_path = onnx_dir / "model.onnx"
+    if onnx_path.exists():
+        return pt_dir, onnx_path
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    torch.manual_seed(seed)
+    conf = getattr(transformers, cfg_cls)(**cfg)
+    if attn:
+        conf._attn_implementation = attn
+    model = getattr(transformers, model_cls)(conf).eval()
+    randomize_(model, seed)
+    model.save_pretrained(pt_dir)
+    main_export(str(pt_dir), str(onnx_dir), task=task, library_name="transformers",
+                opset=opset, no_post_process=True, do_validation=False)
+    return pt_dir, onnx_path
+
+
+def lxt_relevance(family: str, pt_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                  position_ids: np.ndarray | None = None, positions: np.ndarray | None = None,
+                  targets: np.ndarray | None = None, composite: str = "attnlrp") -> dict:
+    """LXT (efficient engine) token relevance on the same weights: ``(inputs_embeds * grad).sum(-1)``."""
+    _, model_cls, _, _ = FAMILIES[family]
+    req = {
+        "family": family, "model_cls": model_cls, "pt_dir": str(pt_dir), "composite": composite,
+        "input_ids": np.asarray(input_ids).tolist(),
+        "attention_mask": None if attention_mask is None else np.asarray(attention_mask).tolist(),
+        "position_ids": None if position_ids is None else np.asarray(position_ids).tolist(),
+        "positions": None if positions is None else np.asarray(positions).tolist(),
+        "targets": None if targets is None else np.asarray(targets).tolist(),
+    }
+    proc = subprocess.run([sys.executable, str(HERE / "_lxt_worker.py")], input=json.dumps(req),
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"LXT worker failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref| (the parity measure of the issues)."""
+    return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
