@@ -122,13 +122,21 @@ class Graph:
 
     # ------------------------------------------------------------------ constants
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or ``Constant`` output, or None when it is computed at run time."""
+        """The value of an initializer or ``Constant`` output (also through ``Identity``/``Cast``/``Transpose``
+        of one, as exporters write deduplicated and transposed weights), or None when computed at run time."""
         if name in self._constants:
             return self._constants[name]
         t = self._initializers.get(name)
-        if t is None:
-            return None
-        arr = numpy_helper.to_array(t)
+        if t is not None:
+            arr = numpy_helper.to_array(t)
+        else:
+            p = self.producer.get(name)
+            if p is None or p.op_type not in _FOLDABLE or not p.inputs or name not in self.static:
+                return None
+            src = self.constant(p.inputs[0])
+            if src is None:
+                return None
+            arr = _fold(p, src)
         self._constants[name] = arr
         return arr
 
@@ -148,6 +156,18 @@ class Graph:
                         "the graph is not topologically sorted"
                     )
             known.update(n.outputs)
+
+
+_FOLDABLE = {"Identity", "Cast", "Transpose"}
+
+
+def _fold(node: Node, value: np.ndarray) -> np.ndarray:
+    if node.op_type == "Cast":
+        return value.astype(helper.tensor_dtype_to_np_dtype(node.attr("to")))
+    if node.op_type == "Transpose":
+        perm = node.attr("perm")
+        return np.ascontiguousarray(np.transpose(value, perm))
+    return value
 
 
 _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}

@@ -18,13 +18,24 @@ class UnsupportedOpError(OnnxLrpError):
 
     def __init__(self, ops: dict[str, list[str]], where: str = "model"):
         self.ops = ops
-        lines = [f"  {op} (e.g. node {names[0]!r}; {len(names)} node(s))" for op, names in sorted(ops.items())]
+        lines = [
+            f"  {op} (e.g. node {names[0]!r}; {len(names)} node(s)){_HINTS.get(op, '')}"
+            for op, names in sorted(ops.items())
+        ]
         super().__init__(
             f"{where}: {len(ops)} op type(s) on the relevance path have no LRP rule:\n"
             + "\n".join(lines)
             + "\nRegister a rule with onnx_lrp.ops.register(op_type), or pass allow_unsupported=True "
             "to treat them as constants (no relevance flows through them)."
         )
+
+
+_HINTS = {
+    "If": " - control flow: tensors inside subgraphs cannot be explained; export decoders without merging "
+    "(optimum: --no-post-process / no_post_process=True)",
+    "Loop": " - control flow: tensors inside subgraphs cannot be explained",
+    "Scan": " - control flow: tensors inside subgraphs cannot be explained",
+}
 
 
 class InputError(OnnxLrpError, ValueError):

@@ -237,3 +237,36 @@ def test_cp_lrp_treats_softmax_as_constant():
     assert np.all(cp.relevance["q"] == 0)
     att = explain(m, {"q": q, "v": v}, w)
     np.testing.assert_allclose(att.relevance["v"], v * (a.transpose(0, 2, 1) @ w) / 2, rtol=RTOL)
+
+
+def test_einsum_linear_and_bilinear():
+    """Einsum with a constant operand is linear (conserves without bias); with two carrying operands it is the
+    uniform rule like MatMul."""
+    x, W = f32(2, 3, 4, seed=30), f32(4, 5, seed=31)
+    lin = model([node("Einsum", ["x", "W"], ["y"], equation="bld,de->ble")], {"x": (2, 3, 4)}, {"y": (2, 3, 5)},
+                {"W": W})
+    w = np.zeros((2, 3, 5), np.float32)
+    w[1, 2, 3] = 1
+    res = explain(lin, {"x": x}, w)
+    np.testing.assert_allclose(res.relevance["x"][1, 2], x[1, 2] * W[:, 3], rtol=RTOL)
+    assert res.relevance["x"].sum() == pytest.approx(float(res.score[1]), rel=1e-5)
+    A, B = f32(1, 3, 4, seed=32), f32(1, 4, 2, seed=33)
+    bil = model([node("Einsum", ["A", "B"], ["O"], equation="bij,bjk->bik")], {"A": (1, 3, 4), "B": (1, 4, 2)},
+                {"O": (1, 3, 2)})
+    mm = model([node("MatMul", ["A", "B"], ["O"])], {"A": (1, 3, 4), "B": (1, 4, 2)}, {"O": (1, 3, 2)})
+    w = f32(1, 3, 2, seed=34)
+    r1, r2 = explain(bil, {"A": A, "B": B}, w), explain(mm, {"A": A, "B": B}, w)
+    for k in ("A", "B"):
+        np.testing.assert_allclose(r1.relevance[k], r2.relevance[k], rtol=1e-5)
+    # an index summed inside one operand only: the gradient is constant along it
+    red = model([node("Einsum", ["x"], ["y"], equation="bld->bl")], {"x": (2, 3, 4)}, {"y": (2, 3)})
+    res = explain(red, {"x": x}, np.ones((2, 3), np.float32))
+    np.testing.assert_allclose(res.relevance["x"], x, rtol=RTOL)
+
+
+def test_reduce_max_routes_to_the_maximum():
+    x = f32(2, 5, seed=35)
+    m = model([node("ReduceMax", ["x", "ax"], ["y"], keepdims=0)], {"x": (2, 5)}, {"y": (2,)}, {"ax": np.array([1])})
+    res = explain(m, {"x": x}, np.ones(2, np.float32))
+    expected = np.where(x == x.max(1, keepdims=True), x, 0)
+    np.testing.assert_allclose(res.relevance["x"], expected, rtol=RTOL)

@@ -1,4 +1,4 @@
-"""MatMul, Gemm, Conv: eps-LRP / gamma-LRP with one carrying operand, uniform rule with two (Prop. 3.3)."""
+"""MatMul, Gemm, Conv, Einsum: eps-LRP / gamma-LRP with one carrying operand, uniform rule with two (Prop. 3.3)."""
 from __future__ import annotations
 
 import numpy as np
@@ -259,3 +259,47 @@ def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
     gx = gx[(slice(None), slice(None)) + crop]
     return gx.reshape(lead + tuple(x_shape)) if lead else gx
 
+
+
+@register("Einsum")
+def einsum(ctx: OpContext):
+    """Einsum: linear in each operand. One carrying operand: plain VJP (eps-LRP, eps=0); several: the uniform
+    rule (each gets its gradient / N). Leading target axes ride along as an extra index of ``G``."""
+    eq = ctx.attr("equation")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    lhs, out_spec = eq.split("->") if "->" in eq else (eq, None)
+    specs = lhs.split(",")
+    if out_spec is None or any("..." in s for s in specs + [out_spec]):
+        raise ctx.fail(f"Einsum {eq!r}: implicit output or ellipsis is not supported")
+    if any(len(set(s)) != len(s) for s in specs):
+        raise ctx.fail(f"Einsum {eq!r}: repeated indices within an operand (diagonals) are not supported")
+    carry = [ctx.carrying(k) for k in range(len(specs))]
+    n = sum(carry)
+    weights = product_weights(ctx, [k for k in range(len(specs)) if carry[k]]) if n > 1 else [1.0]
+    weight_of = dict(zip([k for k in range(len(specs)) if carry[k]], weights))
+    names = [ctx.value(i) if not carry[k] or n > 1 else None for k, i in enumerate(ctx.node.inputs)]
+    shapes = [ctx.shape(i) for i in ctx.node.inputs]
+    free = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    xp = ctx.xp
+
+    def back(env, gy):
+        g = gy[0]
+        lead = free if env.lead else ""
+        out = [None] * len(specs)
+        for k, spec in enumerate(specs):
+            if not carry[k] or not weight_of.get(k):
+                continue
+            others = [j for j in range(len(specs)) if j != k]
+            seen = set(out_spec) | {c for j in others for c in specs[j]}
+            kept = "".join(c for c in spec if c in seen)
+            sub = ",".join([lead + out_spec] + [specs[j] for j in others]) + "->" + lead + kept
+            r = xp.einsum(sub, g, *[env[names[j]] for j in others])
+            shape = env.shape(shapes[k])
+            if kept != spec:  # indices summed inside this operand alone: the gradient is constant along them
+                full = [shape[spec.index(c)] for c in spec]
+                r = r.reshape(r.shape[: len(lead)] + tuple(shape[spec.index(c)] if c in kept else 1 for c in spec))
+                r = xp.broadcast_to(r, r.shape[: len(lead)] + tuple(full))
+            out[k] = r * weight_of[k] if weight_of[k] != 1.0 else r
+        return out
+
+    return back

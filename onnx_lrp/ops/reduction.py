@@ -49,3 +49,28 @@ def reduce_sum(ctx: OpContext):
         return [g] + [None] * (len(node.inputs) - 1)
 
     return back
+
+
+@register("ReduceMax", "ReduceMin")
+def reduce_max(ctx: OpContext):
+    """Max/min pooling: the gradient goes to the selected entries (ties share it)."""
+    node = ctx.node
+    vx, vy = ctx.value(ctx.input(0)), ctx.value(node.outputs[0])
+    if ctx.input(1) is not None:
+        ctx.value(ctx.input(1))
+    keep = bool(int(node.attr("keepdims", 1)))
+    xp = ctx.xp
+
+    def back(env, gy):
+        g, X, Y = gy[0], env[vx], env[vy]
+        axes = _axes_of(ctx, env, X.ndim)
+        lead = env.lead
+        if not keep:
+            for a in axes:
+                Y = xp.expand_dims(Y, a)
+                g = xp.expand_dims(g, lead + a)
+        sel = (X == Y).astype(g.dtype)
+        sel = sel / sel.sum(axis=tuple(axes), keepdims=True)
+        return [g * sel] + [None] * (len(node.inputs) - 1)
+
+    return back
