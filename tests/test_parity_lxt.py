@@ -62,3 +62,29 @@ def test_cp_lrp_matches_lxt(family):
     ref = lxt_relevance(family, pt_dir, ids, mask, np.arange(ids.shape[1])[None], res.position, res.target,
                         composite="cp-lrp")
     assert rel_err(res.relevance["input_ids"], ref["relevance"]) <= TOL
+
+
+VARIANTS = [
+    ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True, head_dim=16, num_key_value_heads=1,
+                   hidden_act="gelu_pytorch_tanh")),
+    ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    ("gpt2", dict(n_inner=48, scale_attn_by_inverse_layer_idx=True, activation_function="gelu")),
+    ("bert", dict(position_embedding_type="relative_key", hidden_act="gelu_new")),
+]
+
+
+@pytest.mark.parametrize("family,config", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_config_variants_match_lxt(family, config):
+    """Biases, tied embeddings, MQA, other activations, relative position (Einsum) attention."""
+    pt_dir, onnx_path = tiny_model(family, config=config)
+    ex = Explainer(onnx_path)
+    ids, mask = _inputs(family, 2, "left", seq=8, seed=3)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    position_ids = None
+    if "position_ids" in ex.input_names:
+        position_ids = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        feeds["position_ids"] = position_ids
+    res = ex.explain(feeds)
+    causal = res.outputs[ex.default_output].ndim == 3
+    ref = lxt_relevance(family, pt_dir, ids, mask, position_ids, res.position if causal else None, res.target)
+    assert rel_err(res.relevance["input_ids"], ref["relevance"]) <= TOL
