@@ -30,6 +30,28 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", "text-generation", dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, sliding_window=None)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, use_sliding_window=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, use_sliding_window=False)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, hidden_activation="gelu_pytorch_tanh")),
+    # small soft-caps so that tanh is far from linear on tiny random weights
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, query_pre_attn_scalar=8,
+        sliding_window=6, final_logit_softcapping=2.0, attn_logit_softcapping=1.5)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, query_pre_attn_scalar=8,
+        sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "text-generation", dict(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "bert": ("BertConfig", "BertForSequenceClassification", "text-classification", dict(
