@@ -48,6 +48,8 @@ NORM_OPS = {
     "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization",
 }
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
+# fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
+FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 EXCLUDED_ID_INPUTS = ("position", "cache_position")
 
@@ -181,6 +183,8 @@ def node_kind(graph: Graph, node: Node, carrying: set[str]) -> str:
         return "norm"
     if op in ("Softmax", "LogSoftmax"):
         return "softmax"
+    if op in FUSED_ATTENTION_OPS and node.domain == "com.microsoft":
+        return "product"
     if op in LINEAR_OPS:
         n_op = sum(c[:2]) if op in ("MatMul", "Gemm", "Conv", "ConvTranspose") else sum(c)
         return "product" if n_op >= 2 else "linear"

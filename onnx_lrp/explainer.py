@@ -15,6 +15,7 @@ from ._graph import Graph, load_model
 from .composites import Composite, get_composite
 from .errors import InputError, TargetError
 from .ops import REGISTRY
+from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
 
 
@@ -70,6 +71,11 @@ class Explainer:
         session_options: Any = None,
     ):
         proto, desc, _ = load_model(model)
+        if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
+            if proto is model:  # never change the user's ModelProto
+                proto = onnx.ModelProto()
+                proto.CopyFrom(model)
+            expand_embed_layer_norm(proto)
         self.graph = Graph(proto, desc)
         self.composite = get_composite(composite, overrides)
         self.dtype = np.dtype(dtype)

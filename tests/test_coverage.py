@@ -18,6 +18,7 @@ import pytest
 from onnx_lrp import Explainer
 
 from _support import FAMILIES, lxt_relevance, rel_err, tiny_model
+from _variants import variant
 
 TOL = 1e-3
 SHAPE_TOL = 1e-4
@@ -26,15 +27,21 @@ DECODERS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "
 NEW_FAMILIES = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3_moe"]
 
 
-def _feeds(names: list[str], batch: int = 2, seq: int = 9):
-    """Batch of 2: the second row left-padded by 3 (position ids from the mask where the graph takes them)."""
+def _feeds(family: str, names: list[str], batch: int = 2, seq: int = 9):
+    """Batch of 2, the second row padded by 3: on the left for decoders, on the right for BERT (onnxruntime's
+    fused BERT attention assumes right padding). Position ids from the mask where the graph takes them."""
     rng = np.random.RandomState(1)
     ids = rng.randint(3, 120, size=(batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
-    mask[1:, :3] = 0
+    if family == "bert":
+        mask[1:, -3:] = 0
+    else:
+        mask[1:, :3] = 0
     feeds = {"input_ids": ids, "attention_mask": mask}
     if "position_ids" in names:
         feeds["position_ids"] = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = (np.arange(seq)[None, :] >= seq // 2).astype(np.int64).repeat(batch, 0)
     return feeds
 
 
@@ -43,7 +50,7 @@ def base(family: str):
     """(pt_dir, onnx path, feeds, attnlrp explanation) of the default export."""
     pt_dir, path = tiny_model(family)
     ex = Explainer(path)
-    feeds = _feeds(ex.input_names)
+    feeds = _feeds(family, ex.input_names)
     return pt_dir, path, feeds, ex.explain(feeds)
 
 
@@ -83,3 +90,43 @@ def test_cp_lrp_reference_on_gated_family():
     _, path, feeds, res = base("phi3")
     ours = Explainer(path, composite="cp-lrp").explain(feeds, target=res.target).relevance["input_ids"]
     assert rel_err(ours, reference("phi3", composite="cp-lrp")["relevance"]) <= TOL
+
+
+# (family, graph shape) -> op types the shape must contain (else the case would test nothing new)
+SHAPE_CASES = {
+    ("gpt2", "opset14"): set(), ("bert", "opset14"): set(), ("llama", "opset14"): set(),  # written-out LayerNorm
+    ("bert", "opset20"): {"Gelu"}, ("gemma", "opset20"): {"Gelu"}, ("gemma3", "opset20"): {"Gelu"},
+    ("gpt2", "eager"): set(), ("bert", "eager"): set(), ("llama", "eager"): set(), ("gemma2", "eager"): set(),
+    ("phi3", "eager"): set(), ("qwen3_moe", "eager"): set(),  # Div scaling, no IsNaN guard
+    ("gpt2", "ort"): {"SkipLayerNormalization", "LayerNormalization", "FastGelu"},
+    ("bert", "ort"): {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"},
+    ("llama", "ort"): {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"},
+    ("gemma", "ort"): {"SkipSimplifiedLayerNormalization", "FastGelu"},
+    ("llama", "ort0"): {"RotaryEmbedding"}, ("phi3", "ort0"): {"RotaryEmbedding"},
+    ("llama", "ort2"): {"QuickGelu"},
+}
+ABSENT = {"opset14": {"LayerNormalization"}, "eager": {"IsNaN"}}
+
+
+@pytest.mark.parametrize("family,shape", list(SHAPE_CASES))
+def test_graph_shape_matches_default_export(family, shape):
+    _, _, feeds, ref = base(family)
+    path = variant(family, shape)
+    ex = Explainer(path)
+    ops = {n.op_type for n in ex.graph.nodes}
+    assert SHAPE_CASES[family, shape] <= ops and not (ABSENT.get(shape, set()) & ops), sorted(ops)
+    res = ex.explain({k: v for k, v in feeds.items() if k in ex.input_names}, target=ref.target,
+                     position=ref.position)
+    out, ref_out = res.outputs[ex.default_output], ref.outputs["logits"]
+    keep = feeds["attention_mask"] == 1 if out.ndim == 3 else slice(None)  # padded rows differ without IsNaN guard
+    np.testing.assert_allclose(out[keep], ref_out[keep], atol=1e-4)  # same weights
+    for name, r in ref.relevance.items():
+        assert rel_err(res.relevance[name], r) <= SHAPE_TOL, name
+
+
+def test_fused_bert_attention_cp_lrp():
+    """CP-LRP inside the fused Attention op (attention weights constant) equals CP-LRP on the plain graph."""
+    _, path, feeds, _ = base("bert")
+    ref = Explainer(path, composite="cp-lrp").explain(feeds)
+    res = Explainer(variant("bert", "ort"), composite="cp-lrp").explain(feeds, target=ref.target)
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL

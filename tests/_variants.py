@@ -1,0 +1,88 @@
+"""Other graph shapes of the tiny test models, built from the SAME PyTorch weights as ``tiny_model(family)``.
+
+``variant(family, shape)`` returns the path of an ONNX file, cached next to the default export:
+
+- ``opset14`` / ``opset20``: optimum export at that opset (written-out LayerNorm / a single ``Gelu`` op);
+- ``eager``: the model loaded with ``attn_implementation="eager"`` (``Div`` scaling, no ``IsNaN`` guard);
+- ``ort``, ``ort0``, ``ort2``: onnxruntime's transformer optimizer at opt_level 1 / 0 / 2 on the default export
+  (gpt2 with ``model_type="gpt2"``, everything else ``"bert"``);
+- ``past``: optimum task ``text-generation-with-past`` (``past_key_values.*`` inputs, ``present.*`` outputs);
+- ``fp16``: the default export converted to float16 (weights and activations; inputs/outputs stay fp32);
+- ``dynamo``: ``torch.onnx.export(..., dynamo=True)`` of the PyTorch model (logits only).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from _support import FAMILIES, tiny_model
+
+SHAPES = ("opset14", "opset20", "eager", "ort", "ort0", "ort2", "past", "fp16", "dynamo")
+
+
+def variant(family: str, shape: str) -> Path:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown graph shape {shape!r}; shapes are {SHAPES}")
+    pt_dir, base = tiny_model(family)
+    out_dir = base.parent.parent / "variants" / shape
+    path = out_dir / "model.onnx"
+    if path.exists():
+        return path
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = FAMILIES[family][2]
+    if shape in ("opset14", "opset20", "past"):
+        from optimum.exporters.onnx import main_export
+
+        main_export(str(pt_dir), str(out_dir), task=task + ("-with-past" if shape == "past" else ""),
+                    library_name="transformers", opset=int(shape[5:]) if shape != "past" else None,
+                    no_post_process=True, do_validation=False)
+    elif shape == "eager":
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        onnx_export_from_model(_load(family, pt_dir, attn_implementation="eager"), str(out_dir), task=task,
+                               no_post_process=True, do_validation=False)
+    elif shape.startswith("ort"):
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        level = {"ort": 1, "ort0": 0, "ort2": 2}[shape]
+        opt = optimize_model(str(base), model_type="gpt2" if family == "gpt2" else "bert", num_heads=4,
+                             hidden_size=32, opt_level=level)
+        opt.save_model_to_file(str(path))
+    elif shape == "fp16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(base)), keep_io_types=True)
+        onnx.save(model, str(path))
+    elif shape == "dynamo":
+        _dynamo_export(family, pt_dir, path)
+    return path
+
+
+def _load(family: str, pt_dir: Path, **kw):
+    import torch
+    import transformers
+
+    return getattr(transformers, FAMILIES[family][1]).from_pretrained(str(pt_dir), dtype=torch.float32, **kw).eval()
+
+
+def _dynamo_export(family: str, pt_dir: Path, path: Path) -> None:
+    import torch
+
+    model = _load(family, pt_dir)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    torch.onnx.export(Logits(model), (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                      external_data=False)
