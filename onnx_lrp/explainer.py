@@ -140,8 +140,11 @@ class Explainer:
         dynamic = [v for v in plan.values if v not in self._static and v not in feeds]
         static_now = [v for v in dynamic if v in self.graph.static]
         want_values = list(dict.fromkeys(self.graph.output_names + dynamic))
-        want_shapes = [s for s in plan.shapes if s not in plan.values and s not in feeds and s not in self._static]
+        outs = set(self.graph.output_names)  # returned anyway: their shapes come from their values
+        want_shapes = [s for s in plan.shapes
+                       if s not in plan.values and s not in feeds and s not in self._static and s not in outs]
         values, shapes = self._capture.run(feeds, want_values, want_shapes)
+        shapes.update((s, tuple(values[s].shape)) for s in plan.shapes if s in outs and s not in plan.values)
         outputs = {k: values[k] for k in self.graph.output_names}
         for v in static_now:
             self._static[v] = to_compute(xp, dtype, values.pop(v))
