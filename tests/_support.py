@@ -52,6 +52,9 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "text-generation", dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "vit": ("ViTConfig", "ViTForImageClassification", "image-classification", dict(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=3)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "text-generation", dict(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "bert": ("BertConfig", "BertForSequenceClassification", "text-classification", dict(

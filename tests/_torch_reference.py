@@ -7,14 +7,18 @@ Rules, in gradient form (relevance ``R_t = t * grad_t``), applied by patching mo
 instance (the module-level attention function is swapped only inside :func:`lrp_patched`):
 
 - norms: the statistic is a constant. RMSNorm-like ``y = f(x)`` (any weight convention, e.g. Gemma's ``1 + w``)
-  is linear in ``x`` once ``1/rms`` is fixed, so ``y = x * (f(x) / x).detach()``; LayerNorm keeps its mean:
+  is linear in ``x`` once ``1/rms`` is fixed, so ``grad_x = grad_y * f(x) / x``; LayerNorm keeps its mean:
   ``y = w * (x - mean(x)) / std(x).detach() + b``;
 - element-wise activations (incl. soft-capping ``c * tanh(s / c)``): identity rule,
-  ``y = x * (f(x) / (x + 1e-10)).detach()``;
+  ``grad_x = grad_y * f(x) / (x + 1e-10)``;
 - products of two relevance-carrying tensors (``Q K^T``, ``A V``, ``act(gate) * up``, expert output * routing
   weight, ``w / sum(w)`` as ``w * (1/sum)``): the product's gradient is halved (uniform rule);
 - softmax, linear layers, additions, RoPE (cos/sin are constants): the plain gradient;
-- CP-LRP: the attention weights and the activated gate are detached instead.
+- CP-LRP: the attention weights and the activated gate are detached instead;
+- "vit-lrp" (LXT's ViT recipe): CP-LRP plus the gamma rule on every ``nn.Linear`` (gamma 0.05) and ``nn.Conv2d``
+  (gamma 0.25), written as zennit does it in gradient form: with ``z = layer(x)`` and ``z' = z + gamma z+``
+  (``z+`` from the positive weights and bias), ``grad_x = grad_y * (z / stab(z')) * dz'/dx``, ``stab`` sign-aware with
+  eps 1e-6; so ``grad_x = (W + gamma W+)^T (grad_y * z / stab(z'))``.
 """
 from __future__ import annotations
 
@@ -29,18 +33,25 @@ import torch.nn.functional as F
 IDENTITY_EPS = 1e-10
 
 
+def forward_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """The forward value of ``value`` with the gradient of ``surrogate``."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def half(t: torch.Tensor) -> torch.Tensor:
     """Forward ``t``; backward ``grad / 2`` (uniform rule on the product that produced ``t``)."""
-    return 0.5 * t + (0.5 * t).detach()
+    return forward_of(t, 0.5 * t)
 
 
 def identity_rule(fn, x: torch.Tensor) -> torch.Tensor:
     """Forward ``fn(x)``; backward ``grad * fn(x) / (x + eps)`` (identity rule)."""
-    return x * (fn(x) / (x + IDENTITY_EPS)).detach()
+    y = fn(x)
+    return forward_of(y, x * (y / (x + IDENTITY_EPS)).detach())
 
 
 def _rms_forward(self, x):
-    return x * (self._lrp_orig(x) / x).detach()
+    y = self._lrp_orig(x)
+    return forward_of(y, x * (y / x).detach())
 
 
 def _layer_norm_forward(self, x):
@@ -63,6 +74,24 @@ def _gated_mlp_forward(self, x):
     if self._lrp_cp:
         return self.down_proj(act(gate.detach()) * up)
     return self.down_proj(half(identity_rule(act, gate) * up))
+
+
+def _dense_act_forward(self, x):
+    """Non-gated MLP input half (ViT/BERT ``Intermediate``): identity rule on the activation."""
+    return identity_rule(self.intermediate_act_fn, self.dense(x))
+
+
+def _gamma_forward(self, x):
+    z = self._lrp_orig(x)
+    w_pos = self.weight.clamp(min=0)
+    b_pos = self.bias.clamp(min=0) if self.bias is not None else None
+    if isinstance(self, torch.nn.Conv2d):
+        z_pos = self._conv_forward(x, w_pos, b_pos)
+    else:
+        z_pos = F.linear(x, w_pos, b_pos)
+    zm = z + self._lrp_gamma * z_pos
+    den = zm + 1e-6 * torch.where(zm >= 0, 1.0, -1.0)
+    return forward_of(z, zm * (z / den).detach())
 
 
 def _moe_forward(self, hidden):
@@ -109,7 +138,8 @@ def _make_attention(cp: bool):
 @contextlib.contextmanager
 def lrp_patched(model, composite: str = "attnlrp"):
     """Patch ``model`` (loaded with ``attn_implementation="eager"``) with the rules; restore on exit."""
-    cp = composite == "cp-lrp"
+    cp = composite in ("cp-lrp", "vit-lrp")
+    gammas = {torch.nn.Linear: 0.05, torch.nn.Conv2d: 0.25} if composite == "vit-lrp" else {}
     modeling = importlib.import_module(type(model).__module__)
     saved_attention = modeling.eager_attention_forward
     modeling.eager_attention_forward = _make_attention(cp)
@@ -125,6 +155,11 @@ def lrp_patched(model, composite: str = "attnlrp"):
             m.forward = types.MethodType(_gated_mlp_forward, m)
         elif hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m, "top_k"):
             m.forward = types.MethodType(_moe_forward, m)
+        elif hasattr(m, "intermediate_act_fn") and hasattr(m, "dense"):
+            m.forward = types.MethodType(_dense_act_forward, m)
+        elif type(m) in gammas:
+            m._lrp_orig, m._lrp_gamma = m.forward, gammas[type(m)]
+            m.forward = types.MethodType(_gamma_forward, m)
     try:
         yield model
     finally:
@@ -159,3 +194,19 @@ def torch_relevance(model_cls: str, pt_dir, input_ids, attention_mask=None, posi
         rows[torch.arange(B), tgt].sum().backward()
     rel = (emb * emb.grad).sum(-1).detach().double().numpy()
     return {"relevance": rel, "targets": tgt.numpy(), "logits": rows.detach().double().numpy()}
+
+
+def torch_image_relevance(model_cls: str, pt_dir, pixel_values, targets=None, composite: str = "attnlrp") -> dict:
+    """Pixel relevance ``pixel_values * grad`` of the explained class logit."""
+    import transformers
+
+    model = getattr(transformers, model_cls).from_pretrained(
+        str(pt_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    with lrp_patched(model, composite):
+        x = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32)).requires_grad_()
+        logits = model(pixel_values=x).logits
+        B = x.shape[0]
+        tgt = torch.as_tensor(np.asarray(targets)) if targets is not None else logits.argmax(-1)
+        logits[torch.arange(B), tgt].sum().backward()
+    rel = (x * x.grad).detach().double().numpy()
+    return {"relevance": rel, "targets": tgt.numpy(), "logits": logits.detach().double().numpy()}

@@ -153,3 +153,18 @@ def test_fp16_model_explained_in_fp32(family):
     for name, r in ref.relevance.items():
         assert res.relevance[name].dtype == np.float32 and np.all(np.isfinite(res.relevance[name]))
         assert rel_err(res.relevance[name], r) <= FP16_TOL, name
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "vit-lrp", "cp-lrp"])
+def test_vit_matches_torch_reference(composite):
+    """ViT (Conv patch embedding) under AttnLRP, LXT's ViT recipe (gamma on Conv/linear, CP-LRP attention), CP-LRP."""
+    from _torch_reference import torch_image_relevance
+
+    pt_dir, path = tiny_model("vit")
+    x = np.random.RandomState(0).randn(2, 3, 16, 16).astype(np.float32)
+    res = Explainer(path, composite=composite).explain({"pixel_values": x})
+    ref = torch_image_relevance(FAMILIES["vit"][1], pt_dir, x, res.target, composite=composite)
+    assert res.relevance["pixel_values"].shape == x.shape
+    assert rel_err(res.relevance["pixel_values"], ref["relevance"]) <= TOL
+    gxi = Explainer(path, composite="gradient-x-input").explain({"pixel_values": x}, target=res.target)
+    assert rel_err(gxi.relevance["pixel_values"], ref["relevance"]) > 30 * TOL

@@ -59,11 +59,13 @@ def matmul(ctx: OpContext):
             Wm = W + gamma * np.maximum(W, 0) if gamma else W
             Wt = ctx.array(Wm if W.ndim == 1 else np.ascontiguousarray(np.swapaxes(Wm, -1, -2)))
             sa = ctx.shape(a)
+            bias = _following_bias(ctx) if gamma else None
+            bias = ctx.array(bias) if bias is not None else None
 
             def back_const(env, gy):
                 g = gy[0]
                 if gamma:
-                    g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon)
+                    g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon, bias)
                 if Wt.ndim == 1:
                     return [g[..., None] * Wt, None]
                 in_shape = env.shape(sa)
@@ -98,12 +100,29 @@ def matmul(ctx: OpContext):
     return back_right
 
 
-def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps):
-    """Gradient-form gamma rule: scale ``G_z`` by ``z / stab(z + gamma * x W+)``; the caller then applies
-    ``(W + gamma W+)^T``."""
+def _following_bias(ctx: OpContext):
+    """The constant bias ``b`` of ``Add(MatMul(x, W), b)`` when that Add is the MatMul's only consumer (how
+    exporters write a linear layer), else None: the gamma rule's ``z`` and ``z+`` include the bias, as they do
+    for ``Gemm`` and ``Conv``."""
+    out = ctx.node.outputs[0]
+    cons = ctx.graph.consumers.get(out, [])
+    if len(cons) != 1 or cons[0].op_type != "Add" or out in ctx.graph.output_names:
+        return None
+    other = [i for i in cons[0].inputs if i != out]
+    b = ctx.graph.constant(other[0]) if len(other) == 1 else None
+    return b if b is not None and b.ndim <= 1 else None
+
+
+def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps, bias=None):
+    """Gradient-form gamma rule: scale ``G_z`` by ``z / stab(z + gamma * z+)`` with ``z = x W (+ b)`` and
+    ``z+ = x W+ (+ b+)``; the caller then applies ``(W + gamma W+)^T``."""
     xp = env.xp
     x, z = env[x_name], env[z_name]
-    zp = z + gamma * (x @ Wp)
+    zplus = x @ Wp
+    if bias is not None:
+        z = z + bias
+        zplus = zplus + xp.maximum(bias, 0)
+    zp = z + gamma * zplus
     den = zp + eps * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
     return g * (z / den)
 
