@@ -105,6 +105,11 @@ class Explainer:
         """The execution providers onnxruntime actually uses."""
         return self._capture.active_providers
 
+    def forward(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs`` (defaults filled in as for :meth:`explain`); returns its outputs."""
+        values, _ = self._capture.run(self._feeds(inputs), self.graph.output_names, [])
+        return values
+
     def explain(
         self,
         inputs: Mapping[str, Any],

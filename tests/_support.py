@@ -55,6 +55,10 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "vit": ("ViTConfig", "ViTForImageClassification", "image-classification", dict(
         image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_labels=3)),
+    # encoder-decoder: exported as encoder_model.onnx + decoder_model.onnx (tests/_variants.py: seq2seq_model)
+    "t5": ("T5Config", "T5ForConditionalGeneration", "text2text-generation", dict(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, decoder_start_token_id=0)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "text-generation", dict(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "bert": ("BertConfig", "BertForSequenceClassification", "text-classification", dict(

@@ -94,6 +94,24 @@ def _gamma_forward(self, x):
     return forward_of(z, zm * (z / den).detach())
 
 
+def _t5_gated_forward(self, x):
+    """T5 v1.1 ``DenseGatedActDense``: ``wo(act(wi_0 x) * wi_1 x)``."""
+    return self.wo(half(identity_rule(self.act, self.wi_0(x)) * self.wi_1(x)))
+
+
+class _HalvedMatmul:
+    """Stands in for the ``torch`` module inside a modeling file whose attention calls ``torch.matmul``
+    directly (T5): a product of two tensors that both carry gradient gets half of it (uniform rule)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def matmul(a, b):
+        y = torch.matmul(a, b)
+        return half(y) if a.requires_grad and b.requires_grad else y
+
+
 def _moe_forward(self, hidden):
     """Sparse MoE (Qwen3-MoE, Mixtral): softmax router, top-k, optional renormalisation, weighted experts."""
     B, S, D = hidden.shape
@@ -141,8 +159,12 @@ def lrp_patched(model, composite: str = "attnlrp"):
     cp = composite in ("cp-lrp", "vit-lrp")
     gammas = {torch.nn.Linear: 0.05, torch.nn.Conv2d: 0.25} if composite == "vit-lrp" else {}
     modeling = importlib.import_module(type(model).__module__)
-    saved_attention = modeling.eager_attention_forward
-    modeling.eager_attention_forward = _make_attention(cp)
+    saved_attention = getattr(modeling, "eager_attention_forward", None)
+    saved_torch = modeling.torch
+    if saved_attention is not None:
+        modeling.eager_attention_forward = _make_attention(cp)
+    elif not cp:
+        modeling.torch = _HalvedMatmul()
     for m in model.modules():
         name = type(m).__name__
         m._lrp_cp = cp
@@ -155,6 +177,8 @@ def lrp_patched(model, composite: str = "attnlrp"):
             m.forward = types.MethodType(_gated_mlp_forward, m)
         elif hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m, "top_k"):
             m.forward = types.MethodType(_moe_forward, m)
+        elif hasattr(m, "wi_0") and hasattr(m, "wi_1"):
+            m.forward = types.MethodType(_t5_gated_forward, m)
         elif hasattr(m, "intermediate_act_fn") and hasattr(m, "dense"):
             m.forward = types.MethodType(_dense_act_forward, m)
         elif type(m) in gammas:
@@ -163,7 +187,9 @@ def lrp_patched(model, composite: str = "attnlrp"):
     try:
         yield model
     finally:
-        modeling.eager_attention_forward = saved_attention
+        modeling.torch = saved_torch
+        if saved_attention is not None:
+            modeling.eager_attention_forward = saved_attention
 
 
 def torch_relevance(model_cls: str, pt_dir, input_ids, attention_mask=None, position_ids=None, positions=None,
@@ -210,3 +236,23 @@ def torch_image_relevance(model_cls: str, pt_dir, pixel_values, targets=None, co
         logits[torch.arange(B), tgt].sum().backward()
     rel = (x * x.grad).detach().double().numpy()
     return {"relevance": rel, "targets": tgt.numpy(), "logits": logits.detach().double().numpy()}
+
+
+def torch_seq2seq_relevance(model_cls: str, pt_dir, input_ids, attention_mask, decoder_input_ids, positions,
+                            targets) -> dict:
+    """Encoder and decoder token relevance (``(embeds * grad).sum(-1)`` of both embedding inputs)."""
+    import transformers
+
+    model = getattr(transformers, model_cls).from_pretrained(str(pt_dir), dtype=torch.float32).eval()
+    emb_layer = model.get_input_embeddings()
+    with lrp_patched(model):
+        enc = emb_layer(torch.as_tensor(np.asarray(input_ids))).detach().requires_grad_()
+        dec = emb_layer(torch.as_tensor(np.asarray(decoder_input_ids))).detach().requires_grad_()
+        logits = model(inputs_embeds=enc, attention_mask=torch.as_tensor(np.asarray(attention_mask)),
+                       decoder_inputs_embeds=dec, use_cache=False).logits
+        B = enc.shape[0]
+        rows = logits[torch.arange(B), torch.as_tensor(np.asarray(positions))]
+        rows[torch.arange(B), torch.as_tensor(np.asarray(targets))].sum().backward()
+    return {"encoder": (enc * enc.grad).sum(-1).detach().double().numpy(),
+            "decoder": (dec * dec.grad).sum(-1).detach().double().numpy(),
+            "logits": rows.detach().double().numpy()}

@@ -86,3 +86,27 @@ def _dynamo_export(family: str, pt_dir: Path, path: Path) -> None:
     torch.onnx.export(Logits(model), (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
                       output_names=["logits"], dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
                       external_data=False)
+
+
+def seq2seq_model(family: str = "t5", seed: int = 0) -> tuple[Path, Path, Path]:
+    """(pytorch folder, encoder_model.onnx, decoder_model.onnx) of a tiny encoder-decoder model (cached)."""
+    from _support import CACHE, _key, randomize_
+
+    cfg_cls, model_cls, task, cfg = FAMILIES[family]
+    root = CACHE / _key(family, cfg, {"seed": seed, "files": "encoder+decoder"})
+    pt_dir, onnx_dir = root / "pt", root / "onnx"
+    enc, dec = onnx_dir / "encoder_model.onnx", onnx_dir / "decoder_model.onnx"
+    if enc.exists() and dec.exists():
+        return pt_dir, enc, dec
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg)).eval()
+    randomize_(model, seed)
+    model.save_pretrained(pt_dir)
+    main_export(str(pt_dir), str(onnx_dir), task=task, library_name="transformers", no_post_process=True,
+                do_validation=False)
+    return pt_dir, enc, dec
