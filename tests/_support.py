@@ -59,6 +59,11 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "t5": ("T5Config", "T5ForConditionalGeneration", "text2text-generation", dict(
         vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, decoder_start_token_id=0)),
+    # optimum refuses Mixtral: exported with onnx_lrp.exporters.mixtral (tests/_variants.py: mixtral_model)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=None)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "text-generation", dict(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "bert": ("BertConfig", "BertForSequenceClassification", "text-classification", dict(

@@ -94,6 +94,11 @@ def _gamma_forward(self, x):
     return forward_of(z, zm * (z / den).detach())
 
 
+def _mixtral_expert_forward(self, x):
+    """Mixtral expert: ``w2(act(w1 x) * w3 x)``."""
+    return self.w2(half(identity_rule(self.act_fn, self.w1(x)) * self.w3(x)))
+
+
 def _t5_gated_forward(self, x):
     """T5 v1.1 ``DenseGatedActDense``: ``wo(act(wi_0 x) * wi_1 x)``."""
     return self.wo(half(identity_rule(self.act, self.wi_0(x)) * self.wi_1(x)))
@@ -177,6 +182,8 @@ def lrp_patched(model, composite: str = "attnlrp"):
             m.forward = types.MethodType(_gated_mlp_forward, m)
         elif hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m, "top_k"):
             m.forward = types.MethodType(_moe_forward, m)
+        elif all(hasattr(m, w) for w in ("w1", "w2", "w3")):
+            m.forward = types.MethodType(_mixtral_expert_forward, m)
         elif hasattr(m, "wi_0") and hasattr(m, "wi_1"):
             m.forward = types.MethodType(_t5_gated_forward, m)
         elif hasattr(m, "intermediate_act_fn") and hasattr(m, "dense"):

@@ -110,3 +110,24 @@ def seq2seq_model(family: str = "t5", seed: int = 0) -> tuple[Path, Path, Path]:
     main_export(str(pt_dir), str(onnx_dir), task=task, library_name="transformers", no_post_process=True,
                 do_validation=False)
     return pt_dir, enc, dec
+
+
+def mixtral_model(seed: int = 0, task: str = "text-generation") -> tuple[Path, Path]:
+    """(pytorch folder, model.onnx) of a tiny Mixtral exported with ``onnx_lrp.exporters.mixtral`` (cached)."""
+    from _support import CACHE, _key, randomize_
+
+    cfg_cls, model_cls, _, cfg = FAMILIES["mixtral"]
+    root = CACHE / _key("mixtral", cfg, {"seed": seed, "exporter": "onnx_lrp", "task": task})
+    pt_dir, path = root / "pt", root / "onnx" / "model.onnx"
+    if path.exists():
+        return pt_dir, path
+    import torch
+    import transformers
+    from onnx_lrp.exporters.mixtral import export_mixtral
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg)).eval()
+    randomize_(model, seed)
+    model.save_pretrained(pt_dir)
+    export_mixtral(pt_dir, path.parent, task=task)
+    return pt_dir, path

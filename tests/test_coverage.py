@@ -195,3 +195,30 @@ def test_t5_encoder_decoder_chained():
                           dec_ids, target=np.stack([res.target, res.target + 1], 1), position=[4, 2])
     assert two.encoder_relevance.shape == (2, 2, 7) and two.decoder_relevance.shape == (2, 2, 5)
     np.testing.assert_allclose(two.encoder_relevance[:, 0], res.encoder_relevance, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq", [1, 9])
+def test_mixtral_exporter_and_reference(seq):
+    """onnx_lrp.exporters.mixtral: logits equal PyTorch for one token and more; relevance equals the torch
+    reference (all-experts routing: top-k weights renormalised, uniform rule on weight * expert output)."""
+    import torch
+    import transformers
+    from _torch_reference import torch_relevance
+    from _variants import mixtral_model
+
+    pt_dir, path = mixtral_model()
+    rng = np.random.RandomState(seq)
+    ids = rng.randint(3, 120, (2, seq))
+    mask = np.ones_like(ids)
+    if seq > 1:
+        mask[1, :3] = 0
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    res = Explainer(path).explain({"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+    model = transformers.MixtralForCausalLM.from_pretrained(str(pt_dir)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                       position_ids=torch.as_tensor(pos)).logits.numpy()
+    keep = mask == 1
+    np.testing.assert_allclose(res.outputs["logits"][keep], logits[keep], atol=1e-5)
+    ref = torch_relevance(FAMILIES["mixtral"][1], pt_dir, ids, mask, pos, res.position, res.target)
+    assert rel_err(res.relevance["input_ids"], ref["relevance"]) <= TOL
