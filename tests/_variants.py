@@ -56,7 +56,10 @@ def variant(family: str, shape: str) -> Path:
         model = convert_float_to_float16(onnx.load(str(base)), keep_io_types=True)
         onnx.save(model, str(path))
     elif shape == "dynamo":
-        _dynamo_export(family, pt_dir, path)
+        import onnx
+
+        with_positions = any(i.name == "position_ids" for i in onnx.load(str(base), load_external_data=False).graph.input)
+        _dynamo_export(family, pt_dir, path, with_positions)
     return path
 
 
@@ -67,7 +70,8 @@ def _load(family: str, pt_dir: Path, **kw):
     return getattr(transformers, FAMILIES[family][1]).from_pretrained(str(pt_dir), dtype=torch.float32, **kw).eval()
 
 
-def _dynamo_export(family: str, pt_dir: Path, path: Path) -> None:
+def _dynamo_export(family: str, pt_dir: Path, path: Path, with_positions: bool) -> None:
+    """``torch.onnx.export(dynamo=True)`` of the logits, with the inputs of the default export."""
     import torch
 
     model = _load(family, pt_dir)
@@ -77,15 +81,16 @@ def _dynamo_export(family: str, pt_dir: Path, path: Path) -> None:
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        def forward(self, input_ids, attention_mask, position_ids=None):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
 
     ids = torch.randint(3, 100, (2, 9))
-    mask = torch.ones_like(ids)
+    args = (ids, torch.ones_like(ids)) + ((torch.arange(9).repeat(2, 1),) if with_positions else ())
+    names = ["input_ids", "attention_mask", "position_ids"][: len(args)]
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    torch.onnx.export(Logits(model), (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
-                      output_names=["logits"], dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-                      external_data=False)
+    torch.onnx.export(Logits(model), args, str(path), dynamo=True, input_names=names, output_names=["logits"],
+                      dynamic_shapes=tuple({0: batch, 1: seq} for _ in args), external_data=False)
 
 
 def seq2seq_model(family: str = "t5", seed: int = 0) -> tuple[Path, Path, Path]:

@@ -107,6 +107,8 @@ SHAPE_CASES = {
     # past_key_values inputs, filled with empty caches by the Explainer
     ("gpt2", "past"): set(), ("llama", "past"): set(), ("gemma2", "past"): set(), ("phi3", "past"): set(),
     ("qwen3_moe", "past"): set(),
+    # the PyTorch dynamo exporter (torch.export + onnxscript), logits only
+    ("llama", "dynamo"): set(), ("gpt2", "dynamo"): set(),
 }
 ABSENT = {"opset14": {"LayerNormalization"}, "eager": {"IsNaN"}}
 
@@ -222,3 +224,15 @@ def test_mixtral_exporter_and_reference(seq):
     np.testing.assert_allclose(res.outputs["logits"][keep], logits[keep], atol=1e-5)
     ref = torch_relevance(FAMILIES["mixtral"][1], pt_dir, ids, mask, pos, res.position, res.target)
     assert rel_err(res.relevance["input_ids"], ref["relevance"]) <= TOL
+
+
+def test_mixtral_exporter_with_past():
+    from _variants import mixtral_model
+
+    _, plain = mixtral_model()
+    _, past = mixtral_model(task="text-generation-with-past")
+    ex = Explainer(past)
+    assert any(n.startswith("past_key_values") for n in ex.input_names)
+    ids = np.random.RandomState(0).randint(3, 120, (2, 6))
+    ref = Explainer(plain).explain({"input_ids": ids})
+    assert rel_err(ex.explain({"input_ids": ids}).relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
