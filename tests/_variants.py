@@ -58,8 +58,8 @@ def variant(family: str, shape: str) -> Path:
     elif shape == "dynamo":
         import onnx
 
-        with_positions = any(i.name == "position_ids" for i in onnx.load(str(base), load_external_data=False).graph.input)
-        _dynamo_export(family, pt_dir, path, with_positions)
+        names = [i.name for i in onnx.load(str(base), load_external_data=False).graph.input]
+        _dynamo_export(family, pt_dir, path, names)
     return path
 
 
@@ -70,27 +70,28 @@ def _load(family: str, pt_dir: Path, **kw):
     return getattr(transformers, FAMILIES[family][1]).from_pretrained(str(pt_dir), dtype=torch.float32, **kw).eval()
 
 
-def _dynamo_export(family: str, pt_dir: Path, path: Path, with_positions: bool) -> None:
-    """``torch.onnx.export(dynamo=True)`` of the logits, with the inputs of the default export."""
+def _dynamo_export(family: str, pt_dir: Path, path: Path, names: list[str]) -> None:
+    """``torch.onnx.export(dynamo=True)`` of the logits, with the inputs ``names`` of the default export."""
     import torch
 
     model = _load(family, pt_dir)
+    extra = {"use_cache": False} if FAMILIES[family][2].startswith("text-generation") else {}
 
     class Logits(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask, position_ids=None):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).logits
+        def forward(self, *tensors):
+            return self.m(**dict(zip(names, tensors)), **extra).logits
 
     ids = torch.randint(3, 100, (2, 9))
-    args = (ids, torch.ones_like(ids)) + ((torch.arange(9).repeat(2, 1),) if with_positions else ())
-    names = ["input_ids", "attention_mask", "position_ids"][: len(args)]
+    make = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(9).repeat(2, 1),
+            "token_type_ids": torch.zeros_like(ids)}
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    torch.onnx.export(Logits(model), args, str(path), dynamo=True, input_names=names, output_names=["logits"],
-                      dynamic_shapes=tuple({0: batch, 1: seq} for _ in args), external_data=False)
+    torch.onnx.export(Logits(model), tuple(make[n] for n in names), str(path), dynamo=True, input_names=names,
+                      output_names=["logits"], dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),),
+                      external_data=False)
 
 
 def seq2seq_model(family: str = "t5", seed: int = 0) -> tuple[Path, Path, Path]:
