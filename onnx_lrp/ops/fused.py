@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from ..rules import ConstantGate, Gradient, Uniform
-from ._base import OpContext, ints, register
+from ._base import OpContext, register
 
 MS_DOMAIN = "com.microsoft"
 
