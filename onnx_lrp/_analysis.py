@@ -82,6 +82,7 @@ class Analysis:
     detached: set[str]
     unsupported: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    composite: Composite | None = None  # for fused ops that apply several kinds' rules inside one node
 
 
 def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str, str], set[str]]:
@@ -256,7 +257,8 @@ def analyse(
     notes = [f"{len(regions)} unary region(s)"] if regions else []
     if unsupported:
         notes.append("treated as constants (no rule): " + ", ".join(sorted(unsupported)))
-    return Analysis(src, id_src, carrying, kinds, rules, regions, region_of, detached, unsupported, notes)
+    return Analysis(src, id_src, carrying, kinds, rules, regions, region_of, detached, unsupported, notes,
+                    composite)
 
 
 # ---------------------------------------------------------------------------------------------- regions

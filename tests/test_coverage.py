@@ -130,12 +130,15 @@ def test_graph_shape_matches_default_export(family, shape):
         assert rel_err(res.relevance[name], r) <= SHAPE_TOL, name
 
 
-def test_fused_bert_attention_cp_lrp():
-    """CP-LRP inside the fused Attention op (attention weights constant) equals CP-LRP on the plain graph."""
+@pytest.mark.parametrize("composite", ["cp-lrp", "vit-lrp", "gradient-x-input"])
+def test_fused_bert_attention_composites(composite):
+    """Other composites inside the fused Attention op equal them on the plain graph: CP-LRP (attention weights
+    constant), vit-lrp (also the gamma rule on the fused Q/K/V projection), the plain gradient."""
     _, path, feeds, _ = base("bert")
-    ref = Explainer(path, composite="cp-lrp").explain(feeds)
-    res = Explainer(variant("bert", "ort"), composite="cp-lrp").explain(feeds, target=ref.target)
-    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
+    ref = Explainer(path, composite=composite).explain(feeds)
+    res = Explainer(variant("bert", "ort"), composite=composite).explain(feeds, target=ref.target)
+    for name, r in ref.relevance.items():
+        assert rel_err(res.relevance[name], r) <= SHAPE_TOL, name
 
 
 # fp16 unit roundoff is 2**-11 = 4.9e-4; on these 2-layer models the fp16 forward itself is up to 2e-3 off the
@@ -236,3 +239,16 @@ def test_mixtral_exporter_with_past():
     ids = np.random.RandomState(0).randint(3, 120, (2, 6))
     ref = Explainer(plain).explain({"input_ids": ids})
     assert rel_err(ex.explain({"input_ids": ids}).relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "vit-lrp"])
+def test_vit_ort_optimized(composite):
+    """ViT after onnxruntime's optimizer (biases moved into SkipLayerNormalization / BiasGelu): the same relevance,
+    also under the gamma rule, whose z and z+ include the bias wherever the graph keeps it."""
+    _, path = tiny_model("vit")
+    opt = variant("vit", "ort")
+    assert {"SkipLayerNormalization", "BiasGelu"} <= {n.op_type for n in Explainer(opt).graph.nodes}
+    x = np.random.RandomState(0).randn(2, 3, 16, 16).astype(np.float32)
+    ref = Explainer(path, composite=composite).explain({"pixel_values": x})
+    res = Explainer(opt, composite=composite).explain({"pixel_values": x}, target=ref.target)
+    assert rel_err(res.relevance["pixel_values"], ref.relevance["pixel_values"]) <= SHAPE_TOL

@@ -6,7 +6,8 @@
   ``G_S = P (G_P - sum(P G_P))`` (softmax VJP), ``G_Q = wQK scale G_S K``, ``G_K = wQK scale G_S^T Q``,
   ``G_X = [G_Q G_K G_V] W^T``. The node takes the composite's *product* rule: Uniform gives the AttnLRP
   weights (``wP = wV = wQK = 1/2``); ConstantGate (CP-LRP) makes ``P`` a constant (``wP = 0``, ``wV = 1``);
-  Gradient gives 1 everywhere. The projections inside use the plain gradient.
+  Gradient gives 1 everywhere. The projection ``X W + b`` takes the composite's rule for a linear ``MatMul``
+  (Epsilon or Gamma, with ``z`` including the bias, as for the unfused graph).
 - ``RotaryEmbedding``: linear in its input with the cos/sin caches as constants: the VJP is the rotation by
   the opposite angle, ``G_x1 = G_y1 cos + G_y2 sin``, ``G_x2 = G_y2 cos - G_y1 sin``.
 - ``EmbedLayerNormalization``: a relevance *source* (token embeddings are looked up inside it), so it is
@@ -24,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..rules import ConstantGate, Gradient, Uniform
+from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform
 from ._base import OpContext, register
 
 MS_DOMAIN = "com.microsoft"
@@ -91,8 +92,14 @@ def attention(ctx: OpContext):
     causal = bool(int(ctx.attr("unidirectional", 0)))
     filt = float(ctx.attr("mask_filter_value", -10000.0))
     wP, wV, wQK = _attention_weights(ctx)
-    Wc, Wt = ctx.array(W), ctx.array(np.ascontiguousarray(W.T))
+    lin = ctx.rule_of("linear", "MatMul")
+    gamma = lin.gamma if isinstance(lin, Gamma) else 0.0
+    eps = lin.epsilon if isinstance(lin, (Gamma, Epsilon)) else 0.0
+    Wc = ctx.array(W)
+    Wt = ctx.array(np.ascontiguousarray((W + gamma * np.maximum(W, 0)).T))
+    Wpos = ctx.array(np.maximum(W, 0)) if gamma else None
     bc = ctx.array(bias) if bias is not None else None
+    bpos = ctx.array(np.maximum(bias, 0)) if (gamma and bias is not None) else None
     x = ctx.value(ctx.input(0))
     vmask = ctx.value(ctx.input(3)) if ctx.input(3) else None
     vbias = ctx.value(ctx.input(5)) if ctx.input(5) else None
@@ -100,6 +107,13 @@ def attention(ctx: OpContext):
 
     def heads_first(t, d):  # (B, S, N*d) -> (B, N, S, d)
         return t.reshape(t.shape[:-1] + (heads, d)).swapaxes(-2, -3)
+
+    def projection_scale(X, qkv):
+        """``z / stab(z + gamma z+)`` of the eps/gamma rule on ``z = X W + b`` (None for the plain gradient)."""
+        if not (gamma or eps):
+            return None
+        zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
+        return qkv / (zm + eps * xp.where(zm >= 0, 1.0, -1.0).astype(zm.dtype))
 
     def forward(env):
         X = env[x]
@@ -120,12 +134,12 @@ def attention(ctx: OpContext):
         S = S - S.max(axis=-1, keepdims=True)
         P = xp.exp(S)
         P = P / P.sum(axis=-1, keepdims=True)
-        return Q, K, V, P
+        return Q, K, V, P, projection_scale(X, qkv)
 
     def back(env, gy):
         if len(gy) > 1 and any(g is not None for g in gy[1:]):
             raise ctx.fail("relevance at the 'present' output is not supported")
-        Q, K, V, P = env.memo(key, lambda: forward(env))
+        Q, K, V, P, zscale = env.memo(key, lambda: forward(env))
         g = gy[0]
         dv = hv // heads
         GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
@@ -140,6 +154,8 @@ def attention(ctx: OpContext):
             parts[1] = xp.zeros(GV.shape[:-1] + (hk // heads,), dtype=g.dtype)
         flat = [p.swapaxes(-2, -3) for p in parts]  # (.., B, S, N, d)
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
+        if zscale is not None:
+            Gqkv = Gqkv * zscale
         return [Gqkv @ Wt] + [None] * (len(node.inputs) - 1)
 
     return back

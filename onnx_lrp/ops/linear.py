@@ -100,16 +100,29 @@ def matmul(ctx: OpContext):
     return back_right
 
 
+# consumers that add a linear layer's bias: op type -> index of the bias input (the MatMul output is input 0)
+_BIAS_CONSUMERS = {"BiasGelu": 1, "FastGelu": 1, "SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3}
+
+
 def _following_bias(ctx: OpContext):
-    """The constant bias ``b`` of ``Add(MatMul(x, W), b)`` when that Add is the MatMul's only consumer (how
-    exporters write a linear layer), else None: the gamma rule's ``z`` and ``z+`` include the bias, as they do
-    for ``Gemm`` and ``Conv``."""
+    """The constant bias ``b`` added to ``x W`` by the MatMul's only consumer: ``Add(MatMul(x, W), b)`` (how
+    exporters write a linear layer) or a fused op holding it (``BiasGelu``, ``FastGelu``, ``Skip*Normalization``
+    from onnxruntime's optimizer); else None. The gamma rule's ``z`` and ``z+`` include the bias, as they do for
+    ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
     out = ctx.node.outputs[0]
     cons = ctx.graph.consumers.get(out, [])
-    if len(cons) != 1 or cons[0].op_type != "Add" or out in ctx.graph.output_names:
+    if len(cons) != 1 or out in ctx.graph.output_names:
         return None
-    other = [i for i in cons[0].inputs if i != out]
-    b = ctx.graph.constant(other[0]) if len(other) == 1 else None
+    c = cons[0]
+    if c.op_type == "Add":
+        other = [i for i in c.inputs if i != out]
+        name = other[0] if len(other) == 1 else None
+    elif c.op_type in _BIAS_CONSUMERS and c.inputs[0] == out and out not in c.inputs[1:]:
+        k = _BIAS_CONSUMERS[c.op_type]
+        name = c.inputs[k] if len(c.inputs) > k and c.inputs[k] else None
+    else:
+        return None
+    b = ctx.graph.constant(name) if name else None
     return b if b is not None and b.ndim <= 1 else None
 
 
