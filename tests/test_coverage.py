@@ -252,3 +252,28 @@ def test_vit_ort_optimized(composite):
     ref = Explainer(path, composite=composite).explain({"pixel_values": x})
     res = Explainer(opt, composite=composite).explain({"pixel_values": x}, target=ref.target)
     assert rel_err(res.relevance["pixel_values"], ref.relevance["pixel_values"]) <= SHAPE_TOL
+
+
+def test_fused_model_proto_left_unchanged():
+    """Expanding EmbedLayerNormalization works on a copy: the user's ModelProto stays as it was."""
+    import onnx
+
+    _, _, feeds, ref = base("bert")
+    proto = onnx.load(str(variant("bert", "ort")))
+    before = proto.SerializeToString()
+    res = Explainer(proto).explain(feeds, target=ref.target)
+    assert proto.SerializeToString() == before
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
+
+
+def test_unsorted_graph_is_sorted():
+    """Graphs whose nodes are not in topological order (onnxruntime runs them; fp16 converters write them)."""
+    import onnx
+
+    _, path, feeds, ref = base("llama")
+    proto = onnx.load(str(path))
+    nodes = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes[::-1])
+    res = Explainer(proto).explain(feeds, target=ref.target)
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
