@@ -138,7 +138,6 @@ class Graph:
         return [n.name for n in self.nodes]
 
 
-
 def _topological(nodes, source: str) -> list[onnx.NodeProto]:
     """The nodes in topological order (onnxruntime accepts unsorted graphs, e.g. from fp16 converters);
     the original order when it already is one."""
