@@ -54,6 +54,7 @@ def base(family: str):
     return pt_dir, path, feeds, ex.explain(feeds)
 
 
+@functools.lru_cache(maxsize=None)
 def reference(family: str, composite: str = "attnlrp", use_lxt: bool | None = None) -> dict:
     pt_dir, _, feeds, res = base(family)
     args = (pt_dir, feeds["input_ids"], feeds["attention_mask"], feeds.get("position_ids"), res.position, res.target)
@@ -78,7 +79,7 @@ def test_family_matches_reference(family):
     assert rel_err(gxi.relevance["input_ids"], ref["relevance"]) > 30 * TOL
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_torch_reference_matches_lxt(family):
     """The autograd reference used for the families LXT lacks is itself LXT-exact where LXT exists."""
     ours = reference(family, use_lxt=False)["relevance"]
