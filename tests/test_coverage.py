@@ -278,3 +278,44 @@ def test_unsorted_graph_is_sorted():
     proto.graph.node.extend(nodes[::-1])
     res = Explainer(proto).explain(feeds, target=ref.target)
     assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
+
+
+def _single_op_model(node, inputs, output_shape, initializers):
+    import onnx
+    from onnx import TensorProto, helper
+
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT if t == "f" else TensorProto.INT64, s)
+          for n, t, s in inputs]
+    graph = helper.make_graph([node], "single", vi, [helper.make_tensor_value_info(
+        node.output[0], TensorProto.FLOAT, output_shape)], [onnx.numpy_helper.from_array(v, k) for k, v in
+                                                             initializers.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("interleaved,layout,rot_dim", [(0, "3d", 0), (1, "3d", 0), (0, "3d", 4), (1, "3d", 4),
+                                                        (0, "4d", 0), (1, "4d", 0)])
+def test_rotary_embedding_vjp_matches_onnxruntime(interleaved, layout, rot_dim):
+    """RotaryEmbedding is linear in x: its rule must be J^T G, with J read off onnxruntime's own kernel
+    (the forward of each basis vector). Covers both layouts, interleaved pairs and partial rotation."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    B, S, N, D = 2, 3, 2, 8
+    shape = [B, S, N * D] if layout == "3d" else [B, N, S, D]
+    half = (rot_dim or D) // 2
+    angle = np.arange(16)[:, None] * (0.3 + np.arange(half)[None, :])
+    attrs = {"interleaved": interleaved, "num_heads": N if layout == "3d" else 0}
+    if rot_dim:
+        attrs["rotary_embedding_dim"] = rot_dim
+    node = helper.make_node("RotaryEmbedding", ["x", "position_ids", "cos", "sin"], ["y"], domain="com.microsoft",
+                            **attrs)
+    model = _single_op_model(node, [("x", "f", shape), ("position_ids", "i", [B, S])], shape,
+                             {"cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32)})
+    pos = np.array([[0, 1, 2], [5, 6, 7]])
+    sess = ort.InferenceSession(model.SerializeToString())
+    x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    G = np.random.RandomState(1).randn(*shape).astype(np.float32)
+    basis = np.eye(x.size, dtype=np.float32).reshape([x.size] + shape)
+    jtg = np.array([(sess.run(None, {"x": e, "position_ids": pos})[0] * G).sum() for e in basis])
+    res = Explainer(model, composite="gradient").explain({"x": x, "position_ids": pos}, output_relevance=G)
+    np.testing.assert_allclose(res.relevance["x"].reshape(-1), jtg, atol=1e-5)
