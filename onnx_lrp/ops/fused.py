@@ -126,11 +126,11 @@ def attention(ctx: OpContext):
             S = S + env[vbias]
         B, _, Sq, T = S.shape
         valid = _key_mask(xp, env[vmask] if vmask else None, B, Sq, T)
-        if causal:
-            tri = xp.arange(T)[None, :] <= xp.arange(Sq)[:, None] + (T - Sq)
-            valid = tri[None, None] if valid is None else valid & tri[None, None]
-        if valid is not None:
+        if valid is not None:  # masked keys: + mask_filter_value (a fully masked row stays a softmax)
             S = xp.where(valid, S, S + filt)
+        if causal:  # future keys are excluded outright, as onnxruntime does
+            tri = xp.arange(T)[None, :] <= xp.arange(Sq)[:, None] + (T - Sq)
+            S = xp.where(tri, S, -xp.inf)
         S = S - S.max(axis=-1, keepdims=True)
         P = xp.exp(S)
         P = P / P.sum(axis=-1, keepdims=True)
