@@ -352,3 +352,16 @@ def test_fused_attention_gradient_matches_onnxruntime(mask, causal):
         down = sess.run(None, dict(feeds, x=x - h * v))[0]
         numeric = float(((up - down) * G).sum()) / (2 * h)
         assert abs(float((res.relevance["x"] * v).sum()) - numeric) <= 1e-2 * abs(numeric) + 1e-3
+
+
+def test_gemma_rotary_fusion_batch_one():
+    """Gemma (no position input) through the optimizer's RotaryEmbedding fusion: onnxruntime itself runs that
+    graph only for batch 1 (its position ids have batch 1), so this shape is checked at batch 1."""
+    _, path = tiny_model("gemma")
+    opt = Explainer(variant("gemma", "ort0"))
+    assert {"RotaryEmbedding", "FastGelu", "SkipSimplifiedLayerNormalization"} <= {n.op_type for n in opt.graph.nodes}
+    ids = np.random.RandomState(3).randint(3, 120, (1, 9))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref = Explainer(path).explain(feeds)
+    res = opt.explain(feeds, target=ref.target)
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
