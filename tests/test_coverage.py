@@ -23,7 +23,6 @@ from _variants import variant
 TOL = 1e-3
 SHAPE_TOL = 1e-4
 LXT_FAMILIES = {"llama", "qwen2", "qwen3", "gemma3", "mistral", "gpt2", "bert"}
-DECODERS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "qwen3_moe"]
 NEW_FAMILIES = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3_moe"]
 
 
@@ -134,7 +133,7 @@ def test_graph_shape_matches_default_export(family, shape):
 @pytest.mark.parametrize("composite", ["cp-lrp", "vit-lrp", "gradient-x-input"])
 def test_fused_bert_attention_composites(composite):
     """Other composites inside the fused Attention op equal them on the plain graph: CP-LRP (attention weights
-    constant), vit-lrp (also the gamma rule on the fused Q/K/V projection), the plain gradient."""
+    constant), vit-lrp (also the gamma rule on the fused Q/K/V projection), Gradient x Input."""
     _, path, feeds, _ = base("bert")
     ref = Explainer(path, composite=composite).explain(feeds)
     res = Explainer(variant("bert", "ort"), composite=composite).explain(feeds, target=ref.target)
