@@ -48,6 +48,8 @@ NORM_OPS = {
     "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization",
 }
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
+# fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
+FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 EXCLUDED_ID_INPUTS = ("position", "cache_position")
 
@@ -80,6 +82,7 @@ class Analysis:
     detached: set[str]
     unsupported: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    composite: Composite | None = None  # for fused ops that apply several kinds' rules inside one node
 
 
 def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str, str], set[str]]:
@@ -181,6 +184,8 @@ def node_kind(graph: Graph, node: Node, carrying: set[str]) -> str:
         return "norm"
     if op in ("Softmax", "LogSoftmax"):
         return "softmax"
+    if op in FUSED_ATTENTION_OPS and node.domain == "com.microsoft":
+        return "product"
     if op in LINEAR_OPS:
         n_op = sum(c[:2]) if op in ("MatMul", "Gemm", "Conv", "ConvTranspose") else sum(c)
         return "product" if n_op >= 2 else "linear"
@@ -252,7 +257,8 @@ def analyse(
     notes = [f"{len(regions)} unary region(s)"] if regions else []
     if unsupported:
         notes.append("treated as constants (no rule): " + ", ".join(sorted(unsupported)))
-    return Analysis(src, id_src, carrying, kinds, rules, regions, region_of, detached, unsupported, notes)
+    return Analysis(src, id_src, carrying, kinds, rules, regions, region_of, detached, unsupported, notes,
+                    composite)
 
 
 # ---------------------------------------------------------------------------------------------- regions

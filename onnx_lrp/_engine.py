@@ -102,7 +102,8 @@ def compile_plan(
         node = by_name[name]
         rule = region.rule if region is not None else analysis.rules[name]
         kind = "unary" if region is not None else analysis.kinds[name]
-        ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, plan.values, plan.shapes, is_gate)
+        ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, plan.values, plan.shapes, is_gate,
+                        analysis.composite)
         if region is not None and len(region.nodes) > 1:
             back = region_backward(ctx, region.x, region.y)
             plan.values.update((region.x, region.y))

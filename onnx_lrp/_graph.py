@@ -91,7 +91,7 @@ class Graph:
         self.output_types = {o.name: o.type.tensor_type.elem_type for o in g.output}
         self.nodes: list[Node] = []
         used: set[str] = set()
-        for k, n in enumerate(g.node):
+        for k, n in enumerate(_topological(g.node, source)):
             name = n.name or f"{n.op_type}_{k}"
             if name in used:
                 name = f"{name}#{k}"
@@ -109,7 +109,6 @@ class Graph:
             for i in n.inputs:
                 if i:
                     self.consumers.setdefault(i, []).append(n)
-        self._check_topological()
         self._constants: dict[str, np.ndarray] = {}
         for n in self.nodes:
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
@@ -146,16 +145,34 @@ class Graph:
     def node_names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
-    def _check_topological(self) -> None:
-        known = set(self._initializers) | self.input_names | {""}
-        for n in self.nodes:
-            for i in n.inputs:
-                if i not in known and i in self.producer:
-                    raise ModelLoadError(
-                        f"{self.source}: node {n.name!r} ({n.op_type}) reads {i!r} before it is produced: "
-                        "the graph is not topologically sorted"
-                    )
-            known.update(n.outputs)
+
+def _topological(nodes, source: str) -> list[onnx.NodeProto]:
+    """The nodes in topological order (onnxruntime accepts unsorted graphs, e.g. from fp16 converters);
+    the original order when it already is one."""
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    if all(producer.get(i, -1) < k for k, n in enumerate(nodes) for i in n.input if i):
+        return list(nodes)
+    state = [0] * len(nodes)  # 0 unseen, 1 on the stack, 2 placed
+    order: list[int] = []
+    for start in range(len(nodes)):
+        stack = [start]
+        while stack:
+            k = stack[-1]
+            if state[k] == 2:
+                stack.pop()
+                continue
+            state[k] = 1
+            deps = [producer[i] for i in nodes[k].input if i in producer and state[producer[i]] != 2]
+            for d in deps:
+                if state[d] == 1:
+                    raise ModelLoadError(f"{source}: the graph has a cycle through node {nodes[d].name!r}")
+            if deps:
+                stack.extend(deps)
+            else:
+                state[k] = 2
+                order.append(k)
+                stack.pop()
+    return [nodes[k] for k in order]
 
 
 _FOLDABLE = {"Identity", "Cast", "Transpose"}

@@ -15,6 +15,7 @@ from ._graph import Graph, load_model
 from .composites import Composite, get_composite
 from .errors import InputError, TargetError
 from .ops import REGISTRY
+from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
 
 
@@ -70,6 +71,11 @@ class Explainer:
         session_options: Any = None,
     ):
         proto, desc, _ = load_model(model)
+        if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
+            if proto is model:  # never change the user's ModelProto
+                proto = onnx.ModelProto()
+                proto.CopyFrom(model)
+            expand_embed_layer_norm(proto)
         self.graph = Graph(proto, desc)
         self.composite = get_composite(composite, overrides)
         self.dtype = np.dtype(dtype)
@@ -98,6 +104,11 @@ class Explainer:
     def providers(self) -> list[str]:
         """The execution providers onnxruntime actually uses."""
         return self._capture.active_providers
+
+    def forward(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs`` (defaults filled in as for :meth:`explain`); returns its outputs."""
+        values, _ = self._capture.run(self._feeds(inputs), self.graph.output_names, [])
+        return values
 
     def explain(
         self,
@@ -134,8 +145,11 @@ class Explainer:
         dynamic = [v for v in plan.values if v not in self._static and v not in feeds]
         static_now = [v for v in dynamic if v in self.graph.static]
         want_values = list(dict.fromkeys(self.graph.output_names + dynamic))
-        want_shapes = [s for s in plan.shapes if s not in plan.values and s not in feeds and s not in self._static]
+        outs = set(self.graph.output_names)  # returned anyway: their shapes come from their values
+        want_shapes = [s for s in plan.shapes
+                       if s not in plan.values and s not in feeds and s not in self._static and s not in outs]
         values, shapes = self._capture.run(feeds, want_values, want_shapes)
+        shapes.update((s, tuple(values[s].shape)) for s in plan.shapes if s in outs and s not in plan.values)
         outputs = {k: values[k] for k in self.graph.output_names}
         for v in static_now:
             self._static[v] = to_compute(xp, dtype, values.pop(v))

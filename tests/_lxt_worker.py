@@ -37,6 +37,24 @@ def _import_lxt():
     return monkey_patch
 
 
+# families LXT has no module for, patched with the map of an architecture they copy (classes renamed)
+BORROWED = {"mistral": ("llama", "Llama", "Mistral")}
+
+
+def _patch_map(family: str, mod, which: str) -> dict:
+    base, old, new = BORROWED.get(family, (family, "", ""))
+    lxt_models = importlib.import_module(f"lxt.efficient.models.{base}")
+    base_mod = importlib.import_module(f"transformers.models.{base}.modeling_{base}")
+    out = {}
+    for key, fn in getattr(lxt_models, which).items():
+        if key is base_mod:
+            key = mod
+        elif old and key.__name__.startswith(old):
+            key = getattr(mod, new + key.__name__[len(old):])
+        out[key] = fn
+    return out
+
+
 def main() -> None:
     req = json.loads(sys.stdin.read())
     import numpy as np
@@ -46,9 +64,8 @@ def main() -> None:
     family = req["family"]
     mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     patch_map = None
-    if req["composite"] == "cp-lrp":
-        lxt_models = importlib.import_module(f"lxt.efficient.models.{family}")
-        patch_map = lxt_models.cp_LRP
+    if family in BORROWED or req["composite"] == "cp-lrp":
+        patch_map = _patch_map(family, mod, "cp_LRP" if req["composite"] == "cp-lrp" else "attnLRP")
     monkey_patch(mod, patch_map)
     cls = getattr(mod, req["model_cls"])
     assert "lxt" in cls.__module__ or family != "bert", f"{cls} is not LXT's patched class"

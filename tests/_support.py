@@ -30,6 +30,40 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", "text-generation", dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, sliding_window=None)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, use_sliding_window=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, use_sliding_window=False)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, hidden_activation="gelu_pytorch_tanh")),
+    # small soft-caps so that tanh is far from linear on tiny random weights
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, query_pre_attn_scalar=8,
+        sliding_window=6, final_logit_softcapping=2.0, attn_logit_softcapping=1.5)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, query_pre_attn_scalar=8,
+        sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "vit": ("ViTConfig", "ViTForImageClassification", "image-classification", dict(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=3)),
+    # encoder-decoder: exported as encoder_model.onnx + decoder_model.onnx (tests/_variants.py: seq2seq_model)
+    "t5": ("T5Config", "T5ForConditionalGeneration", "text2text-generation", dict(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, decoder_start_token_id=0)),
+    # optimum refuses Mixtral: exported with onnx_lrp.exporters.mixtral (tests/_variants.py: mixtral_model)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=None)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "text-generation", dict(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "bert": ("BertConfig", "BertForSequenceClassification", "text-classification", dict(

@@ -11,11 +11,12 @@ module                 op types
 ``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms
 ``reduction``          ReduceSum, ReduceMean, GlobalAveragePool
 ``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
+``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)
 =====================  =========================================================================
 
 Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).
 """
 from ._base import REGISTRY, OpContext, register
-from . import activation, elementwise, linear, movement, normalization, reduction, softmax  # noqa: F401
+from . import activation, elementwise, fused, linear, movement, normalization, reduction, softmax  # noqa: F401
 
 __all__ = ["REGISTRY", "OpContext", "register"]

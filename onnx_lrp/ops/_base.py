@@ -70,12 +70,21 @@ class OpContext:
         needs_value: set[str],
         needs_shape: set[str],
         is_gate: Callable[[str], bool],
+        composite: Any = None,
     ):
         self.graph, self.node, self.rule, self.kind = graph, node, rule, kind
+        self._composite = composite
         self.xp, self.dtype = xp, dtype
         self._carrying = carrying
         self._needs_value, self._needs_shape = needs_value, needs_shape
         self.is_gate = is_gate
+
+    def rule_of(self, kind: str, op_type: str) -> Rule:
+        """The composite's rule for an op of ``kind``/``op_type`` inside this (fused) node, e.g. the linear
+        rule of the projections inside a fused attention; the node's own rule when no composite is known."""
+        if self._composite is None:
+            return self.rule
+        return self._composite.rule_for(kind, op_type, self.node.name)
 
     @property
     def opset(self) -> int:

@@ -59,11 +59,13 @@ def matmul(ctx: OpContext):
             Wm = W + gamma * np.maximum(W, 0) if gamma else W
             Wt = ctx.array(Wm if W.ndim == 1 else np.ascontiguousarray(np.swapaxes(Wm, -1, -2)))
             sa = ctx.shape(a)
+            bias = _following_bias(ctx) if gamma else None
+            bias = ctx.array(bias) if bias is not None else None
 
             def back_const(env, gy):
                 g = gy[0]
                 if gamma:
-                    g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon)
+                    g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon, bias)
                 if Wt.ndim == 1:
                     return [g[..., None] * Wt, None]
                 in_shape = env.shape(sa)
@@ -98,12 +100,42 @@ def matmul(ctx: OpContext):
     return back_right
 
 
-def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps):
-    """Gradient-form gamma rule: scale ``G_z`` by ``z / stab(z + gamma * x W+)``; the caller then applies
-    ``(W + gamma W+)^T``."""
+# consumers that add a linear layer's bias: op type -> index of the bias input (the MatMul output is input 0)
+_BIAS_CONSUMERS = {"BiasGelu": 1, "FastGelu": 1, "SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3}
+
+
+def _following_bias(ctx: OpContext):
+    """The constant bias ``b`` added to ``x W`` by the MatMul's only consumer: ``Add(MatMul(x, W), b)`` (how
+    exporters write a linear layer) or a fused op holding it (``BiasGelu``, ``FastGelu``, ``Skip*Normalization``
+    from onnxruntime's optimizer); else None. The gamma rule's ``z`` and ``z+`` include the bias, as they do for
+    ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
+    out = ctx.node.outputs[0]
+    cons = ctx.graph.consumers.get(out, [])
+    if len(cons) != 1 or out in ctx.graph.output_names:
+        return None
+    c = cons[0]
+    if c.op_type == "Add":
+        other = [i for i in c.inputs if i != out]
+        name = other[0] if len(other) == 1 else None
+    elif c.op_type in _BIAS_CONSUMERS and c.inputs[0] == out and out not in c.inputs[1:]:
+        k = _BIAS_CONSUMERS[c.op_type]
+        name = c.inputs[k] if len(c.inputs) > k and c.inputs[k] else None
+    else:
+        return None
+    b = ctx.graph.constant(name) if name else None
+    return b if b is not None and b.ndim <= 1 else None
+
+
+def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps, bias=None):
+    """Gradient-form gamma rule: scale ``G_z`` by ``z / stab(z + gamma * z+)`` with ``z = x W (+ b)`` and
+    ``z+ = x W+ (+ b+)``; the caller then applies ``(W + gamma W+)^T``."""
     xp = env.xp
     x, z = env[x_name], env[z_name]
-    zp = z + gamma * (x @ Wp)
+    zplus = x @ Wp
+    if bias is not None:
+        z = z + bias
+        zplus = zplus + xp.maximum(bias, 0)
+    zp = z + gamma * zplus
     den = zp + eps * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
     return g * (z / den)
 

@@ -1,0 +1,1 @@
+"""Exporters for architectures that the standard ONNX exporters refuse or export wrongly."""

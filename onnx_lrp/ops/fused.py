@@ -1,0 +1,273 @@
+"""Fused onnxruntime ops (``com.microsoft``) that onnxruntime's transformer optimizer writes.
+
+- ``Attention`` (fused BERT self-attention): the AttnLRP rules applied inside the fused computation, with the
+  forward recomputed from the captured input. ``[Q K V] = X W + b``, ``S = scale * Q K^T + mask``,
+  ``P = softmax(S)``, ``O = P V``. Gradient form: ``G_V = wV P^T G_O``, ``G_P = wP G_O V^T``,
+  ``G_S = P (G_P - sum(P G_P))`` (softmax VJP), ``G_Q = wQK scale G_S K``, ``G_K = wQK scale G_S^T Q``,
+  ``G_X = [G_Q G_K G_V] W^T``. The node takes the composite's *product* rule: Uniform gives the AttnLRP
+  weights (``wP = wV = wQK = 1/2``); ConstantGate (CP-LRP) makes ``P`` a constant (``wP = 0``, ``wV = 1``);
+  Gradient gives 1 everywhere. The projection ``X W + b`` takes the composite's rule for a linear ``MatMul``
+  (Epsilon or Gamma, with ``z`` including the bias, as for the unfused graph).
+- ``RotaryEmbedding``: linear in its input with the cos/sin caches as constants: the VJP is the rotation by
+  the opposite angle, ``G_x1 = G_y1 cos + G_y2 sin``, ``G_x2 = G_y2 cos - G_y1 sin``.
+- ``EmbedLayerNormalization``: a relevance *source* (token embeddings are looked up inside it), so it is
+  explained through its definition: :func:`expand_embed_layer_norm` adds ``Gather`` lookups, ``Add`` and
+  ``LayerNormalization`` next to the fused node and moves its ``output`` (and ``embedding_sum``) there, while
+  the fused node still computes ``mask_index``. Relevance then follows the ordinary rules (lookups are the
+  sources, the LayerNorm statistic is constant, position embeddings absorb their share).
+
+``SkipLayerNormalization``, ``SkipSimplifiedLayerNormalization`` and ``SimplifiedLayerNormalization`` are in
+:mod:`~onnx_lrp.ops.normalization`; ``FastGelu``, ``BiasGelu``, ``QuickGelu`` in :mod:`~onnx_lrp.ops.activation`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform
+from ._base import OpContext, register
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _check_domain(ctx: OpContext) -> None:
+    if ctx.node.domain != MS_DOMAIN:
+        raise ctx.fail(f"only the {MS_DOMAIN} op is supported here, got domain {ctx.node.domain or 'ai.onnx'!r}")
+
+
+def _attention_weights(ctx: OpContext) -> tuple[float, float, float]:
+    """(wP, wV, wQK): weights of the A·V factors and of each Q K^T factor under the node's product rule."""
+    rule = ctx.rule
+    if isinstance(rule, Uniform):
+        return 0.5, 0.5, 0.5
+    if isinstance(rule, ConstantGate):
+        return 0.0, 1.0, 0.0
+    if isinstance(rule, Gradient):
+        return 1.0, 1.0, 1.0
+    raise ctx.fail(f"rule {rule.name} does not apply to fused attention (use Uniform, ConstantGate or Gradient)")
+
+
+def _key_mask(xp, mask, B: int, S: int, T: int):
+    """Boolean (B, 1, S, T) of attended keys from an ``Attention`` ``mask_index`` (None: all keys)."""
+    if mask is None:
+        return None
+    m = xp.asarray(mask)
+    j = xp.arange(T)
+    if m.ndim == 1 and m.shape[0] == B:  # end positions (right padding)
+        valid = j[None, :] < m[:, None]
+        return valid[:, None, None, :]
+    if m.ndim == 1 and m.shape[0] == 2 * B:  # end and start positions
+        valid = (j[None, :] < m[:B, None]) & (j[None, :] >= m[B:, None])
+        return valid[:, None, None, :]
+    if m.ndim == 2:  # raw (B, T) 0/1
+        return (m != 0)[:, None, None, :]
+    if m.ndim == 3:  # raw (B, S, T)
+        return (m != 0)[:, None, :, :]
+    raise ValueError(f"mask_index of shape {m.shape} is not supported")
+
+
+@register("Attention")
+def attention(ctx: OpContext):
+    _check_domain(ctx)
+    node, xp = ctx.node, ctx.xp
+    for k, what in ((4, "past"), (6, "past_sequence_length")):
+        if ctx.input(k) is not None:
+            raise ctx.fail(f"input {what!r} is not supported (explain with an empty cache)")
+    if int(ctx.attr("do_rotary", 0)):
+        raise ctx.fail("do_rotary=1 is not supported")
+    for k in (1, 2):
+        if ctx.carrying(k):
+            raise ctx.fail(f"input {k} ({ctx.input(k)!r}) carries relevance; only the hidden states may")
+    W = ctx.const(1)
+    if W is None:
+        raise ctx.fail("the qkv weight must be an initializer")
+    bias = ctx.const(2) if ctx.input(2) else None
+    if ctx.input(2) and bias is None:
+        raise ctx.fail("the qkv bias must be an initializer")
+    heads = int(ctx.attr("num_heads"))
+    sizes = list(ctx.attr("qkv_hidden_sizes", [])) or [W.shape[1] // 3] * 3
+    hq, hk, hv = sizes
+    scale = float(ctx.attr("scale", 0.0)) or 1.0 / float(np.sqrt(hq // heads))
+    causal = bool(int(ctx.attr("unidirectional", 0)))
+    filt = float(ctx.attr("mask_filter_value", -10000.0))
+    wP, wV, wQK = _attention_weights(ctx)
+    lin = ctx.rule_of("linear", "MatMul")
+    gamma = lin.gamma if isinstance(lin, Gamma) else 0.0
+    eps = lin.epsilon if isinstance(lin, (Gamma, Epsilon)) else 0.0
+    Wc = ctx.array(W)
+    Wt = ctx.array(np.ascontiguousarray((W + gamma * np.maximum(W, 0)).T))
+    Wpos = ctx.array(np.maximum(W, 0)) if gamma else None
+    bc = ctx.array(bias) if bias is not None else None
+    bpos = ctx.array(np.maximum(bias, 0)) if (gamma and bias is not None) else None
+    x = ctx.value(ctx.input(0))
+    vmask = ctx.value(ctx.input(3)) if ctx.input(3) else None
+    vbias = ctx.value(ctx.input(5)) if ctx.input(5) else None
+    key = f"fused-attention:{node.name}"
+
+    def heads_first(t, d):  # (B, S, N*d) -> (B, N, S, d)
+        return t.reshape(t.shape[:-1] + (heads, d)).swapaxes(-2, -3)
+
+    def projection_scale(X, qkv):
+        """``z / stab(z + gamma z+)`` of the eps/gamma rule on ``z = X W + b`` (None for the plain gradient)."""
+        if not (gamma or eps):
+            return None
+        zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
+        return qkv / (zm + eps * xp.where(zm >= 0, 1.0, -1.0).astype(zm.dtype))
+
+    def forward(env):
+        X = env[x]
+        qkv = X @ Wc + (bc if bc is not None else 0)
+        Q = heads_first(qkv[..., :hq], hq // heads)
+        K = heads_first(qkv[..., hq:hq + hk], hk // heads)
+        V = heads_first(qkv[..., hq + hk:], hv // heads)
+        S = (Q @ K.swapaxes(-1, -2)) * scale
+        if vbias is not None:
+            S = S + env[vbias]
+        B, _, Sq, T = S.shape
+        valid = _key_mask(xp, env[vmask] if vmask else None, B, Sq, T)
+        if valid is not None:  # masked keys: + mask_filter_value (a fully masked row stays a softmax)
+            S = xp.where(valid, S, S + filt)
+        if causal:  # future keys are excluded outright, as onnxruntime does
+            tri = xp.arange(T)[None, :] <= xp.arange(Sq)[:, None] + (T - Sq)
+            S = xp.where(tri, S, -xp.inf)
+        S = S - S.max(axis=-1, keepdims=True)
+        P = xp.exp(S)
+        P = P / P.sum(axis=-1, keepdims=True)
+        return Q, K, V, P, projection_scale(X, qkv)
+
+    def back(env, gy):
+        if len(gy) > 1 and any(g is not None for g in gy[1:]):
+            raise ctx.fail("relevance at the 'present' output is not supported")
+        Q, K, V, P, zscale = env.memo(key, lambda: forward(env))
+        g = gy[0]
+        dv = hv // heads
+        GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
+        GV = (P.swapaxes(-1, -2) @ GO) * wV
+        parts = [None, None, GV]
+        if wP:
+            GP = (GO @ V.swapaxes(-1, -2)) * wP
+            GS = P * (GP - (P * GP).sum(axis=-1, keepdims=True)) * (scale * wQK)
+            parts[0], parts[1] = GS @ K, GS.swapaxes(-1, -2) @ Q
+        else:
+            parts[0] = xp.zeros(GV.shape[:-1] + (hq // heads,), dtype=g.dtype)
+            parts[1] = xp.zeros(GV.shape[:-1] + (hk // heads,), dtype=g.dtype)
+        flat = [p.swapaxes(-2, -3) for p in parts]  # (.., B, S, N, d)
+        Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
+        if zscale is not None:
+            Gqkv = Gqkv * zscale
+        return [Gqkv @ Wt] + [None] * (len(node.inputs) - 1)
+
+    return back
+
+
+@register("RotaryEmbedding")
+def rotary_embedding(ctx: OpContext):
+    _check_domain(ctx)
+    xp = ctx.xp
+    for k in (1, 2, 3):
+        if ctx.carrying(k):
+            raise ctx.fail(f"input {k} ({ctx.input(k)!r}) carries relevance; only the rotated input may")
+    if float(ctx.attr("scale", 1.0)) != 1.0 or int(ctx.attr("is_packed_batching", 0)):
+        raise ctx.fail("scale != 1 and packed batching are not supported")
+    interleaved = bool(int(ctx.attr("interleaved", 0)))
+    heads = int(ctx.attr("num_heads", 0))
+    cos_c, sin_c = ctx.const(2), ctx.const(3)
+    cos_v = ctx.array(cos_c) if cos_c is not None else None
+    sin_v = ctx.array(sin_c) if sin_c is not None else None
+    vc = ctx.value(ctx.input(2)) if cos_v is None else None
+    vs = ctx.value(ctx.input(3)) if sin_v is None else None
+    vpos = ctx.value(ctx.input(1))
+    sx = ctx.shape(ctx.input(0))
+    rot_attr = int(ctx.attr("rotary_embedding_dim", 0))
+
+    def back(env, gy):
+        g = gy[0]
+        shape = env.shape(sx)
+        cos = cos_v if cos_v is not None else env[vc]
+        sin = sin_v if sin_v is not None else env[vs]
+        half = cos.shape[-1]
+        rd = rot_attr or 2 * half
+        pos = xp.asarray(env[vpos]).astype(np.int64)
+        B = shape[0]
+        S = shape[2] if len(shape) == 4 else shape[1]
+        if pos.size == 1:  # an offset
+            pos = int(pos.reshape(-1)[0]) + xp.arange(S)[None, :]
+        c, s = cos[pos], sin[pos]  # (B or 1, S, rd/2)
+        lead = g.shape[: g.ndim - len(shape)]
+        if len(shape) == 4:  # (B, N, S, D)
+            c, s = c[:, None], s[:, None]
+            gg = g
+        else:  # (B, S, N*D)
+            d = shape[2] // heads if heads else rd
+            gg = g.reshape(lead + (B, S, shape[2] // d, d))
+            c, s = c[:, :, None], s[:, :, None]
+        out = gg.copy()
+        if interleaved:
+            g1, g2 = gg[..., 0:rd:2], gg[..., 1:rd:2]
+            out[..., 0:rd:2] = g1 * c + g2 * s
+            out[..., 1:rd:2] = g2 * c - g1 * s
+        else:
+            g1, g2 = gg[..., : rd // 2], gg[..., rd // 2: rd]
+            out[..., : rd // 2] = g1 * c + g2 * s
+            out[..., rd // 2: rd] = g2 * c - g1 * s
+        return [out.reshape(g.shape), None, None, None]
+
+    return back
+
+
+def expand_embed_layer_norm(model: onnx.ModelProto) -> bool:
+    """Add the definition of every ``EmbedLayerNormalization`` next to it (in place); True if any was found.
+
+    ``output = LayerNorm(word[input_ids] + position[position_ids or arange(S)] + segment[segment_ids])``.
+    The fused node keeps computing ``mask_index``; its ``output`` and ``embedding_sum`` are renamed and the
+    new nodes produce the original names, so every consumer reads the expanded computation.
+    """
+    g = model.graph
+    found = False
+    new_nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type != "EmbedLayerNormalization" or node.domain != MS_DOMAIN:
+            new_nodes.append(node)
+            continue
+        found = True
+        ins = list(node.input) + [""] * (9 - len(node.input))
+        ids, seg, word, pos_t, seg_t, gamma, beta, _, pos_ids = ins[:9]
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        p = f"{node.name or 'EmbedLayerNormalization'}::"
+        out, sum_out = node.output[0], (node.output[2] if len(node.output) > 2 else "")
+        extra = [helper.make_node("Gather", [word, ids], [p + "word"], name=p + "word")]
+        terms = [p + "word"]
+        if pos_ids:
+            extra.append(helper.make_node("Gather", [pos_t, pos_ids], [p + "position"], name=p + "position"))
+        else:
+            extra += [
+                helper.make_node("Shape", [ids], [p + "shape"], name=p + "shape", start=1, end=2),
+                helper.make_node("Squeeze", [p + "shape"], [p + "seq"], name=p + "seq"),
+                helper.make_node("Constant", [], [p + "zero"], name=p + "zero", value=helper.make_tensor("z", 7, [], [0])),
+                helper.make_node("Constant", [], [p + "one"], name=p + "one", value=helper.make_tensor("o", 7, [], [1])),
+                helper.make_node("Range", [p + "zero", p + "seq", p + "one"], [p + "arange"], name=p + "arange"),
+                helper.make_node("Gather", [pos_t, p + "arange"], [p + "position"], name=p + "position"),
+            ]
+        terms.append(p + "position")
+        if seg and seg_t:
+            extra.append(helper.make_node("Gather", [seg_t, seg], [p + "segment"], name=p + "segment"))
+            terms.append(p + "segment")
+        acc = terms[0]
+        for k, t in enumerate(terms[1:]):
+            name = sum_out if (k == len(terms) - 2 and sum_out) else p + f"sum{k}"
+            extra.append(helper.make_node("Add", [acc, t], [name], name=p + f"add{k}"))
+            acc = name
+        extra.append(helper.make_node("LayerNormalization", [acc, gamma, beta], [out], name=p + "layernorm",
+                                      axis=-1, epsilon=eps))
+        fused = onnx.NodeProto()
+        fused.CopyFrom(node)
+        fused.output[0] = p + "fused_output"
+        if sum_out:
+            fused.output[2] = p + "fused_embedding_sum"
+        new_nodes.append(fused)
+        new_nodes.extend(extra)
+    if found:
+        del g.node[:]
+        g.node.extend(new_nodes)
+    return found
