@@ -50,7 +50,7 @@ def main() -> None:
         lxt_models = importlib.import_module(f"lxt.efficient.models.{family}")
         patch_map = lxt_models.cp_LRP
     monkey_patch(mod, patch_map)
-    cls = getattr(mod, req["model_cls"])
+    cls = getattr(mod, req["model_cls"])  # fetched after patching (BERT: LXT's replacement module)
     assert "lxt" in cls.__module__ or family != "bert", f"{cls} is not LXT's patched class"
     model = cls.from_pretrained(req["pt_dir"], torch_dtype=torch.float32).eval()
     ids = torch.tensor(req["input_ids"])
@@ -60,8 +60,19 @@ def main() -> None:
         kw["attention_mask"] = torch.tensor(req["attention_mask"])
     if req["position_ids"] is not None:
         kw["position_ids"] = torch.tensor(req["position_ids"])
-    logits = model(inputs_embeds=emb, **kw).logits
+    if req.get("token_type_ids") is not None:
+        kw["token_type_ids"] = torch.tensor(req["token_type_ids"])
+    out = model(inputs_embeds=emb, **kw)
     B = ids.shape[0]
+    if req.get("output_weights") is not None:  # explain sum(w * output) (e.g. pooled-embedding similarity)
+        y = getattr(out, req.get("output") or "last_hidden_state")
+        w = torch.tensor(req["output_weights"], dtype=y.dtype)
+        score = (w * y).sum()
+        score.backward()
+        rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
+        print(json.dumps({"relevance": rel.tolist(), "score": float(score), "output": y.detach().numpy().tolist()}))
+        return
+    logits = out.logits
     if logits.ndim == 3:
         pos = torch.tensor(req["positions"]) if req["positions"] is not None else torch.full((B,), logits.shape[1] - 1)
         rows = logits[torch.arange(B), pos]
