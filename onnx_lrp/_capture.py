@@ -79,7 +79,10 @@ class ForwardCapture:
     def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str]) -> tuple[dict, dict]:
         """Run once; returns (tensor values by name, shapes by name)."""
         assert self.session is not None
-        names = list(dict.fromkeys(list(values) + [SHAPE_PREFIX + s for s in shapes]))
+        # a tensor that is already returned whole (e.g. a graph output) has no Shape node: read its shape
+        direct = [s for s in shapes if s not in self.shape_exposed]
+        shaped = [SHAPE_PREFIX + s for s in shapes if s in self.shape_exposed]
+        names = list(dict.fromkeys(list(values) + direct + shaped))
         try:
             arrays = self.session.run(names, feeds)
         except Exception as exc:
@@ -90,6 +93,8 @@ class ForwardCapture:
                 out_shapes[n[len(SHAPE_PREFIX) :]] = tuple(int(d) for d in a)
             else:
                 out_values[n] = a
+        for s in direct:
+            out_shapes[s] = tuple(int(d) for d in out_values[s].shape)
         return out_values, out_shapes
 
     @property

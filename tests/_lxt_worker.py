@@ -60,17 +60,17 @@ def main() -> None:
         kw["attention_mask"] = torch.tensor(req["attention_mask"])
     if req["position_ids"] is not None:
         kw["position_ids"] = torch.tensor(req["position_ids"])
-    if req.get("token_type_ids") is not None:
-        kw["token_type_ids"] = torch.tensor(req["token_type_ids"])
     out = model(inputs_embeds=emb, **kw)
     B = ids.shape[0]
-    if req.get("output_weights") is not None:  # explain sum(w * output) (e.g. pooled-embedding similarity)
-        y = getattr(out, req.get("output") or "last_hidden_state")
-        w = torch.tensor(req["output_weights"], dtype=y.dtype)
-        score = (w * y).sum()
-        score.backward()
+    if req.get("pair_similarity"):  # batch of 2: explain e(a).e(b) for a with e(b) fixed, and vice versa
+        h = out.last_hidden_state
+        m = kw["attention_mask"].to(h.dtype)[..., None]
+        pooled = (h * m).sum(1) / m.sum(1)
+        scores = (pooled * pooled.detach().flip(0)).sum(-1)
+        scores.sum().backward()
         rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
-        print(json.dumps({"relevance": rel.tolist(), "score": float(score), "output": y.detach().numpy().tolist()}))
+        print(json.dumps({"relevance": rel.tolist(), "score": scores.detach().tolist(),
+                          "pooled": pooled.detach().numpy().tolist()}))
         return
     logits = out.logits
     if logits.ndim == 3:

@@ -89,20 +89,18 @@ def tiny_model(family: str, *, config: dict | None = None, opset: int | None = N
 def lxt_relevance(family: str, pt_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                   position_ids: np.ndarray | None = None, positions: np.ndarray | None = None,
                   targets: np.ndarray | None = None, composite: str = "attnlrp", *, model_cls: str | None = None,
-                  token_type_ids: np.ndarray | None = None, output: str | None = None,
-                  output_weights: np.ndarray | None = None) -> dict:
+                  pair_similarity: bool = False) -> dict:
     """LXT (efficient engine) token relevance on the same weights: ``(inputs_embeds * grad).sum(-1)``.
 
     ``family`` names the transformers module (``llama``, ``bert``, ...); ``model_cls`` the class in it (default:
-    the class of :data:`FAMILIES`). With ``output_weights`` ``w`` the explained score is ``sum(w * out.<output>)``
-    (default output ``last_hidden_state``) instead of a logit; the result then has ``score`` and ``output``.
+    the class of :data:`FAMILIES`). ``pair_similarity`` (batch of 2 sentences): explain ``e(a) . e(b)`` for a
+    with ``e(b)`` held fixed and vice versa, ``e`` = mask-weighted mean of ``last_hidden_state``; the result then
+    has ``score`` (2,) and ``pooled`` instead of ``logits``.
     """
     model_cls = model_cls or FAMILIES[family][1]
     req = {
         "family": family, "model_cls": model_cls, "pt_dir": str(pt_dir), "composite": composite,
-        "token_type_ids": None if token_type_ids is None else np.asarray(token_type_ids).tolist(),
-        "output": output,
-        "output_weights": None if output_weights is None else np.asarray(output_weights).tolist(),
+        "pair_similarity": pair_similarity,
         "input_ids": np.asarray(input_ids).tolist(),
         "attention_mask": None if attention_mask is None else np.asarray(attention_mask).tolist(),
         "position_ids": None if position_ids is None else np.asarray(position_ids).tolist(),
