@@ -78,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ._analysis import analyse
+    from ._analysis import analyse, is_variance
     from ._graph import Graph, load_model
     from .composites import get_composite
     from .ops import REGISTRY
@@ -88,16 +88,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         graph = Graph(proto, desc)
         an = analyse(graph, get_composite(args.composite), set(REGISTRY), args.sources, allow_unsupported=True)
     rows = []
+    no_rule = {name for names in an.unsupported.values() for name in names}
     for n in graph.nodes:
-        if n.name in an.region_of:
+        if n.name in no_rule:
+            status, rule = "UNSUPPORTED", "no rule: treated as constant"
+        elif n.name in an.region_of:
             reg = an.regions[an.region_of[n.name]]
             status, rule = "carrying", f"{reg.rule!r} on unary region -> {reg.y}"
         elif n.name in an.kinds:
             status, rule = "carrying", f"{an.rules[n.name]!r} [{an.kinds[n.name]}]"
-            if n.op_type in an.unsupported:
-                status, rule = "UNSUPPORTED", "no rule: treated as constant"
         elif any(o in an.detached for o in n.outputs if o):
-            status, rule = "detached", "Constant (composite makes it a constant)"
+            status = "detached"
+            rule = ("ConstantStatistic() [norm statistic held constant]" if is_variance(graph, n)
+                    else "Constant() [held constant by the composite]")
         elif any(o in an.sources for o in n.outputs if o):
             status, rule = "source", f"relevance source for input {an.sources[n.outputs[0]]!r}"
         else:

