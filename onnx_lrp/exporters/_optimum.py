@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..progress import step
 
@@ -56,7 +58,7 @@ def export(
         folder = Path(source)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: not a transformers model folder (no config.json)")
-        with step(f"exporting {folder} to ONNX (task {task})"):
+        with step(f"exporting {folder} to ONNX (task {task})"), quiet_libraries():
             main_export(str(folder), str(out), task=task, library_name="transformers", **kw)
         _copy_preprocessor_files(folder, out)
     else:
@@ -66,7 +68,7 @@ def export(
             from optimum.exporters.tasks import TasksManager
 
             task = TasksManager.infer_task_from_model(source)
-        with step(f"exporting {type(source).__name__} to ONNX (task {task})"):
+        with step(f"exporting {type(source).__name__} to ONNX (task {task})"), quiet_libraries():
             onnx_export_from_model(source.eval(), str(out), task=task, **kw)
     for pre in (tokenizer, processor):
         if pre is not None:
@@ -84,3 +86,22 @@ def _copy_preprocessor_files(src: Path, dst: Path) -> None:
         if f.is_file() and not (dst / name).exists():
             shutil.copy2(f, dst / name)
 
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence the tracer warnings and transformers' info messages of a conversion / export (errors still show)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        hf_logging = None
+    level = hf_logging.get_verbosity() if hf_logging else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hf_logging:
+            hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            if hf_logging:
+                hf_logging.set_verbosity(level)

