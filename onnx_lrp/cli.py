@@ -156,14 +156,13 @@ def _explain_generation(tx, args) -> None:
     print()
     print(terminal_matrix(gen.tokens[:-1], gen.generated, gen.matrix[:, :-1], color=color))
     if args.html:
-        sections = [{"tokens": gen.tokens, "relevance": gen.matrix.sum(0), "special": gen.special,
-                     "heading": f"prompt + generated text: {''.join(gen.generated)!r}",
-                     "subtitle": "colour: relevance summed over all generated tokens",
-                     "matrix": gen.matrix[:, :-1], "outputs": gen.generated}]
-        sections[0]["tokens"] = gen.tokens[:-1]
-        sections[0]["relevance"] = gen.matrix[:, :-1].sum(0)
-        sections[0]["special"] = gen.special[:-1]
-        _write(args.html, html_page(sections, title="onnx-lrp: generated span"))
+        inputs = gen.tokens[:-1]  # the last generated token is never an input
+        _write(args.html, html_page([{
+            "tokens": inputs, "relevance": gen.matrix[:, :-1].sum(0), "special": gen.special[:-1],
+            "heading": f"prompt + generated text: {''.join(gen.generated)!r}",
+            "subtitle": "colour: relevance summed over all generated tokens",
+            "matrix": gen.matrix[:, :-1], "outputs": gen.generated,
+        }], title="onnx-lrp: generated span"))
     if args.json:
         _write(args.json, json.dumps(gen.to_dict(), indent=1))
 

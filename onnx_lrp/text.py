@@ -54,7 +54,10 @@ class Tokenizer:
                 from tokenizers import Tokenizer as _Tok
             except ImportError as err:  # pragma: no cover
                 raise ImportError("reading tokenizer.json needs the `tokenizers` package") from err
-            return cls(_Tok.from_file(str(folder / "tokenizer.json")), config)
+            tok = _Tok.from_file(str(folder / "tokenizer.json"))
+            tok.no_padding()  # some tokenizer.json files pad every text to a fixed length (all-MiniLM: 128)
+            tok.no_truncation()  # never drop text silently
+            return cls(tok, config)
         try:
             from transformers import AutoTokenizer
         except ImportError as err:  # pragma: no cover

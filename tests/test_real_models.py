@@ -93,7 +93,12 @@ def test_minilm_similarity_matches_lxt():
     from onnx_lrp.text import TextExplainer
 
     tx = TextExplainer(assets.minilm())
-    ra, rb = tx.similarity("A man is playing a guitar on stage.", "Someone performs music with an instrument.")
+    a, b = "A man is playing a guitar on stage.", "Someone performs music with an instrument."
+    ra, rb = tx.similarity(a, b)
+    from transformers import AutoTokenizer  # independent tokenisation (the tokenizer.json pads to 128 by itself)
+
+    hf = AutoTokenizer.from_pretrained(str(assets.minilm_folder()))
+    assert ra.ids == hf(a)["input_ids"] and rb.ids == hf(b)["input_ids"]
     ids, mask = _pad([ra.ids, rb.ids])
     # independent reference: LXT on BertModel; e = mean-pooled last_hidden_state; e(a).e(b) with e(b) fixed
     ref = lxt_relevance("bert", assets.minilm_folder(), ids, mask, model_cls="BertModel", pair_similarity=True)
@@ -191,6 +196,7 @@ def test_third_party_paraphrase_onnx_as_shipped():
     assert not ex.analysis.unsupported
     tok = Tokenizer.from_folder(assets.minilm_folder())
     ids, mask = _pad([tok.encode("How do I learn to cook pasta?"), tok.encode("Ways to make good pasta")])
+    assert mask[1].sum() < mask.shape[1]  # the second sentence is padded: padding must get no relevance
     feeds = {"input_ids": ids, "attention_mask": mask}
     emb = ex.forward(feeds, ["461"])["461"]  # the shipped mean-pooled sentence embedding
     w = emb[::-1].copy()  # explain e(a).e(b) for a, and e(b).e(a) for b
