@@ -282,3 +282,26 @@ def test_image_explainer_matches_autograd(vit_model, tmp_path):
     assert main(["explain", str(vit_model / "onnx"), "--image", str(tmp_path / "img.npy"),
                  "--png", str(tmp_path / "cli.png")]) == 0
     assert _read_png(tmp_path / "cli.png").shape[0] == 32
+
+
+def test_cli_export_with_prepare(tmp_path, capsys):
+    pt_dir, _ = tiny_model("llama")
+    out = tmp_path / "exported"
+    assert main(["export", str(pt_dir), str(out), "--task", "text-generation", "--prepare"]) == 0
+    path = out / "model.onnx"
+    assert capsys.readouterr().out.strip() == str(path)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "SimplifiedLayerNormalization" in ops and "Softmax" in ops and "Pow" not in ops
+    assert (out / "config.json").is_file()
+    ids = np.array([[5, 9, 17, 33]])
+    ref = Explainer(tiny_model("llama")[1]).explain({"input_ids": ids})
+    res = Explainer(path).explain({"input_ids": ids})
+    np.testing.assert_allclose(res.relevance["input_ids"], ref.relevance["input_ids"], rtol=1e-4, atol=1e-6)
+
+
+def test_python_dash_m():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "onnx_lrp", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "onnx-lrp" in proc.stdout and "inspect" in proc.stdout
