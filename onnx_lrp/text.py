@@ -344,9 +344,10 @@ class TextExplainer:
 
     def explain_generation(self, text: str | Chat, max_new_tokens: int = 10, *, chat: bool = False,
                            system: str | None = None, continuation: Sequence[int] | str | None = None,
-                           chunk: int = 8) -> GenerationExplanation:
+                           chunk: int | None = None) -> GenerationExplanation:
         """Generate greedily (or take ``continuation``), then explain every generated token with ONE forward
-        over prompt + continuation and batched targets (``chunk`` targets per backward pass)."""
+        over prompt + continuation and all targets batched into one backward pass (``chunk``: at most this
+        many targets per pass, to bound memory; each pass then repeats the forward)."""
         prompt = self.encode(text, chat, system)
         if continuation is None:
             gen = self.generate(prompt, max_new_tokens)
@@ -361,6 +362,7 @@ class TextExplainer:
         feeds = self._feeds(seq[:-1])
         matrix = np.zeros((n_g, len(seq)), dtype=np.float64)
         scores = np.zeros(n_g)
+        chunk = chunk or n_g
         for start in bar(range(0, n_g, chunk), "explaining generated tokens", total=-(-n_g // chunk)):
             js = np.arange(start, min(n_g, start + chunk))
             res = self.explainer.explain(feeds, target=np.asarray([gen])[:, js], position=(n_p - 1 + js)[None],
