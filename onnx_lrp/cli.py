@@ -190,6 +190,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise SystemExit("onnx-lrp explain: give a TEXT (or --image FILE)")
     from .text import TextExplainer
 
+    if args.tokenizer:
+        from .text import Tokenizer
+
+        kw["tokenizer"] = Tokenizer.from_folder(args.tokenizer)
     with step(f"loading {path}"):
         tx = TextExplainer(path, **kw)
     if args.generate:
@@ -284,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens and explain each")
     x.add_argument("--pair", metavar="TEXT_B", help="encoders: explain the similarity of TEXT and TEXT_B "
                    "(dot product of mean-pooled embeddings)")
+    x.add_argument("--tokenizer", metavar="DIR", help="folder with the tokenizer (default: next to the model)")
     x.add_argument("--image", help="an image file (needs Pillow) or .npy array for image classifiers")
     x.add_argument("--png", help="write the image heatmap to this PNG file (default: IMAGE-lrp.png)")
     x.add_argument("--html", metavar="FILE", help="also write a self-contained HTML heatmap")

@@ -58,13 +58,15 @@ class Tokenizer:
             tok.no_padding()  # some tokenizer.json files pad every text to a fixed length (all-MiniLM: 128)
             tok.no_truncation()  # never drop text silently
             return cls(tok, config)
+        hint = ("export the model with `onnx-lrp export` to save its tokenizer next to it, or name a folder "
+                "holding one (TextExplainer(tokenizer=Tokenizer.from_folder(dir)), CLI --tokenizer DIR)")
+        if not config:
+            raise InputError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json); {hint}")
         try:
             from transformers import AutoTokenizer
         except ImportError as err:  # pragma: no cover
-            raise FileNotFoundError(
-                f"{folder}: no tokenizer.json (and transformers is not installed to read another format); "
-                "export the model with `onnx-lrp export` to save its tokenizer next to it"
-            ) from err
+            raise InputError(f"{folder}: no tokenizer.json, and transformers is not installed to read the "
+                             f"tokenizer there; {hint}") from err
         return cls(AutoTokenizer.from_pretrained(str(folder)), config)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
