@@ -139,7 +139,7 @@ def _show_text(res, args, heading: str) -> None:
         _write(args.html, html_page([{
             "tokens": res.tokens, "relevance": res.relevance, "special": res.special, "words": res.words(),
             "heading": heading, "subtitle": f"score (logit) {res.score:.4g}; model predicts {res.prediction_text!r}",
-        }], title=f"onnx-lrp: {heading}"))
+        }], title="onnx-lrp: which input tokens made the model produce its output (AttnLRP)"))
     if args.json:
         _write(args.json, json.dumps(res.to_dict(), indent=1))
 

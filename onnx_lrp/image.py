@@ -159,10 +159,13 @@ class ImageExplanation:
         """``(H, W, 3)`` uint8: the heatmap blended over a grey copy of the image."""
         return heatmap_rgb(self.heatmap, self.image, alpha=alpha)
 
-    def save_png(self, path: str | os.PathLike, side_by_side: bool = True) -> Path:
-        """Write the image, the heatmap and the overlay side by side (or the overlay alone) as a PNG."""
+    def save_png(self, path: str | os.PathLike, side_by_side: bool = True, min_size: int = 224) -> Path:
+        """Write the image, the heatmap and the overlay side by side (or the overlay alone) as a PNG; small
+        inputs are enlarged (nearest neighbour, integer factor) to at least ``min_size`` pixels high."""
         panels = [self.image, heatmap_rgb(self.heatmap), self.overlay()] if side_by_side else [self.overlay()]
-        gap = np.full((self.image.shape[0], 4, 3), 255, dtype=np.uint8)
+        f = max(1, -(-min_size // self.image.shape[0]))
+        panels = [p.repeat(f, 0).repeat(f, 1) for p in panels]
+        gap = np.full((panels[0].shape[0], 4, 3), 255, dtype=np.uint8)
         row = [panels[0]]
         for p in panels[1:]:
             row += [gap, p]

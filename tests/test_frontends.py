@@ -275,13 +275,14 @@ def test_image_explainer_matches_autograd(vit_model, tmp_path):
     assert res.score == pytest.approx(float(logit), rel=1e-4, abs=1e-5)
     np.testing.assert_allclose(res.relevance, ref, atol=1e-5 * np.abs(ref).max() + 1e-7, rtol=1e-3)
     np.testing.assert_allclose(res.heatmap, ref.sum(0), atol=1e-4 * np.abs(ref).max())
-    png = res.save_png(tmp_path / "h.png")
-    assert _read_png(png).shape == (32, 32 * 3 + 8, 3)
+    png = _read_png(res.save_png(tmp_path / "h.png", min_size=64))  # 32 px enlarged twice
+    assert png.shape == (64, 64 * 3 + 8, 3)
+    np.testing.assert_array_equal(png[::2, :64:2], res.image)
     # the CLI: an .npy image, default AttnLRP, PNG written
     np.save(tmp_path / "img.npy", img)
     assert main(["explain", str(vit_model / "onnx"), "--image", str(tmp_path / "img.npy"),
                  "--png", str(tmp_path / "cli.png")]) == 0
-    assert _read_png(tmp_path / "cli.png").shape[0] == 32
+    assert _read_png(tmp_path / "cli.png").shape[0] == 224
 
 
 def test_cli_export_with_prepare(tmp_path, capsys):
