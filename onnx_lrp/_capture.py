@@ -40,7 +40,7 @@ class ForwardCapture:
         """Make sure the session returns ``values`` and the shapes of ``shapes``."""
         g = self.graph
         values = {v for v in values if self._needs_output(v)}
-        shapes = {s for s in shapes if self._needs_output(s) and s not in values and s not in self.exposed}
+        shapes = {s for s in shapes if self._needs_output(s)}  # also for returned tensors: run() asks Shape nodes
         if self.session is not None and values <= self.exposed and shapes <= self.shape_exposed:
             return
         self.exposed |= values
@@ -79,10 +79,7 @@ class ForwardCapture:
     def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str]) -> tuple[dict, dict]:
         """Run once; returns (tensor values by name, shapes by name)."""
         assert self.session is not None
-        # a tensor that is already returned whole (e.g. a graph output) has no Shape node: read its shape
-        direct = [s for s in shapes if s not in self.shape_exposed]
-        shaped = [SHAPE_PREFIX + s for s in shapes if s in self.shape_exposed]
-        names = list(dict.fromkeys(list(values) + direct + shaped))
+        names = list(dict.fromkeys(list(values) + [SHAPE_PREFIX + s for s in shapes]))
         try:
             arrays = self.session.run(names, feeds)
         except Exception as exc:
@@ -93,8 +90,6 @@ class ForwardCapture:
                 out_shapes[n[len(SHAPE_PREFIX) :]] = tuple(int(d) for d in a)
             else:
                 out_values[n] = a
-        for s in direct:
-            out_shapes[s] = tuple(int(d) for d in out_values[s].shape)
         return out_values, out_shapes
 
     @property
