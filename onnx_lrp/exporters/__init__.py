@@ -5,6 +5,8 @@
 * :func:`prepare` - fuse written-out RMSNorm / LayerNorm / GELU into single ops, attention kept explicit.
 * :mod:`onnx_lrp.exporters.assets` - offline real models: :func:`smollm2`, :func:`minilm`,
   :func:`paraphrase_minilm`.
+* :mod:`onnx_lrp.exporters.mixtral` (where present) - exporters for architectures that the standard ONNX
+  exporters refuse or export wrongly; import it explicitly.
 
 torch and transformers are imported only when a function that needs them is called.
 """
