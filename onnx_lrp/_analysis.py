@@ -245,9 +245,14 @@ def analyse(
                 unsupported.setdefault(n.op_type, []).append(n.name)
                 if allow_unsupported:
                     new_detached.update(o for o in n.outputs if o)
-        if new_detached == detached:
+        if new_detached <= detached:  # detached tensors stop carrying, so they leave new_detached: union them
             break
-        detached = new_detached
+        detached |= new_detached
+    if allow_unsupported:  # ops detached for lacking a rule have left the carrying set: report them too
+        for n in graph.nodes:
+            if (n.op_type not in registered and n.name not in unsupported.get(n.op_type, [])
+                    and any(o in detached for o in n.outputs) and any(i in carrying for i in n.inputs)):
+                unsupported.setdefault(n.op_type, []).append(n.name)
     if unsupported and not allow_unsupported:
         raise UnsupportedOpError(unsupported, graph.source)
     for name in [n for n, r in rules.items() if isinstance(r, Constant)]:

@@ -40,7 +40,7 @@ class ForwardCapture:
         """Make sure the session returns ``values`` and the shapes of ``shapes``."""
         g = self.graph
         values = {v for v in values if self._needs_output(v)}
-        shapes = {s for s in shapes if self._needs_output(s) and s not in values and s not in self.exposed}
+        shapes = {s for s in shapes if self._needs_output(s)}  # also for returned tensors: run() asks Shape nodes
         if self.session is not None and values <= self.exposed and shapes <= self.shape_exposed:
             return
         self.exposed |= values

@@ -105,11 +105,6 @@ class Explainer:
         """The execution providers onnxruntime actually uses."""
         return self._capture.active_providers
 
-    def forward(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run the model on ``inputs`` (defaults filled in as for :meth:`explain`); returns its outputs."""
-        values, _ = self._capture.run(self._feeds(inputs), self.graph.output_names, [])
-        return values
-
     def explain(
         self,
         inputs: Mapping[str, Any],
@@ -178,6 +173,16 @@ class Explainer:
             embedding_relevance=emb_rel,
             output=output,
         )
+
+    def forward(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """A plain forward pass (no relevance), inputs validated and filled as in :meth:`explain`;
+        returns the graph outputs ``outputs`` (default: all) by name."""
+        names = list(outputs) if outputs is not None else self.output_names
+        bad = [n for n in names if n not in self.graph.output_names]
+        if bad:
+            raise TargetError(f"{self.graph.source}: no graph output(s) {bad}; outputs: {self.graph.output_names}")
+        values, _ = self._capture.run(self._feeds(inputs), names, [])
+        return values
 
     # ------------------------------------------------------------------ internals
     def _default_output(self) -> str:

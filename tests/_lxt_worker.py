@@ -67,7 +67,7 @@ def main() -> None:
     if family in BORROWED or req["composite"] == "cp-lrp":
         patch_map = _patch_map(family, mod, "cp_LRP" if req["composite"] == "cp-lrp" else "attnLRP")
     monkey_patch(mod, patch_map)
-    cls = getattr(mod, req["model_cls"])
+    cls = getattr(mod, req["model_cls"])  # fetched after patching (BERT: LXT's replacement module)
     assert "lxt" in cls.__module__ or family != "bert", f"{cls} is not LXT's patched class"
     model = cls.from_pretrained(req["pt_dir"], torch_dtype=torch.float32).eval()
     ids = torch.tensor(req["input_ids"])
@@ -77,8 +77,19 @@ def main() -> None:
         kw["attention_mask"] = torch.tensor(req["attention_mask"])
     if req["position_ids"] is not None:
         kw["position_ids"] = torch.tensor(req["position_ids"])
-    logits = model(inputs_embeds=emb, **kw).logits
+    out = model(inputs_embeds=emb, **kw)
     B = ids.shape[0]
+    if req.get("pair_similarity"):  # batch of 2: explain e(a).e(b) for a with e(b) fixed, and vice versa
+        h = out.last_hidden_state
+        m = kw["attention_mask"].to(h.dtype)[..., None]
+        pooled = (h * m).sum(1) / m.sum(1)
+        scores = (pooled * pooled.detach().flip(0)).sum(-1)
+        scores.sum().backward()
+        rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
+        print(json.dumps({"relevance": rel.tolist(), "score": scores.detach().tolist(),
+                          "pooled": pooled.detach().numpy().tolist()}))
+        return
+    logits = out.logits
     if logits.ndim == 3:
         pos = torch.tensor(req["positions"]) if req["positions"] is not None else torch.full((B,), logits.shape[1] - 1)
         rows = logits[torch.arange(B), pos]

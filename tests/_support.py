@@ -122,11 +122,19 @@ def tiny_model(family: str, *, config: dict | None = None, opset: int | None = N
 
 def lxt_relevance(family: str, pt_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                   position_ids: np.ndarray | None = None, positions: np.ndarray | None = None,
-                  targets: np.ndarray | None = None, composite: str = "attnlrp") -> dict:
-    """LXT (efficient engine) token relevance on the same weights: ``(inputs_embeds * grad).sum(-1)``."""
-    _, model_cls, _, _ = FAMILIES[family]
+                  targets: np.ndarray | None = None, composite: str = "attnlrp", *, model_cls: str | None = None,
+                  pair_similarity: bool = False) -> dict:
+    """LXT (efficient engine) token relevance on the same weights: ``(inputs_embeds * grad).sum(-1)``.
+
+    ``family`` names the transformers module (``llama``, ``bert``, ...); ``model_cls`` the class in it (default:
+    the class of :data:`FAMILIES`). ``pair_similarity`` (batch of 2 sentences): explain ``e(a) . e(b)`` for a
+    with ``e(b)`` held fixed and vice versa, ``e`` = mask-weighted mean of ``last_hidden_state``; the result then
+    has ``score`` (2,) and ``pooled`` instead of ``logits``.
+    """
+    model_cls = model_cls or FAMILIES[family][1]
     req = {
         "family": family, "model_cls": model_cls, "pt_dir": str(pt_dir), "composite": composite,
+        "pair_similarity": pair_similarity,
         "input_ids": np.asarray(input_ids).tolist(),
         "attention_mask": None if attention_mask is None else np.asarray(attention_mask).tolist(),
         "position_ids": None if position_ids is None else np.asarray(position_ids).tolist(),

