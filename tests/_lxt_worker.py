@@ -1,7 +1,8 @@
-"""Run LXT 2.1 (efficient engine) on a Hugging Face model folder; one JSON request on stdin, one JSON line out.
+"""Run LXT 2.1 (efficient engine) on Hugging Face model folders: JSON requests on stdin, one per line, each
+answered by one line ``@@RESULT {json}`` on stdout.
 
-Used as the independent reference in parity tests. Runs in its own process: LXT patches transformers'
-classes globally. LXT imports ``torchvision.models.vision_transformer`` at import time; without torchvision
+Used as the independent reference in parity tests. Runs in its own process, one per (family, composite) and
+kept for the test session: LXT patches transformers' classes globally, once. LXT imports ``torchvision.models.vision_transformer`` at import time; without torchvision
 (CPU torch here) an empty stand-in is registered for that import only and removed afterwards.
 """
 from __future__ import annotations
@@ -55,18 +56,46 @@ def _patch_map(family: str, mod, which: str) -> dict:
     return out
 
 
+_PATCHED: dict[str, str] = {}
+
+
+def _patched_module(family: str, composite: str):
+    mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    if family in _PATCHED:
+        if _PATCHED[family] != composite:
+            raise RuntimeError(f"{family} already patched for {_PATCHED[family]}; use another worker")
+        return mod
+    patch_map = None
+    if family in BORROWED or composite == "cp-lrp":
+        patch_map = _patch_map(family, mod, "cp_LRP" if composite == "cp-lrp" else "attnLRP")
+    _MONKEY_PATCH[0](mod, patch_map)
+    _PATCHED[family] = composite
+    return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+
+_MONKEY_PATCH: list = []
+
+
 def main() -> None:
-    req = json.loads(sys.stdin.read())
+    import traceback
+
+    _MONKEY_PATCH.append(_import_lxt())
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            out = _answer(json.loads(line))
+        except Exception:
+            out = {"error": traceback.format_exc()}
+        print("@@RESULT " + json.dumps(out), flush=True)
+
+
+def _answer(req: dict) -> dict:
     import numpy as np
     import torch
 
-    monkey_patch = _import_lxt()
     family = req["family"]
-    mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    patch_map = None
-    if family in BORROWED or req["composite"] == "cp-lrp":
-        patch_map = _patch_map(family, mod, "cp_LRP" if req["composite"] == "cp-lrp" else "attnLRP")
-    monkey_patch(mod, patch_map)
+    mod = _patched_module(family, req["composite"])
     cls = getattr(mod, req["model_cls"])  # fetched after patching (BERT: LXT's replacement module)
     assert "lxt" in cls.__module__ or family != "bert", f"{cls} is not LXT's patched class"
     model = cls.from_pretrained(req["pt_dir"], torch_dtype=torch.float32).eval()
@@ -86,9 +115,8 @@ def main() -> None:
         scores = (pooled * pooled.detach().flip(0)).sum(-1)
         scores.sum().backward()
         rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
-        print(json.dumps({"relevance": rel.tolist(), "score": scores.detach().tolist(),
-                          "pooled": pooled.detach().numpy().tolist()}))
-        return
+        return {"relevance": rel.tolist(), "score": scores.detach().tolist(),
+                "pooled": pooled.detach().numpy().tolist()}
     logits = out.logits
     if logits.ndim == 3:
         pos = torch.tensor(req["positions"]) if req["positions"] is not None else torch.full((B,), logits.shape[1] - 1)
@@ -98,8 +126,7 @@ def main() -> None:
     tgt = torch.tensor(req["targets"]) if req["targets"] is not None else rows.argmax(-1)
     rows[torch.arange(B), tgt].sum().backward()
     rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
-    print(json.dumps({"relevance": rel.tolist(), "targets": tgt.tolist(),
-                      "logits": rows.detach().numpy().tolist()}))
+    return {"relevance": rel.tolist(), "targets": tgt.tolist(), "logits": rows.detach().numpy().tolist()}
 
 
 if __name__ == "__main__":

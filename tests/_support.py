@@ -7,11 +7,13 @@ export options, so one test run exports each model once.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -141,12 +143,50 @@ def lxt_relevance(family: str, pt_dir: Path, input_ids: np.ndarray, attention_ma
         "positions": None if positions is None else np.asarray(positions).tolist(),
         "targets": None if targets is None else np.asarray(targets).tolist(),
     }
-    proc = subprocess.run([sys.executable, str(HERE / "_lxt_worker.py")], input=json.dumps(req),
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"LXT worker failed:\n{proc.stderr[-4000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _lxt_worker(family, composite).ask(req)
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+class _Worker:
+    """A long-lived LXT worker process (LXT's patches are process-global: one per family and composite)."""
+
+    def __init__(self):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "_lxt_worker.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def ask(self, req: dict) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("@@RESULT "):
+                out = json.loads(line[len("@@RESULT "):])
+                if "error" in out:
+                    raise RuntimeError(f"LXT worker failed:\n{out['error'][-4000:]}")
+                return out
+        self.log.seek(0)
+        raise RuntimeError(f"LXT worker died:\n{self.log.read()[-4000:]}")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+_WORKERS: dict[tuple[str, str], _Worker] = {}
+
+
+def _lxt_worker(family: str, composite: str) -> _Worker:
+    key = (family, composite)
+    if key not in _WORKERS or _WORKERS[key].proc.poll() is not None:
+        _WORKERS[key] = _Worker()
+    return _WORKERS[key]
+
+
+@atexit.register
+def _close_workers() -> None:
+    for w in _WORKERS.values():
+        if w.proc.poll() is None:
+            w.close()
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
