@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from ._device import check_session, cupy_view
 from ._graph import Graph
 from .errors import InputError, ModelLoadError
 
@@ -143,9 +144,11 @@ class ForwardCapture:
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         opts = self.session_options or default_session_options()
         try:
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"{self.graph.source}: onnxruntime cannot load the model: {exc}") from exc
+        check_session(session, self.device, self.graph.source)
+        return session
 
     def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str]) -> tuple[dict, dict]:
         """Run once; returns (tensor values by name, shapes by name). Values live on the capture's device."""
@@ -180,8 +183,6 @@ class ForwardCapture:
         """An array viewing the memory of an onnxruntime output (kept alive by the array)."""
         if ov.device_name().lower() == "cpu":
             return host_view(ov)
-        from ._device import cupy_view
-
         return cupy_view(ov)
 
     @property

@@ -109,9 +109,9 @@ def resolve_device(device: str, providers: list | None = None) -> Device:
     return Device("cuda", cupy, provs, reason)
 
 
-def check_session(session: Any, device: Device, source: str) -> None:
+def check_session(session: Any, device: str, source: str) -> None:
     """Raise when onnxruntime silently put the session on the CPU although CUDA was asked for."""
-    if device.name != "cuda":
+    if device != "cuda":
         return
     active = session.get_providers()
     if not active or active[0] != "CUDAExecutionProvider":
