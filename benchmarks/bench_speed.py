@@ -97,6 +97,23 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_run_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so ``run_peak_mb`` excludes loading (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def run_peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def timed(fn, repeats: int, budget_s: float) -> tuple[float, list[float]]:
     fn()  # warm-up
     times: list[float] = []
@@ -203,16 +220,21 @@ def worker(req: dict) -> dict:
     if variant.endswith("_cuda"):
         variant, device = variant[: -len("_cuda")], "cuda"
     rows = []
+    if req.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(req["torch_threads"])
     if variant == "multi":
         return {"rows": multi_target(spec, req)}
     run = RUNNERS[variant](spec, device)
+    reset_run_peak()
     for batch in req["batches"]:
         for seq in req["seqs"]:
             ids = make_ids(spec, batch, seq)
             rss_before = rss_mb()
             med, times = timed(lambda: run(ids), req["repeats"], req["budget_s"])
-            rows.append(dict(batch=batch, seq=seq, median_s=med, times_s=times, rss_before_mb=rss_before,
-                             peak_mb=peak_mb()))
+            rows.append(dict(batch=batch, seq=seq, median_s=med, min_s=min(times), times_s=times,
+                             rss_before_mb=rss_before, peak_mb=peak_mb(), run_peak_mb=run_peak_mb()))
     return {"rows": rows}
 
 
@@ -279,6 +301,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per point (>= 2 runs)")
     ap.add_argument("--k", type=int, default=8, help="targets for the multi-target comparison")
+    ap.add_argument("--gpu-seqs", default="128,2048", help="sequence lengths of the GPU variants (causal LMs)")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for lxt/torch")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -302,8 +326,10 @@ def main() -> None:
                 res[variant] = {"skipped": gpu_skip}
                 continue
             v_seqs = [128] if (variant == "multi" and 128 in seqs) else seqs
+            if variant in GPU_VARIANTS and spec["causal"]:
+                v_seqs = [int(s) for s in args.gpu_seqs.split(",")]
             req = dict(model=name, variant=variant, seqs=v_seqs, batches=batches, repeats=args.repeats,
-                       budget_s=args.budget, k=args.k)
+                       budget_s=args.budget, k=args.k, torch_threads=args.torch_threads)
             t = time.perf_counter()
             res[variant] = run_worker(req)
             print(f"  {name} {variant}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
@@ -328,22 +354,24 @@ def report(name: str, res: dict) -> None:
         if "error" in r or "skipped" in r:
             print(f"  {v}: {r.get('error') or 'skipped: ' + r['skipped']}")
     points = sorted({(r["batch"], r["seq"]) for v in CPU_VARIANTS for r in res.get(v, {}).get("rows", [])})
-    head = "  batch  seq " + "".join(f"{v + ' s':>11}{v + ' MB':>10}" for v in CPU_VARIANTS) + "   b/a   b/c  mem b/c"
-    print(head)
+    head = "  batch  seq " + "".join(f"{v + ' s':>11}{v + ' MB':>12}" for v in CPU_VARIANTS)
+    print("  MB: peak RSS with loading / peak RSS during the runs only. Ratios: time b/a, b/c; memory b/c (both)")
+    print(head + "   b/a   b/c  mem b/c  run b/c")
     for b, s in points:
         cells, rows = "", {v: row_of(v, b, s) for v in CPU_VARIANTS}
         for v in CPU_VARIANTS:
             r = rows[v]
-            cells += f"{r['median_s']:11.4f}{r['peak_mb']:10.0f}" if r else f"{'-':>11}{'-':>10}"
+            cells += f"{r['median_s']:11.4f}{r['peak_mb']:7.0f}/{r['run_peak_mb']:<4.0f}" if r else f"{'-':>11}{'-':>12}"
         a, e, c = rows["ort"], rows["explain"], rows["lxt"]
         ratio = lambda x, y, key: f"{x[key] / y[key]:6.2f}" if x and y else f"{'-':>6}"  # noqa: E731
-        print(f"  {b:5d} {s:4d}{cells}{ratio(e, a, 'median_s')}{ratio(e, c, 'median_s')}   {ratio(e, c, 'peak_mb')}")
+        print(f"  {b:5d} {s:4d}{cells}{ratio(e, a, 'median_s')}{ratio(e, c, 'median_s')}   {ratio(e, c, 'peak_mb')}"
+              f"   {ratio(e, c, 'run_peak_mb')}")
     for r in res.get("multi", {}).get("rows", []):
         print(f"  {r['k']} targets at seq {r['seq']}: batched {r['batched_s']:.3f} s, separate {r['separate_s']:.3f} s "
               f"({r['speedup']:.1f}x)")
     for v in GPU_VARIANTS:
         for r in res.get(v, {}).get("rows", []):
-            print(f"  {v} batch {r['batch']} seq {r['seq']}: {r['median_s']:.4f} s")
+            print(f"  {v} batch {r['batch']} seq {r['seq']}: {r['median_s']:.4f} s, run peak {r['run_peak_mb']:.0f} MB host")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # neither onnxruntime nor onnxruntime-gpu
+    raise ImportError(
+        "onnx-lrp needs onnxruntime: pip install 'onnx-lrp[cpu]' (onnxruntime) or 'onnx-lrp[gpu]' "
+        "(onnxruntime-gpu + cupy-cuda13x); never both"
+    ) from exc
 from onnx import helper, numpy_helper
 
 from ._device import check_session, cupy_view
@@ -177,7 +183,7 @@ class ForwardCapture:
         if isinstance(arr, np.ndarray):
             binding.bind_cpu_input(name, arr)
         else:  # a CuPy array: onnxruntime reads it in place
-            binding.bind_input(name, "cuda", arr.device.id, arr.dtype, list(arr.shape), arr.data.ptr)
+            binding.bind_input(name, "cuda", arr.device.id, arr.dtype.type, list(arr.shape), arr.data.ptr)
 
     def _wrap(self, ov: Any) -> Any:
         """An array viewing the memory of an onnxruntime output (kept alive by the array)."""

@@ -141,3 +141,18 @@ def cupy_view(ov: Any) -> Any:
         return cupy.empty(shape, dtype=dtype)
     mem = cupy.cuda.UnownedMemory(ov.data_ptr(), size, ov, device_id=ov.device_id())
     return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
+
+
+_KERNELS: dict[str, Any] = {}
+
+
+def softmax_vjp(S: Any, g: Any, axes: tuple[int, ...]) -> Any:
+    """CuPy: ``S * (g - sum(S * g, axes))`` with the dot product as one reduction kernel and the rest as one
+    element-wise kernel (no temporaries of the attention matrix's size besides the result)."""
+    import cupy
+
+    if "dot" not in _KERNELS:
+        _KERNELS["dot"] = cupy.ReductionKernel("T s, T g", "T y", "s * g", "a + b", "y = a", "0", "onnx_lrp_dot")
+        _KERNELS["vjp"] = cupy.ElementwiseKernel("T s, T g, T t", "T out", "out = s * (g - t)", "onnx_lrp_svjp")
+    t = _KERNELS["dot"](S, g, axis=axes, keepdims=True)
+    return _KERNELS["vjp"](S, g, t)

@@ -6,6 +6,8 @@ Under CP-LRP the rule is :class:`~onnx_lrp.rules.Constant` and the node never re
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..rules import Gradient
 from ._base import OpContext, register
 
@@ -56,6 +58,10 @@ def softmax(ctx: OpContext):
         g = gy[0]
         S = env[s] if guard is not None else env.memo(key, lambda: _finite(env.xp, env[s]))
         axes = _axes(ctx, S.ndim)
+        if env.xp is not np:  # CuPy: fused kernels
+            from .._device import softmax_vjp
+
+            return [softmax_vjp(S, g, axes)]
         return [S * (g - (S * g).sum(axis=axes, keepdims=True))]
 
     return back
