@@ -129,7 +129,10 @@ def _ort_runner(spec, device):
     import onnxruntime as ort
 
     providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(spec["onnx"]), providers=providers)
+    opts = ort.SessionOptions()
+    if spec.get("threads"):
+        opts.intra_op_num_threads = spec["threads"]
+    sess = ort.InferenceSession(str(spec["onnx"]), opts, providers=providers)
     if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         raise RuntimeError(f"onnxruntime fell back to {sess.get_providers()}")
     names = [i.name for i in sess.get_inputs()]
@@ -139,8 +142,12 @@ def _ort_runner(spec, device):
 def _explain_runner(spec, device):
     sys.path.insert(0, str(ROOT))
     from onnx_lrp import Explainer
+    from onnx_lrp._capture import default_session_options
 
-    ex = Explainer(spec["onnx"], device=device) if device != "cpu" else Explainer(spec["onnx"])
+    opts = default_session_options()
+    if spec.get("threads"):
+        opts.intra_op_num_threads = spec["threads"]
+    ex = Explainer(spec["onnx"], device=device, session_options=opts)
     kw = {} if spec["causal"] else {"position": 0}
     return lambda ids: ex.explain(onnx_feeds(ex.input_names, ids), **kw)
 
@@ -220,10 +227,11 @@ def worker(req: dict) -> dict:
     if variant.endswith("_cuda"):
         variant, device = variant[: -len("_cuda")], "cuda"
     rows = []
-    if req.get("torch_threads"):
+    spec["threads"] = req.get("threads")
+    if spec["threads"] and variant in ("lxt", "torch"):
         import torch
 
-        torch.set_num_threads(req["torch_threads"])
+        torch.set_num_threads(spec["threads"])
     if variant == "multi":
         return {"rows": multi_target(spec, req)}
     run = RUNNERS[variant](spec, device)
@@ -244,8 +252,12 @@ def multi_target(spec: dict, req: dict) -> list[dict]:
 
     sys.path.insert(0, str(ROOT))
     from onnx_lrp import Explainer
+    from onnx_lrp._capture import default_session_options
 
-    ex = Explainer(spec["onnx"])
+    opts = default_session_options()
+    if spec.get("threads"):
+        opts.intra_op_num_threads = spec["threads"]
+    ex = Explainer(spec["onnx"], session_options=opts)
     rows = []
     for seq in req["seqs"]:
         ids = make_ids(spec, 1, seq)
@@ -302,7 +314,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per point (>= 2 runs)")
     ap.add_argument("--k", type=int, default=8, help="targets for the multi-target comparison")
     ap.add_argument("--gpu-seqs", default="128,2048", help="sequence lengths of the GPU variants (causal LMs)")
-    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for lxt/torch")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for onnxruntime (intra-op) and torch (default: each library's own default)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -311,7 +324,7 @@ def main() -> None:
         return
     gpu_skip = gpu_status()
     batches = [int(b) for b in args.batches.split(",")]
-    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+    results: dict = {"threads": args.threads, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "python": platform.python_version(), "gpu": gpu_skip or "available"},
                      "command": " ".join(sys.argv), "models": {}}
     for name in args.models.split(","):
@@ -329,7 +342,7 @@ def main() -> None:
             if variant in GPU_VARIANTS and spec["causal"]:
                 v_seqs = [int(s) for s in args.gpu_seqs.split(",")]
             req = dict(model=name, variant=variant, seqs=v_seqs, batches=batches, repeats=args.repeats,
-                       budget_s=args.budget, k=args.k, torch_threads=args.torch_threads)
+                       budget_s=args.budget, k=args.k, threads=args.threads)
             t = time.perf_counter()
             res[variant] = run_worker(req)
             print(f"  {name} {variant}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)

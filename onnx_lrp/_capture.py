@@ -75,10 +75,16 @@ def _set_field(msg: Any, fd: Any, value: Any) -> None:
 
 
 def default_session_options() -> ort.SessionOptions:
-    """onnxruntime's defaults, except that idle pool threads sleep instead of spinning: the relevance pass
-    runs right after the forward and would otherwise compete with them for the cores (measured 20% faster)."""
+    """onnxruntime's defaults, except:
+
+    - idle pool threads sleep instead of spinning: the relevance pass runs right after the forward and would
+      otherwise compete with them for the cores (measured 20% faster on 2 cores);
+    - priority-based execution order: with the default order the ``Shape`` nodes added for the rules run
+      late and keep their tensors alive to the end of the run (SmolLM2, 512 tokens: +2.2 GB vs +0.85 GB).
+    """
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return opts
 
 
@@ -137,10 +143,16 @@ class ForwardCapture:
         existing = set(self.graph.output_names)
         for name in sorted(self.exposed - existing):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
+        # each Shape node right after the producer of its tensor (see default_session_options)
+        del model.graph.node[:]
+        for node in src.graph.node:
+            model.graph.node.append(node)
+            for o in node.output:
+                if o in self.shape_exposed:
+                    out = SHAPE_PREFIX + o
+                    model.graph.node.append(helper.make_node("Shape", [o], [out], name=out))
         for name in sorted(self.shape_exposed):
-            out = SHAPE_PREFIX + name
-            model.graph.node.append(helper.make_node("Shape", [name], [out], name=out))
-            model.graph.output.append(onnx.ValueInfoProto(name=out))
+            model.graph.output.append(onnx.ValueInfoProto(name=SHAPE_PREFIX + name))
         return model
 
     def _needs_output(self, name: str) -> bool:
