@@ -235,6 +235,7 @@ def worker(req: dict) -> dict:
     if variant == "multi":
         return {"rows": multi_target(spec, req)}
     run = RUNNERS[variant](spec, device)
+    load_peak = peak_mb()  # the reset below clears ru_maxrss too
     reset_run_peak()
     for batch in req["batches"]:
         for seq in req["seqs"]:
@@ -242,7 +243,7 @@ def worker(req: dict) -> dict:
             rss_before = rss_mb()
             med, times = timed(lambda: run(ids), req["repeats"], req["budget_s"])
             rows.append(dict(batch=batch, seq=seq, median_s=med, min_s=min(times), times_s=times,
-                             rss_before_mb=rss_before, peak_mb=peak_mb(), run_peak_mb=run_peak_mb()))
+                             rss_before_mb=rss_before, peak_mb=max(load_peak, peak_mb()), run_peak_mb=run_peak_mb()))
     return {"rows": rows}
 
 
