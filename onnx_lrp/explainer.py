@@ -57,7 +57,9 @@ class Explainer:
         are explained in this dtype.
     sources: graph inputs to explain (default: float inputs except ``past_*``, and token-id inputs).
     allow_unsupported: treat ops without a rule as constants instead of failing.
-    session_options: ``onnxruntime.SessionOptions`` for the forward session.
+    session_options: ``onnxruntime.SessionOptions`` for the forward session (default:
+        :func:`onnx_lrp._capture.default_session_options`: priority-based execution order, no thread spinning;
+        start from it when tuning threads).
     device: ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
         relevance pass; raises :class:`~onnx_lrp._device.DeviceError` naming what is missing) or ``"auto"``
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
