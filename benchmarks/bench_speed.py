@@ -13,7 +13,8 @@ Time: median wall time of ``--repeats`` runs after one warm-up run. Memory: ``ru
 (peak resident set, loading included) and the resident set right before the first timed run. Sequence
 lengths run in increasing order in one subprocess, so the peak reported for a length is the peak up to it.
 
-    nice python benchmarks/bench_speed.py                  # default: tiny, MiniLM@128, SmolLM2@32/128/512
+    nice python benchmarks/bench_speed.py                  # default: tiny, MiniLM@128, SmolLM2@32/128/512, 1 thread
+    nice python benchmarks/bench_speed.py --threads 0      # each library's default thread count
     python benchmarks/bench_speed.py --models tiny --repeats 3
 
 Results: printed as a table and written to ``benchmarks/results/speed-<time>.json``.
@@ -315,8 +316,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per point (>= 2 runs)")
     ap.add_argument("--k", type=int, default=8, help="targets for the multi-target comparison")
     ap.add_argument("--gpu-seqs", default="128,2048", help="sequence lengths of the GPU variants (causal LMs)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="threads for onnxruntime (intra-op) and torch (default: each library's own default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for onnxruntime (intra-op) and torch; 0: each library's own default. Default 1: "
+                         "on 2 shared cores PyTorch's and OpenBLAS's thread pools mostly wait on each other")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -325,7 +327,7 @@ def main() -> None:
         return
     gpu_skip = gpu_status()
     batches = [int(b) for b in args.batches.split(",")]
-    results: dict = {"threads": args.threads, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+    results: dict = {"threads": args.threads or "library defaults", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "python": platform.python_version(), "gpu": gpu_skip or "available"},
                      "command": " ".join(sys.argv), "models": {}}
     for name in args.models.split(","):
@@ -343,7 +345,7 @@ def main() -> None:
             if variant in GPU_VARIANTS and spec["causal"]:
                 v_seqs = [int(s) for s in args.gpu_seqs.split(",")]
             req = dict(model=name, variant=variant, seqs=v_seqs, batches=batches, repeats=args.repeats,
-                       budget_s=args.budget, k=args.k, threads=args.threads)
+                       budget_s=args.budget, k=args.k, threads=args.threads or None)
             t = time.perf_counter()
             res[variant] = run_worker(req)
             print(f"  {name} {variant}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
