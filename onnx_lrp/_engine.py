@@ -7,6 +7,7 @@ by several nodes accumulates the sum of what each sends back.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ class Plan:
     values: set[str] = field(default_factory=set)  # tensors read at run time
     shapes: set[str] = field(default_factory=set)  # tensors whose shape is read at run time
     keep: set[str] = field(default_factory=set)  # gradients kept (sources, collected tensors)
+    release: list[tuple[str, ...]] = field(default_factory=list)  # per step: values read for the last time
 
 
 class Env:
@@ -50,7 +52,17 @@ class Env:
 
     def __getitem__(self, name: str):
         v = self._values.get(name)
-        return self._static[name] if v is None else v
+        if v is None:
+            v = self._static.get(name)
+            if v is None:
+                raise OnnxLrpError(f"tensor {name!r} is not available to the rules (not declared with ctx.value)")
+        return v
+
+    def end_step(self, release: tuple[str, ...]) -> None:
+        """Drop the tensors no later step reads, and the step's memoised intermediates."""
+        for name in release:
+            self._values.pop(name, None)
+        self._memo.clear()
 
     def shape(self, name: str) -> tuple[int, ...]:
         s = self._shapes.get(name)
@@ -97,17 +109,20 @@ def compile_plan(
     def is_gate(t: str) -> bool:
         return _is_gate(graph, analysis, t, gate_cache)
 
+    reads: list[set[str]] = []  # values each step reads
     for name in reversed(relevant_nodes(graph, analysis, output)):
         region = analysis.regions.get(name)
         node = by_name[name]
         rule = region.rule if region is not None else analysis.rules[name]
         kind = "unary" if region is not None else analysis.kinds[name]
-        ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, plan.values, plan.shapes, is_gate,
+        step_values: set[str] = set()
+        ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, step_values, plan.shapes, is_gate,
                         analysis.composite)
         if region is not None and len(region.nodes) > 1:
             back = region_backward(ctx, region.x, region.y)
-            plan.values.update((region.x, region.y))
+            step_values.update((region.x, region.y))
             plan.steps.append(Step(name, "region", rule, [region.x], [region.y], back))
+            reads.append(step_values)
             continue
         builder = REGISTRY.get(node.op_type)
         if builder is None:
@@ -117,13 +132,30 @@ def compile_plan(
             continue
         eps = rule.epsilon if isinstance(rule, Epsilon) and kind in ("linear", "add", "reduce") else 0.0
         if eps:
-            plan.values.add(node.outputs[0])
+            step_values.add(node.outputs[0])
         inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
         plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps))
+        reads.append(step_values)
     plan.keep = set(analysis.sources) | set(collect)
+    for r in reads:
+        plan.values |= r
     plan.values.update(analysis.sources)
     plan.values.update(collect)
+    plan.release = _last_reads(reads, plan.keep | set(graph.output_names))
     return plan
+
+
+def _last_reads(reads: list[set[str]], keep: set[str]) -> list[tuple[str, ...]]:
+    """Per step, the values it is the last step to read (never those in ``keep``)."""
+    last: dict[str, int] = {}
+    for k, r in enumerate(reads):
+        for name in r:
+            last[name] = k
+    out: list[list[str]] = [[] for _ in reads]
+    for name, k in last.items():
+        if name not in keep:
+            out[k].append(name)
+    return [tuple(sorted(x)) for x in out]
 
 
 def _is_gate(graph: Graph, analysis: Analysis, t: str, cache: dict[str, bool]) -> bool:
@@ -150,9 +182,10 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
     grads: dict[str, Any] = dict(start)
     owned: set[str] = set()
     keep = plan.keep
-    for step in plan.steps:
+    for step, release in zip(plan.steps, plan.release):
         gy = [(grads.get(o) if o in keep else grads.pop(o, None)) for o in step.outputs]
         if all(g is None for g in gy):
+            env.end_step(release)
             continue
         if step.epsilon:
             z = env[step.outputs[0]]
@@ -163,6 +196,8 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
             raise
         except Exception as exc:
             raise OnnxLrpError(f"node {step.name!r} ({step.op_type}, rule {step.rule.name}): {type(exc).__name__}: {exc}") from exc
+        del gy
+        env.end_step(release)
         for name, g in zip(step.inputs, gx):
             if name is None or g is None:
                 continue
@@ -175,6 +210,28 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
                 grads[name] = prev + g
                 owned.add(name)
     return {k: grads[k] for k in keep if k in grads}
+
+
+_BLAS = None
+
+
+def blas_threads(xp: Any, n: int | None) -> Any:
+    """A context limiting numpy's BLAS to ``n`` threads (via threadpoolctl when installed; else a no-op).
+
+    The relevance pass is a chain of mid-sized GEMMs; on few cores OpenBLAS threading costs more than it
+    gains (measured 6x slower on 2 shared cores), and onnxruntime has its own thread pool for the forward.
+    """
+    global _BLAS
+    if n is None or xp is not np:
+        return contextlib.nullcontext()
+    if _BLAS is None:
+        try:
+            import threadpoolctl
+
+            _BLAS = threadpoolctl.ThreadpoolController()
+        except ImportError:
+            _BLAS = False
+    return _BLAS.limit(limits=n, user_api="blas") if _BLAS else contextlib.nullcontext()
 
 
 def to_compute(xp: Any, dtype: Any, arr: Any) -> Any:

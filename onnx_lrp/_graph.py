@@ -75,7 +75,9 @@ class GraphInput:
 class Graph:
     """Nodes, tensors and constants of one ONNX model (the main graph)."""
 
-    def __init__(self, model: onnx.ModelProto, source: str = "model"):
+    def __init__(self, model: onnx.ModelProto, source: str = "model", constants: dict[str, np.ndarray] | None = None):
+        """``constants``: values of initializers that ``model`` holds as data-less stubs (see
+        :func:`onnx_lrp._capture.split_weights`)."""
         self.model = model
         self.source = source
         g = model.graph
@@ -113,6 +115,7 @@ class Graph:
         for n in self.nodes:
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                 self._constants[n.outputs[0]] = _constant_value(n)
+        self._constants.update(constants or {})
         # static = does not depend on any graph input (weights, constants and what is computed from them)
         self.static: set[str] = set(self._initializers) | set(self._constants)
         for n in self.nodes:

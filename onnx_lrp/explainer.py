@@ -9,8 +9,10 @@ import numpy as np
 import onnx
 
 from ._analysis import Analysis, analyse, graph_output_is_float
-from ._capture import ForwardCapture
-from ._engine import Env, Plan, as_numpy, compile_plan, run_plan, to_compute
+from ._capture import ForwardCapture, split_weights
+from ._device import Device, check_session, resolve_device
+from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
+from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_model
 from .composites import Composite, get_composite
 from .errors import InputError, TargetError
@@ -56,6 +58,14 @@ class Explainer:
         are explained in this dtype.
     sources: graph inputs to explain (default: float inputs except ``past_*``, and token-id inputs).
     allow_unsupported: treat ops without a rule as constants instead of failing.
+    session_options: ``onnxruntime.SessionOptions`` for the forward session (default:
+        :func:`onnx_lrp._capture.default_session_options`: priority-based execution order, no thread spinning;
+        start from it when tuning threads).
+    device: ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
+        relevance pass; raises :class:`~onnx_lrp._device.DeviceError` naming what is missing) or ``"auto"``
+        (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
+    blas_threads: numpy BLAS threads during the relevance pass (default 1, fastest measured on few cores;
+        needs ``threadpoolctl``); ``None`` leaves BLAS as configured.
     """
 
     def __init__(
@@ -69,26 +79,36 @@ class Explainer:
         sources: Sequence[str] | None = None,
         allow_unsupported: bool = False,
         session_options: Any = None,
+        device: str = "cpu",
+        blas_threads: int | None = 1,
     ):
+        self._device: Device = resolve_device(device, list(providers) if providers else None)
         proto, desc, _ = load_model(model)
         if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
             if proto is model:  # never change the user's ModelProto
                 proto = onnx.ModelProto()
                 proto.CopyFrom(model)
             expand_embed_layer_norm(proto)
-        self.graph = Graph(proto, desc)
+        weights = None
+        if not isinstance(model, onnx.ModelProto):  # our own copy: keep each weight once, as an array
+            proto, weights = split_weights(proto)
+        self.graph = Graph(proto, desc, weights)
+        del proto, weights
         self.composite = get_composite(composite, overrides)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64 (fp16 relevance underflows), got {self.dtype}")
-        self.xp = np
+        self.xp = self._device.xp
+        self.blas_threads = blas_threads
         self.analysis: Analysis = analyse(
             self.graph, self.composite, set(REGISTRY), list(sources) if sources is not None else None, allow_unsupported
         )
         self._plans: dict[tuple, Plan] = {}
         self._static: dict[str, Any] = {}
         self.default_output = self._default_output()
-        self._capture = ForwardCapture(self.graph, providers, session_options)
+        self._capture = ForwardCapture(
+            self.graph, self._device.providers, session_options, self._device.name, self._device.to_device
+        )
         self._plan(self.default_output, ())
 
     # ------------------------------------------------------------------ public
@@ -99,6 +119,16 @@ class Explainer:
     @property
     def output_names(self) -> list[str]:
         return list(self.graph.output_names)
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda"``: where the forward and relevance passes run."""
+        return self._device.name
+
+    @property
+    def device_reason(self) -> str:
+        """Why :attr:`device` was chosen (``"requested"``, or what made ``device="auto"`` fall back to the CPU)."""
+        return self._device.reason
 
     @property
     def providers(self) -> list[str]:
@@ -114,6 +144,7 @@ class Explainer:
         output: str | None = None,
         output_relevance: np.ndarray | None = None,
         collect: Sequence[str] = (),
+        as_numpy: bool = True,
     ) -> Explanation:
         """Explain ``output`` at ``target`` (class/token id) and ``position`` (sequence index).
 
@@ -124,6 +155,7 @@ class Explainer:
         output_relevance: start weights ``w`` replacing the one-hot: ``R_out = w * y`` (e.g. ``+1``/``-1``
             for a contrastive explanation); the output's shape, or ``(k,) + shape`` for k explanations.
         collect: intermediate tensor names whose relevance is returned in ``latent``.
+        as_numpy: return numpy arrays (default); ``False`` keeps CuPy arrays on ``device="cuda"``.
         """
         output = output or self.default_output
         if output not in self.graph.output_names:
@@ -151,22 +183,32 @@ class Explainer:
         run_values = {k: to_compute(xp, dtype, v) for k, v in values.items() if k in plan.values}
         for k, v in feeds.items():
             run_values[k] = to_compute(xp, dtype, v)
+        del values  # run_values holds the only references: the engine frees each tensor after its last use
         y = outputs[output]
-        w, lead, tgt, pos = self._start(y, target, position, output_relevance, feeds)
+        w, lead, tgt, pos = self._start(to_numpy(y), target, position, output_relevance, feeds)
         env = Env(xp, dtype, lead, run_values, shapes, self._static)
-        grads = run_plan(plan, env, {output: xp.asarray(w, dtype=dtype)})
-        yv = xp.asarray(y, dtype=dtype)
-        score = as_numpy((xp.asarray(w, dtype=dtype) * yv).reshape(w.shape[: lead + 1] + (-1,)).sum(-1))
+        w = xp.asarray(w, dtype=dtype)
+        with blas_threads(xp, self.blas_threads):
+            grads = run_plan(plan, env, {output: w})
+        # score = sum(w * y) per batch element (and target), without a temporary of the output's size
+        w2 = w.reshape(w.shape[: lead + 1] + (-1,))
+        score = xp.einsum("...bn,bn->...b", w2, xp.asarray(y, dtype=dtype).reshape(w2.shape[lead], -1))
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
         latent = {}
         for name in collect:
             g = grads.get(name)
             t = env[name]
-            latent[name] = _batch_first(as_numpy(t * g if g is not None else xp.zeros_like(t)), lead)
+            latent[name] = _batch_first(t * g if g is not None else xp.zeros_like(t), lead)
+        host = to_numpy if as_numpy else (lambda a: a)
+        relevance = {k: host(v) for k, v in relevance.items()}
+        emb_rel = {k: host(v) for k, v in emb_rel.items()}
+        latent = {k: host(v) for k, v in latent.items()}
+        outputs = {k: host(v) for k, v in outputs.items()}
+        score = host(_batch_first(score, lead))
         return Explanation(
             relevance=relevance,
             outputs=outputs,
-            score=_batch_first(score, lead),
+            score=score,
             target=tgt,
             position=pos,
             latent=latent,
@@ -182,7 +224,7 @@ class Explainer:
         if bad:
             raise TargetError(f"{self.graph.source}: no graph output(s) {bad}; outputs: {self.graph.output_names}")
         values, _ = self._capture.run(self._feeds(inputs), names, [])
-        return values
+        return {k: np.array(to_numpy(v)) for k, v in values.items()}  # copies: values may view ORT's memory
 
     # ------------------------------------------------------------------ internals
     def _default_output(self) -> str:
@@ -373,10 +415,10 @@ class Explainer:
                 relevance[inp] = relevance.get(inp, 0) + tok
             else:
                 relevance[inp] = relevance.get(inp, 0) + r
-        rel = {k: _batch_first(as_numpy(v), lead) for k, v in relevance.items()}
-        emb_np = {k: _batch_first(as_numpy(v), lead) for k, v in emb.items()}
-        return rel, emb_np
+        rel = {k: _batch_first(v, lead) for k, v in relevance.items()}
+        emb = {k: _batch_first(v, lead) for k, v in emb.items()}
+        return rel, emb
 
 
-def _batch_first(a: np.ndarray, lead: int) -> np.ndarray:
-    return np.moveaxis(a, 0, 1) if lead and a.ndim >= 2 else a
+def _batch_first(a: Any, lead: int) -> Any:
+    return a.swapaxes(0, 1) if lead and a.ndim >= 2 else a

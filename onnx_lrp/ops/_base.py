@@ -152,6 +152,9 @@ def neg_axis(axis: int, ndim: int) -> int:
 
 
 def ints(value: Any) -> list[int]:
+    """A small integer tensor (shape, axes, pads) as a list; CuPy arrays are read back from the device."""
+    if not isinstance(value, np.ndarray) and hasattr(value, "get"):
+        value = value.get()
     return [int(v) for v in np.asarray(value).reshape(-1)]
 
 

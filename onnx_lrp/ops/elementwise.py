@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._base import OpContext, register, unbroadcast
 from .linear import product_weights
+from .softmax import nan_guard
 
 
 def _shapes(ctx: OpContext) -> list[str | None]:
@@ -131,9 +132,12 @@ def where(ctx: OpContext):
     xp = ctx.xp
     if ctx.carrying(0):
         raise ctx.fail("a carrying condition is not supported")
-    cond = ctx.value(ctx.input(0))
     shapes = _shapes(ctx)
     cx, cy = ctx.carrying(1), ctx.carrying(2)
+    src = ctx.graph.producer.get(ctx.input(2) or "")
+    if cy and not cx and src is not None and src.op_type == "Softmax" and nan_guard(ctx.graph, src.outputs[0]) is ctx.node:
+        return lambda env, gy: [None, None, gy[0]]  # see softmax.nan_guard
+    cond = ctx.value(ctx.input(0))
 
     def back(env, gy):
         g = gy[0]

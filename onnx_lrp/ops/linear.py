@@ -11,6 +11,28 @@ def _swap(a):
     return a.swapaxes(-1, -2)
 
 
+def matmul_const(xp, g, Wt):
+    """``g @ Wt`` for a constant 2-D ``Wt`` (a transposed view is fine: BLAS reads it in place).
+
+    The leading axes of ``g`` are merged into one GEMM, and rows of ``g`` that are all zero (positions the
+    explained output does not depend on, e.g. all but one after a one-hot start) are skipped: exact, and the
+    lm-head and last layers of a causal LM then cost one row instead of one row per token.
+    """
+    if Wt.ndim != 2 or g.ndim < 2:
+        return g @ Wt
+    g2 = g.reshape(-1, g.shape[-1])
+    live = g2.any(axis=1)
+    n_live = int(live.sum())
+    if n_live * 2 > g2.shape[0]:
+        out = g2 @ Wt
+    else:
+        out = xp.zeros((g2.shape[0], Wt.shape[1]), dtype=xp.result_type(g2.dtype, Wt.dtype))
+        rows = xp.flatnonzero(live)
+        if n_live:
+            out[rows] = g2[rows] @ Wt
+    return out.reshape(g.shape[:-1] + (Wt.shape[1],))
+
+
 def product_weights(ctx: OpContext, operands: list[int]) -> list[float]:
     """Per-operand factor for a product of carrying tensors under the node's rule.
 
@@ -57,7 +79,7 @@ def matmul(ctx: OpContext):
         if W is not None:
             Wp = ctx.array(np.maximum(W, 0)) if gamma else None
             Wm = W + gamma * np.maximum(W, 0) if gamma else W
-            Wt = ctx.array(Wm if W.ndim == 1 else np.ascontiguousarray(np.swapaxes(Wm, -1, -2)))
+            Wt = ctx.array(Wm) if W.ndim == 1 else _swap(ctx.array(Wm))  # a view: no copy of the weight
             sa = ctx.shape(a)
             bias = _following_bias(ctx) if gamma else None
             bias = ctx.array(bias) if bias is not None else None
@@ -69,7 +91,7 @@ def matmul(ctx: OpContext):
                 if Wt.ndim == 1:
                     return [g[..., None] * Wt, None]
                 in_shape = env.shape(sa)
-                return [unbroadcast(xp, g @ Wt, in_shape, max(len(in_shape), Wt.ndim)), None]
+                return [unbroadcast(xp, matmul_const(xp, g, Wt), in_shape, max(len(in_shape), Wt.ndim)), None]
 
             if gamma:
                 ctx.value(a)
@@ -158,13 +180,13 @@ def gemm(ctx: OpContext):
     Bp = None
     if Bc is not None:
         Bprime = Bc.T if tb else Bc
-        BpT = ctx.array(np.ascontiguousarray(Bprime.T))  # (N, K)
+        BpT = ctx.array(Bc) if tb else _swap(ctx.array(Bc))  # (N, K), a view: no copy of the weight
         if gamma:
             Bp = ctx.array(np.maximum(Bprime, 0))
             Cc = ctx.const(2)
             bias_p = ctx.array(np.maximum(Cc, 0) * beta) if Cc is not None else None
             ctx.value(a), ctx.value(ctx.node.outputs[0])
-            BpT = ctx.array(np.ascontiguousarray((Bprime + gamma * np.maximum(Bprime, 0)).T))
+            BpT = _swap(ctx.array(Bprime + gamma * np.maximum(Bprime, 0)))
     va = ctx.value(a) if cb else None
     vb = ctx.value(b) if (ca and Bc is None) else None
 
@@ -183,7 +205,9 @@ def gemm(ctx: OpContext):
             g = g * (z / den)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
-            ga = (g @ Bt) * (alpha * weights[0])
+            ga = matmul_const(xp, g, Bt) if Bc is not None else g @ Bt
+            if alpha * weights[0] != 1.0:
+                ga = ga * (alpha * weights[0])
             out[0] = _swap(ga) if ta else ga
         if cb:
             A = env[va]

@@ -6,6 +6,8 @@ Under CP-LRP the rule is :class:`~onnx_lrp.rules.Constant` and the node never re
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..rules import Gradient
 from ._base import OpContext, register
 
@@ -27,16 +29,39 @@ def _finite(xp, S):
     return xp.where(bad, 0.0, S).astype(S.dtype) if bad.any() else S
 
 
+def nan_guard(graph, s: str):
+    """The ``Where(IsNaN(s), 0, s)`` node exporters put after a softmax ``s`` (fully masked rows), or None.
+
+    Its output is exactly the NaN-free softmax: the rule reads it instead of ``s`` (one captured tensor less),
+    and the ``Where`` passes the gradient through unmasked (the softmax rule multiplies it by ``s = 0`` there).
+    """
+    for node in graph.consumers.get(s, []):
+        if node.op_type != "IsNaN":
+            continue
+        for where in graph.consumers.get(node.outputs[0], []):
+            zero = graph.constant(where.inputs[1]) if where.op_type == "Where" else None
+            if (where.inputs[0] == node.outputs[0] and where.inputs[2] == s and zero is not None
+                    and zero.size == 1 and float(zero.reshape(-1)[0]) == 0.0):
+                return where
+    return None
+
+
 @register("Softmax")
 def softmax(ctx: OpContext):
     if not isinstance(ctx.rule, Gradient):
         raise ctx.fail(f"rule {ctx.rule.name} does not apply to Softmax (use Gradient or Constant)")
-    s = ctx.value(ctx.node.outputs[0])
+    guard = nan_guard(ctx.graph, ctx.node.outputs[0])
+    s = ctx.value(guard.outputs[0] if guard is not None else ctx.node.outputs[0])
     key = f"softmax-finite:{s}"
 
     def back(env, gy):
-        g, S = gy[0], env.memo(key, lambda: _finite(env.xp, env[s]))
+        g = gy[0]
+        S = env[s] if guard is not None else env.memo(key, lambda: _finite(env.xp, env[s]))
         axes = _axes(ctx, S.ndim)
+        if env.xp is not np:  # CuPy: fused kernels
+            from .._device import softmax_vjp
+
+            return [softmax_vjp(S, g, axes)]
         return [S * (g - (S * g).sum(axis=axes, keepdims=True))]
 
     return back
