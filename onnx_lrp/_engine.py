@@ -61,7 +61,9 @@ class Env:
     def end_step(self, release: tuple[str, ...]) -> None:
         """Drop the tensors no later step reads, and the step's memoised intermediates."""
         for name in release:
-            self._values.pop(name, None)
+            v = self._values.pop(name, None)
+            if v is not None and name not in self._shapes:
+                self._shapes[name] = tuple(v.shape)  # a later step may still read its shape
         self._memo.clear()
 
     def shape(self, name: str) -> tuple[int, ...]:
