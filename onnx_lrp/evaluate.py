@@ -123,6 +123,13 @@ class Evaluator:
                                               sources=[self.token_input])
         return self._explainers[key]
 
+    def release(self) -> None:
+        """Drop the cached explainers and rollout session (their copies of the weights) except the one that
+        fills default inputs; they are rebuilt on demand."""
+        keep = ("model", "gradient-x-input")
+        self._explainers = {keep: self._explainers[keep]}
+        self._rollout = None
+
     def feeds(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The model's feeds with defaults filled in (attention_mask, token_type_ids, position_ids)."""
         return self.explainer("gradient-x-input")._feeds(inputs)
