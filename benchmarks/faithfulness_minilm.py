@@ -6,7 +6,7 @@ explained by every method, then its word embeddings are zeroed in ``--steps`` st
 [SEP] are never removed). ``--lxt`` repeats AttnLRP entirely in PyTorch with LXT (relevance and perturbation)
 and compares the per-sentence faithfulness.
 
-    python benchmarks/faithfulness_minilm.py [--samples 200] [--steps 10] [--ig-steps 16] [--lxt]
+    python benchmarks/faithfulness_minilm.py [--samples 100] [--steps 10] [--ig-steps 16] [--lxt]
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def lxt_check(pt_dir: Path, batches: list[dict], perturbable: list[np.ndarray], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=200, help="held-out sentences (default 200)")
+    ap.add_argument("--samples", type=int, default=100, help="held-out sentences (default 100)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10, help="perturbation steps K (default 10)")
     ap.add_argument("--ig-steps", type=int, default=16)

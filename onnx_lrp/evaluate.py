@@ -156,19 +156,18 @@ class Evaluator:
     def attribute(self, method: str, inputs: Mapping[str, Any], target: Any = None, position: Any = None, *,
                   ig_steps: int = 16, seed: int | None = None) -> np.ndarray:
         """Token relevance ``(batch, seq)`` of ``method`` (one of :data:`METHODS`) for ``target`` at ``position``."""
-        tgt, pos = self.predict(inputs, target, position)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         feeds = self.feeds(inputs)
-        ids = feeds[self.token_input]
+        if method == "random":
+            return np.random.default_rng(seed).standard_normal(feeds[self.token_input].shape)
+        tgt, pos = self.predict(inputs, target, position)
         if method in ("attnlrp", "cp-lrp", "gradient-x-input", "gradient"):
             res = self.explainer(method).explain(feeds, tgt, pos, output=self.output)
             return res.relevance[self.token_input]
         if method == "integrated-gradients":
             return self._integrated_gradients(feeds, tgt, pos, ig_steps)
-        if method == "random":
-            return np.random.default_rng(seed).standard_normal(ids.shape)
-        if method == "rollout":
-            return self._attention_rollout(feeds, pos)
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        return self._attention_rollout(feeds, pos)
 
     def _integrated_gradients(self, feeds, tgt, pos, steps: int) -> np.ndarray:
         """``sum_h e * mean_j grad f(alpha_j e)``: gradient x input on the masked graph with ``m = alpha_j``
