@@ -4,13 +4,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from onnx_lrp.evaluate import METHODS, Evaluator
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from onnx_lrp.evaluate import METHODS, Evaluator  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SCORES = ("faithfulness", "area_morf", "area_lerf", "comprehensiveness", "sufficiency")
@@ -55,24 +60,34 @@ def fmt(values: Sequence[float]) -> str:
     return f"{v.mean():+.3f} +- {se:.3f}"
 
 
-def summary(results: dict) -> dict:
-    """mean and standard error of each score per method."""
+def _mean_se(vals: Sequence[float]) -> dict:
+    v = np.asarray(vals, dtype=float)
+    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None}
+
+
+def summary(results: dict, reference: str = "attnlrp") -> dict:
+    """Mean and standard error of each score per method, and the paired faithfulness difference to
+    ``reference`` (same inputs, so the spread between inputs cancels)."""
     table = {}
+    ref = results.get(reference, {}).get("per_input", {}).get("faithfulness")
     for method, r in results.items():
-        row = {}
-        for k, vals in r["per_input"].items():
-            v = np.asarray(vals, dtype=float)
-            row[k] = {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None}
+        row = {k: _mean_se(vals) for k, vals in r["per_input"].items()}
+        if ref is not None:
+            row["faithfulness_minus_" + reference] = _mean_se(
+                np.asarray(r["per_input"]["faithfulness"]) - np.asarray(ref))
         table[method] = row
     return table
 
 
 def table_markdown(table: dict) -> str:
     """Markdown table, methods sorted by faithfulness (best first)."""
+    paired = next((k for k in next(iter(table.values())) if k.startswith("faithfulness_minus_")), None)
+    keys = list(SCORES) + ([paired] if paired else [])
     head = "| method | faithfulness A(LeRF)-A(MoRF) | A(MoRF) | A(LeRF) | comprehensiveness | sufficiency |"
-    lines = [head, "|" + "---|" * 6]
+    head += f" paired faithfulness - {paired[len('faithfulness_minus_'):]} |" if paired else ""
+    lines = [head, "|" + "---|" * (len(keys) + 1)]
     for method, row in sorted(table.items(), key=lambda kv: -kv[1]["faithfulness"]["mean"]):
-        cells = [f"{row[k]['mean']:+.3f} ± {row[k]['se']:.3f}" for k in SCORES]
+        cells = [f"{row[k]['mean']:+.3f} ± {row[k]['se']:.3f}" for k in keys]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -84,3 +99,8 @@ def write(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+if __name__ == "__main__":  # re-tabulate a results file: python benchmarks/faithfulness_common.py results/X.json
+    for path in sys.argv[1:]:
+        print(f"{path}\n\n{table_markdown(summary(json.loads(Path(path).read_text())['results']))}\n")
