@@ -82,6 +82,7 @@ def main() -> None:
     print(common.table_markdown(table))
     payload = {"benchmark": "minilm-rotten-tomatoes", "args": vars(a), "model": str(onnx_path),
                "finetune": metrics, "accuracy_evaluated": acc, "summary": table, "results": results}
+    print("wrote", common.write("faithfulness_minilm", payload))
     if a.lxt:
         ref = lxt_check(pt_dir, batches, perturbable, a.steps)
         ours = np.asarray(results["attnlrp"]["per_input"]["faithfulness"]) if "attnlrp" in results else None
@@ -93,7 +94,7 @@ def main() -> None:
             payload["lxt"]["max_abs_diff"] = float(diff.max())
             print(f"ours (ONNX):                        {common.fmt(ours)}; max |ours - LXT| per sentence "
                   f"{diff.max():.2e}")
-    print("wrote", common.write("faithfulness_minilm", payload))
+        print("wrote", common.write("faithfulness_minilm", payload))
 
 
 if __name__ == "__main__":
