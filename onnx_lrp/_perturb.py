@@ -62,33 +62,34 @@ def insert_token_mask(
     g = out.graph
     mname = mask_name(token_input)
     g.input.append(helper.make_tensor_value_info(mname, elem, ["batch", "seq", 1]))
-    new_nodes: list[onnx.NodeProto] = []
+    fill: list[onnx.NodeProto] = []  # baseline nodes; they read only the mask input, so they go first
     if baseline is not None:
         b = np.asarray(baseline, dtype=table.dtype).reshape(-1)
         if b.shape != (hidden,):
             raise InputError(f"baseline must be a ({hidden},) vector (the embedding width), got {np.shape(baseline)}")
         g.initializer.extend([numpy_helper.from_array(b, "onnx_lrp_baseline"),
                               numpy_helper.from_array(np.ones((), table.dtype), "onnx_lrp_one")])
-        new_nodes.append(helper.make_node("Sub", ["onnx_lrp_one", mname], ["onnx_lrp_inv_mask"], name="onnx_lrp_inv_mask"))
-        new_nodes.append(helper.make_node("Mul", ["onnx_lrp_inv_mask", "onnx_lrp_baseline"], ["onnx_lrp_fill"],
-                                          name="onnx_lrp_fill"))
-    renamed: dict[str, str] = {}
+        fill.append(helper.make_node("Sub", ["onnx_lrp_one", mname], ["onnx_lrp_inv_mask"], name="onnx_lrp_inv_mask"))
+        fill.append(helper.make_node("Mul", ["onnx_lrp_inv_mask", "onnx_lrp_baseline"], ["onnx_lrp_fill"],
+                                     name="onnx_lrp_fill"))
+    after: dict[str, list[onnx.NodeProto]] = {}  # lookup -> its mask nodes, placed right after the lookup
     for e in lookups:
         masked = e + "::masked"
-        new_nodes.append(helper.make_node("Mul", [e, mname], [masked if baseline is None else e + "::kept"],
-                                          name=e + "::mask"))
+        after[e] = [helper.make_node("Mul", [e, mname], [masked if baseline is None else e + "::kept"],
+                                     name=e + "::mask")]
         if baseline is not None:
-            new_nodes.append(helper.make_node("Add", [e + "::kept", "onnx_lrp_fill"], [masked], name=e + "::fill"))
-        renamed[e] = masked
+            after[e].append(helper.make_node("Add", [e + "::kept", "onnx_lrp_fill"], [masked], name=e + "::fill"))
     for node in g.node:
         for k, name in enumerate(node.input):
-            if name in renamed:
-                node.input[k] = renamed[name]
-    # place the new nodes right after the last lookup (the graph stays topologically sorted)
-    last = max(i for i, n in enumerate(g.node) if any(o in renamed for o in n.output))
+            if name in after:
+                node.input[k] = name + "::masked"
     nodes = list(g.node)
     del g.node[:]
-    g.node.extend(nodes[: last + 1] + new_nodes + nodes[last + 1 :])
+    g.node.extend(fill)
+    for node in nodes:
+        g.node.append(node)
+        for o in node.output:
+            g.node.extend(after.get(o, []))
     return out, token_input, mname
 
 
