@@ -101,6 +101,14 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
-if __name__ == "__main__":  # re-tabulate a results file: python benchmarks/faithfulness_common.py results/X.json
-    for path in sys.argv[1:]:
-        print(f"{path}\n\n{table_markdown(summary(json.loads(Path(path).read_text())['results']))}\n")
+def merge(paths: Sequence[str]) -> dict:
+    """The per-input results of several runs over disjoint inputs, concatenated per method and score."""
+    runs = [json.loads(Path(p).read_text())["results"] for p in paths]
+    methods = [m for m in runs[0] if all(m in r for r in runs)]
+    return {m: {"per_input": {k: [v for r in runs for v in r[m]["per_input"][k]] for k in SCORES}} for m in methods}
+
+
+if __name__ == "__main__":  # python benchmarks/faithfulness_common.py results/A.json [results/B.json ...]
+    n = sum(len(next(iter(r.values()))["per_input"]["faithfulness"]) for r in
+            [json.loads(Path(p).read_text())["results"] for p in sys.argv[1:]])
+    print(f"{', '.join(sys.argv[1:])}: {n} inputs\n\n{table_markdown(summary(merge(sys.argv[1:])))}")

@@ -63,6 +63,7 @@ def wikipedia_sentences(per_article: int = 2, min_words: int = 10, max_words: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=16, help="sentences (default 16)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many sentences (to extend a sample)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10, help="perturbation steps K (default 10)")
     ap.add_argument("--ig-steps", type=int, default=8)
@@ -77,7 +78,7 @@ def main() -> None:
     if not model.exists():
         raise SystemExit(f"{model} not found (the SmolLM2 ONNX export)")
     tok = AutoTokenizer.from_pretrained(model.parent)
-    sentences = wikipedia_sentences()[: a.samples]
+    sentences = wikipedia_sentences()[a.offset : a.offset + a.samples]
     t_load = time.perf_counter()
     ev = Evaluator(model, max_batch=32)
     print(f"loaded {model} in {time.perf_counter() - t_load:.0f}s")
@@ -97,7 +98,7 @@ def main() -> None:
     print(common.table_markdown(table))
     payload = {"benchmark": "smollm2-wikipedia-next-token", "args": vars(a), "model": str(model),
                "sentences": sentences, "summary": table, "results": results}
-    print("wrote", common.write("faithfulness_smollm2", payload))
+    print("wrote", common.write("faithfulness_smollm2" + (f"_from{a.offset}" if a.offset else ""), payload))
 
 
 if __name__ == "__main__":
