@@ -179,13 +179,19 @@ class Evaluator:
         ex = self._explainers[key]
         B, S = feeds[self.token_input].shape
         alphas = (np.arange(steps) + 0.5) / steps
-        rep = {k: np.repeat(v, steps, axis=0) for k, v in feeds.items()}
-        rep[self.perturber.mask_input] = np.broadcast_to(
-            np.tile(alphas, B)[:, None, None], (B * steps, S, 1)).astype(self.perturber.mask_dtype)
-        res = ex.explain(rep, np.repeat(tgt, steps), None if pos is None else np.repeat(pos, steps),
-                         output=self.output)
-        r = res.relevance[self.token_input].reshape(B, steps, S)
-        return (r / alphas[None, :, None]).mean(1)
+        group = max(1, self.perturber.max_batch // steps)  # inputs per relevance pass (bounds the memory)
+        out = np.zeros((B, S))
+        for b0 in range(0, B, group):
+            sl = slice(b0, min(B, b0 + group))
+            n = sl.stop - sl.start
+            rep = {k: np.repeat(v[sl], steps, axis=0) for k, v in feeds.items()}
+            rep[self.perturber.mask_input] = np.broadcast_to(
+                np.tile(alphas, n)[:, None, None], (n * steps, S, 1)).astype(self.perturber.mask_dtype)
+            res = ex.explain(rep, np.repeat(tgt[sl], steps), None if pos is None else np.repeat(pos[sl], steps),
+                             output=self.output)
+            r = res.relevance[self.token_input].reshape(n, steps, S)
+            out[sl] = (r / alphas[None, :, None]).mean(1)
+        return out
 
     def _attention_rollout(self, feeds, pos) -> np.ndarray:
         """Attention rollout: ``prod_l (A_l + I) / 2`` over layers (heads averaged), read at the explained
