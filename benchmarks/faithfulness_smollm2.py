@@ -80,7 +80,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model.parent)
     sentences = wikipedia_sentences()[a.offset : a.offset + a.samples]
     t_load = time.perf_counter()
-    ev = Evaluator(model, max_batch=32)
+    ev = Evaluator(model, max_batch=16)  # also bounds the IG relevance pass (16 rows): memory
     print(f"loaded {model} in {time.perf_counter() - t_load:.0f}s")
     batches, perturbable = [], []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
