@@ -122,19 +122,6 @@ def test_default_target_is_prediction_at_last_real_token(llama):
     np.testing.assert_allclose(res.score, [logits[0, 5, res.target[0]], logits[1, 3, res.target[1]]], rtol=1e-6)
 
 
-def test_many_targets_equal_separate_passes(llama):
-    ex = Explainer(llama[1])
-    ids = _ids()
-    targets = np.array([[5, 7, 9], [11, 13, 15]])
-    positions = np.array([[5, 4, 3], [5, 5, 2]])
-    res = ex.explain({"input_ids": ids}, target=targets, position=positions)
-    assert res.relevance["input_ids"].shape == (2, 3, 6)
-    for k in range(3):
-        one = ex.explain({"input_ids": ids}, target=targets[:, k], position=positions[:, k])
-        np.testing.assert_allclose(res.relevance["input_ids"][:, k], one.relevance["input_ids"], rtol=1e-5, atol=1e-8)
-        np.testing.assert_allclose(res.score[:, k], one.score, rtol=1e-6)
-
-
 def test_contrastive_output_relevance_is_linear(llama):
     ex = Explainer(llama[1])
     ids = _ids(batch=1)

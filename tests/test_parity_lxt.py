@@ -26,12 +26,8 @@ def _inputs(family: str, batch: int, pad: str | None, seq: int = 9, seed: int = 
     return ids, mask
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("batch,pad", [(1, None), (2, "left"), (2, "right")])
-def test_token_relevance_matches_lxt(family, batch, pad):
-    pt_dir, onnx_path = tiny_model(family)
-    ex = Explainer(onnx_path)
-    ids, mask = _inputs(family, batch, pad)
+def _run(family: str, ex: Explainer, pt_dir, ids: np.ndarray, mask: np.ndarray):
+    """Explain with ours and with LXT on the same inputs (explicit position ids, as generate() makes them)."""
     feeds = {"input_ids": ids, "attention_mask": mask}
     position_ids = None
     if "position_ids" in ex.input_names:
@@ -39,8 +35,17 @@ def test_token_relevance_matches_lxt(family, batch, pad):
         feeds["position_ids"] = position_ids
     res = ex.explain(feeds)
     causal = res.outputs[ex.default_output].ndim == 3
-    positions = res.position if causal else None
-    ref = lxt_relevance(family, pt_dir, ids, mask, position_ids, positions, res.target)
+    ref = lxt_relevance(family, pt_dir, ids, mask, position_ids, res.position if causal else None, res.target)
+    return res, ref, causal
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch,pad", [(1, None), (2, "left"), (2, "right")])
+def test_token_relevance_matches_lxt(family, batch, pad):
+    pt_dir, onnx_path = tiny_model(family)
+    ex = Explainer(onnx_path)
+    ids, mask = _inputs(family, batch, pad)
+    res, ref, causal = _run(family, ex, pt_dir, ids, mask)
     assert np.array_equal(ref["targets"], res.target)
     ours = res.relevance["input_ids"]
     assert ours.shape == ids.shape
@@ -79,12 +84,5 @@ def test_config_variants_match_lxt(family, config):
     pt_dir, onnx_path = tiny_model(family, config=config)
     ex = Explainer(onnx_path)
     ids, mask = _inputs(family, 2, "left", seq=8, seed=3)
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    position_ids = None
-    if "position_ids" in ex.input_names:
-        position_ids = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        feeds["position_ids"] = position_ids
-    res = ex.explain(feeds)
-    causal = res.outputs[ex.default_output].ndim == 3
-    ref = lxt_relevance(family, pt_dir, ids, mask, position_ids, res.position if causal else None, res.target)
+    res, ref, _ = _run(family, ex, pt_dir, ids, mask)
     assert rel_err(res.relevance["input_ids"], ref["relevance"]) <= TOL
