@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
 import faithfulness_common as common  # noqa: E402
 from onnx_lrp.evaluate import METHODS, Evaluator  # noqa: E402

@@ -87,8 +87,8 @@ class Evaluator:
 
     model: path or ``ModelProto``. id_input: the token input (default: the one with an embedding lookup).
     baseline: ``(hidden,)`` vector that replaces removed embeddings (default zero, the AttnLRP protocol).
-    max_batch: perturbed copies per onnxruntime run. output: the explained graph output (default: the
-    explainer's default output).
+    max_batch: perturbed copies per onnxruntime run, and rows per Integrated Gradients relevance pass.
+    output: the explained graph output (default: the explainer's default output).
     """
 
     def __init__(
