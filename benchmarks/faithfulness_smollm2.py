@@ -8,7 +8,7 @@ the model's predicted next token (logit at the last position) is explained and e
 The ONNX export is expected at ``~/.cache/onnx-lrp/models/SmolLM2-135M-Instruct/onnx/model.onnx`` (tokenizer
 files next to it).
 
-    python benchmarks/faithfulness_smollm2.py [--samples 8] [--steps 10] [--ig-steps 8]
+    python benchmarks/faithfulness_smollm2.py [--samples 16] [--steps 10] [--ig-steps 8]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def wikipedia_sentences(per_article: int = 2, min_words: int = 10, max_words: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=8, help="sentences (default 8: ~10 min on 2 cores)")
+    ap.add_argument("--samples", type=int, default=16, help="sentences (default 16)")
     ap.add_argument("--offset", type=int, default=0, help="skip this many sentences (to extend a sample)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10, help="perturbation steps K (default 10)")
