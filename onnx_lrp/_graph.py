@@ -145,9 +145,6 @@ class Graph:
     def is_initializer(self, name: str) -> bool:
         return name in self._initializers
 
-    def node_names(self) -> list[str]:
-        return [n.name for n in self.nodes]
-
 
 def _topological(nodes, source: str) -> list[onnx.NodeProto]:
     """The nodes in topological order (onnxruntime accepts unsorted graphs, e.g. from fp16 converters);

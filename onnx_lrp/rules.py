@@ -87,5 +87,3 @@ class ConstantGate(Rule):
     """Products where the factor computed by a non-linearity (activation, softmax, top-k routing) is a
     constant and the other factor takes all relevance (CP-LRP for gated MLPs and MoE routing)."""
 
-
-RULES = {r.__name__: r for r in (Gradient, Epsilon, Gamma, Uniform, Identity, ConstantStatistic, Constant, ConstantGate)}

@@ -146,11 +146,6 @@ def unbroadcast(xp: Any, g: Array, shape: Sequence[int], out_ndim: int) -> Array
     return g
 
 
-def neg_axis(axis: int, ndim: int) -> int:
-    """An axis as a negative index (so leading target axes do not shift it)."""
-    return axis - ndim if axis >= 0 else axis
-
-
 def ints(value: Any) -> list[int]:
     """A small integer tensor (shape, axes, pads) as a list; CuPy arrays are read back from the device."""
     if not isinstance(value, np.ndarray) and hasattr(value, "get"):
