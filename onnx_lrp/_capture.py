@@ -5,8 +5,8 @@ for tensors whose shape alone is needed); the user's ``ModelProto`` is never cha
 
 Weights are held once: the large float initializers become graph inputs of the session copy and are bound
 at every run from the arrays the rules use (``graph.constant``), so onnxruntime keeps no copy of its own.
-Outputs stay where onnxruntime wrote them (IO binding): on the CPU they are wrapped as numpy arrays without a
-copy; on CUDA they are handed to CuPy without leaving the device.
+Outputs stay where onnxruntime wrote them (IO binding) and reach the rules through DLPack without a copy: as
+numpy arrays on the CPU, as CuPy arrays on CUDA (the same code path on both devices).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ except ImportError as exc:  # neither onnxruntime nor onnxruntime-gpu
     ) from exc
 from onnx import helper, numpy_helper
 
-from ._device import check_session, cupy_view
+from ._device import CPU, Device, check_session
 from ._graph import Graph
 from .errors import InputError, ModelLoadError
 
@@ -91,29 +91,22 @@ def default_session_options() -> ort.SessionOptions:
 class ForwardCapture:
     """An onnxruntime session over the model with extra outputs; rebuilt only when new tensors are needed.
 
-    ``device``: ``"cpu"`` (outputs as numpy arrays) or ``"cuda"`` (weights bound from device arrays, outputs as
-    CuPy arrays); see :mod:`onnx_lrp._device`.
+    ``device``: where the session runs and the outputs live (:mod:`onnx_lrp._device`): on the CPU, weights are
+    bound from and outputs returned as numpy arrays; on CUDA, as CuPy arrays on the GPU.
     """
 
-    def __init__(
-        self,
-        graph: Graph,
-        providers: Sequence[Any] | None = None,
-        session_options: ort.SessionOptions | None = None,
-        device: str = "cpu",
-        to_device: Any = None,
-    ):
+    def __init__(self, graph: Graph, device: Device = CPU, session_options: ort.SessionOptions | None = None):
         self.graph = graph
-        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
-        self.session_options = session_options
         self.device = device
+        self.providers = list(device.providers)
+        self.session_options = session_options
         self.exposed: set[str] = set()
         self.shape_exposed: set[str] = set()
         self.session: ort.InferenceSession | None = None
         init = graph.model.graph.initializer
         self.weight_names = [t.name for t in init if is_weight(t)]
-        to_device = to_device or (lambda a: a)
-        self._weights = {n: to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
+        self._weights = {n: device.to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
+        device.synchronize()  # uploads finish before onnxruntime's stream reads them
         self._float_outputs: set[str] = set()
 
     @property
@@ -165,7 +158,7 @@ class ForwardCapture:
             session = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"{self.graph.source}: onnxruntime cannot load the model: {exc}") from exc
-        check_session(session, self.device, self.graph.source)
+        check_session(session, self.device.name, self.graph.source)
         return session
 
     def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str]) -> tuple[dict, dict]:
@@ -178,7 +171,7 @@ class ForwardCapture:
         for name, arr in self._weights.items():
             self._bind_weight(binding, name, arr)
         for n in names:
-            binding.bind_output(n, "cpu" if (self.device == "cpu" or n.startswith(SHAPE_PREFIX)) else self.device)
+            binding.bind_output(n, "cpu" if n.startswith(SHAPE_PREFIX) else self.device.name, self.device.index)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
@@ -198,14 +191,30 @@ class ForwardCapture:
             binding.bind_input(name, "cuda", arr.device.id, arr.dtype.type, list(arr.shape), arr.data.ptr)
 
     def _wrap(self, ov: Any) -> Any:
-        """An array viewing the memory of an onnxruntime output (kept alive by the array)."""
-        if ov.device_name().lower() == "cpu":
-            return host_view(ov)
-        return cupy_view(ov)
+        """An array on the memory of an onnxruntime output, no copy: numpy on the host, CuPy on a GPU."""
+        return array_view(ov, np if ov.device_name().lower() == "cpu" else self.device.xp)
 
     @property
     def active_providers(self) -> list[str]:
         return self.session.get_providers() if self.session is not None else []
+
+
+def array_view(ov: Any, xp: Any) -> Any:
+    """An ``xp`` array sharing the memory of the ``OrtValue`` ``ov`` (DLPack; it keeps ``ov`` alive).
+
+    onnxruntime < 1.26 has no DLPack export (CPU only: the GPU extra needs >= 1.27): :func:`host_view`. Types
+    DLPack cannot carry (bfloat16 into numpy) are copied. onnxruntime <= 1.31 exports bool tensors as uint8:
+    they are viewed as bool again, so that masks keep their logic (``~mask``).
+    """
+    if not hasattr(ov, "__dlpack__"):
+        return host_view(ov)
+    try:
+        arr = xp.from_dlpack(ov)
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        return xp.asarray(ov.numpy())
+    if ov.data_type() == "tensor(bool)" and arr.dtype != xp.bool_:
+        arr = arr.view(xp.bool_)
+    return arr
 
 
 _ORT_TYPES = {

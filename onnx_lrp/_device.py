@@ -25,16 +25,25 @@ class DeviceError(OnnxLrpError, RuntimeError):
 
 @dataclass
 class Device:
-    """The resolved device: ``name`` ``"cpu"`` or ``"cuda"``, the array module, onnxruntime providers, and
-    ``reason``: why this device was chosen (for ``"auto"``)."""
+    """The resolved device: ``name`` ``"cpu"`` or ``"cuda"``, the array module, onnxruntime providers,
+    ``reason``: why this device was chosen (for ``"auto"``), and the CUDA device ``index``."""
 
     name: str
     xp: Any
     providers: list
     reason: str = ""
+    index: int = 0
 
     def to_device(self, a: Any) -> Any:
         return self.xp.asarray(a)
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on this device (CuPy's stream) to finish; nothing to wait for on the CPU."""
+        if self.name == "cuda":
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+CPU = Device("cpu", np, ["CPUExecutionProvider"], "default")
 
 
 def _ort_cuda_major() -> int | None:
@@ -106,7 +115,7 @@ def resolve_device(device: str, providers: list | None = None) -> Device:
     reason = "requested" if name != "auto" else "onnxruntime-gpu, CuPy and a CUDA device are present"
     if name == "auto":
         log.info("onnx-lrp: device='auto' runs on CUDA device %d", index)
-    return Device("cuda", cupy, provs, reason)
+    return Device("cuda", cupy, provs, reason, index)
 
 
 def check_session(session: Any, device: str, source: str) -> None:
@@ -120,27 +129,6 @@ def check_session(session: Any, device: str, source: str) -> None:
             "the CUDA/cuDNN libraries onnxruntime-gpu needs were not found or do not match the driver "
             "(install onnxruntime-gpu[cuda,cudnn], check `nvidia-smi`); onnxruntime's log names the missing library"
         )
-
-
-def cupy_view(ov: Any) -> Any:
-    """A CuPy array on the memory of a CUDA ``OrtValue``, without a copy (DLPack when the value exports it,
-    else a view of its device pointer that keeps the ``OrtValue`` alive)."""
-    import cupy
-
-    if hasattr(ov, "__dlpack__"):
-        return cupy.from_dlpack(ov)
-    if hasattr(ov, "to_dlpack"):
-        return cupy.from_dlpack(ov.to_dlpack())
-    from ._capture import ort_dtype
-
-    dtype, shape = ort_dtype(ov), tuple(ov.shape())
-    if dtype is None:
-        raise DeviceError(f"onnxruntime output of type {ov.data_type()} cannot be viewed by CuPy")
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size == 0:
-        return cupy.empty(shape, dtype=dtype)
-    mem = cupy.cuda.UnownedMemory(ov.data_ptr(), size, ov, device_id=ov.device_id())
-    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
 
 
 _KERNELS: dict[str, Any] = {}

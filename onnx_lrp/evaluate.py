@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from ._capture import ForwardCapture
+from ._device import resolve_device
 from ._graph import Graph, load_model
 from ._perturb import Perturber
 from .errors import InputError, TargetError
@@ -201,7 +202,7 @@ class Evaluator:
             names = [n.outputs[0] for n in graph.nodes if n.op_type == "Softmax"]
             if not names:
                 raise InputError(f"{self.source}: attention rollout needs the attention weights (Softmax nodes)")
-            cap = ForwardCapture(graph, self.providers)
+            cap = ForwardCapture(graph, resolve_device("cpu", self.providers))
             cap.prepare(set(names), set())
             self._rollout = (cap, names)
         cap, names = self._rollout

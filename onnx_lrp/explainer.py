@@ -106,9 +106,7 @@ class Explainer:
         self._plans: dict[tuple, Plan] = {}
         self._static: dict[str, Any] = {}
         self.default_output = self._default_output()
-        self._capture = ForwardCapture(
-            self.graph, self._device.providers, session_options, self._device.name, self._device.to_device
-        )
+        self._capture = ForwardCapture(self.graph, self._device, session_options)
         self._plan(self.default_output, ())
 
     # ------------------------------------------------------------------ public

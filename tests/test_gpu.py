@@ -122,6 +122,54 @@ def test_silent_cpu_fallback_is_reported():
     check_session(session, "cpu", "model.onnx")
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers() or CUDA_PROBLEM is None,
+                    reason="needs onnxruntime-gpu on a machine where CUDA cannot run")
+def test_real_onnxruntime_gpu_fallback_is_refused():
+    """onnxruntime-gpu without a usable GPU/CUDA libraries: the session silently runs on the CPU; caught."""
+    session = ort.InferenceSession(str(tiny_model("llama")[1]),
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(DeviceError, match="fell back to"):
+        check_session(session, "cuda", "model.onnx")
+
+
+# ------------------------------------------------------------------ outputs handed over through DLPack
+class _Exported:
+    """An OrtValue stand-in that exports ``arr`` through DLPack and reports the onnxruntime type ``ort_type``."""
+
+    def __init__(self, arr, ort_type):
+        self.arr, self.ort_type = arr, ort_type
+
+    def __dlpack__(self, **kw):
+        return self.arr.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.arr.__dlpack_device__()
+
+    def data_type(self):
+        return self.ort_type
+
+
+def test_outputs_are_views_of_onnxruntime_memory():
+    from onnx_lrp._capture import array_view, host_view
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ov = ort.OrtValue.ortvalue_from_numpy(x)
+    for view in (array_view(ov, np), host_view(ov)):  # DLPack, and the path for onnxruntime < 1.26
+        assert view.ctypes.data == ov.data_ptr() and np.array_equal(view, x)
+    # onnxruntime <= 1.31 exports bool tensors as uint8: viewed as bool again, so ~mask stays logical
+    mask = array_view(_Exported(np.array([1, 0, 1], np.uint8), "tensor(bool)"), np)
+    assert mask.dtype == np.bool_ and (~mask).tolist() == [False, True, False]
+
+
+def test_capture_returns_views_not_copies():
+    ex = Explainer(tiny_model("llama")[1])
+    ex._capture.prepare({"logits"}, set())
+    values, _ = ex._capture.run({"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
+                                 "position_ids": np.arange(3)[None]}, ["logits"], [])
+    assert values["logits"].base is not None and not values["logits"].flags.owndata
+
+
 # ------------------------------------------------------------------ GPU == CPU (GPU machines only)
 def _feeds(family: str, ex: Explainer):
     rng = np.random.RandomState(1)
@@ -159,9 +207,9 @@ def test_gpu_relevance_equals_cpu(family):
 
 @needs_gpu
 def test_gpu_smollm2_equals_cpu():
-    path = Path.home() / ".cache" / "onnx-lrp" / "models" / "SmolLM2-135M-Instruct" / "onnx" / "model.onnx"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
+    from onnx_lrp.exporters import assets
+
+    path = assets.smollm2()  # converted once into ~/.cache/onnx-lrp/models (needs the export extra)
     ids = np.random.RandomState(0).randint(3, 1000, size=(1, 64)).astype(np.int64)
     ref = Explainer(path).explain({"input_ids": ids})
     res = Explainer(path, device="cuda").explain({"input_ids": ids})
