@@ -10,7 +10,7 @@ numpy arrays on the CPU, as CuPy arrays on CUDA (the same code path on both devi
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import onnx
@@ -37,15 +37,17 @@ def is_weight(t: onnx.TensorProto) -> bool:
     return t.data_type in WEIGHT_TYPES and int(np.prod(t.dims, dtype=np.int64)) >= WEIGHT_MIN_ELEMENTS
 
 
-def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def split_weights(model: onnx.ModelProto, held: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A copy of ``model`` whose weights are data-less stubs (name, type, shape), and the weights as arrays.
 
     Used on models onnx-lrp loaded itself, so the loaded protobuf (a second copy of every weight) can be freed.
+    ``held``: weights already read into arrays elsewhere (their initializers are stubs already).
     """
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if is_weight(t)}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+               if is_weight(t) and t.name not in held}
     slim = _copy_without_initializers(model)
     for t in model.graph.initializer:
-        if t.name in weights:
+        if t.name in weights or t.name in held:
             stub = slim.graph.initializer.add()
             stub.name, stub.data_type = t.name, t.data_type
             stub.dims.extend(t.dims)

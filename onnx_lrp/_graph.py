@@ -224,6 +224,31 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
     """Load a model from a path or take a ``ModelProto``; returns (model, description, directory)."""
     if isinstance(model, onnx.ModelProto):
         return model, "ModelProto", None
+    path = model_path(model)
+    try:
+        proto = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    _check_nodes(proto, path)
+    return proto, str(path), str(path.parent)
+
+
+def load_split(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, dict | None, str]:
+    """Like :func:`load_model`, for a model onnx-lrp keeps: from a path, the model with its weights as stubs and
+    the weights as arrays, each held once (:func:`onnx_lrp._stream.read_split`); a ``ModelProto`` as it is
+    (weights ``None``: it is the user's, never changed). Returns (model, weights, description)."""
+    if isinstance(model, onnx.ModelProto):
+        return model, None, "ModelProto"
+    from ._stream import read_split
+
+    path = model_path(model)
+    proto, weights = read_split(path)
+    _check_nodes(proto, path)
+    return proto, weights, str(path)
+
+
+def model_path(model: str | os.PathLike) -> Path:
+    """The ``.onnx`` file a path names (a folder holding exactly one), checked to exist."""
     if not isinstance(model, (str, os.PathLike)):
         raise ModelLoadError(
             f"expected a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}"
@@ -239,10 +264,9 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
         path = candidates[0]
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
-    try:
-        proto = onnx.load(str(path), load_external_data=True)
-    except Exception as exc:  # onnx raises DecodeError, OSError, ...
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    return path
+
+
+def _check_nodes(proto: onnx.ModelProto, path: Path) -> None:
     if not proto.graph.node:
         raise ModelLoadError(f"{path}: not an ONNX model (the graph has no nodes)")
-    return proto, str(path), str(path.parent)

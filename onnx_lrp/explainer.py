@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 
 from ._analysis import Analysis, analyse, graph_output_is_float
-from ._capture import ForwardCapture, split_weights
+from ._capture import ForwardCapture
 from ._device import Device, check_session, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
-from ._graph import Graph, load_model
+from ._graph import Graph, load_split
 from .composites import Composite, get_composite
 from .errors import InputError, TargetError
 from .ops import REGISTRY
@@ -83,15 +83,12 @@ class Explainer:
         blas_threads: int | None = 1,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
-        proto, desc, _ = load_model(model)
+        proto, weights, desc = load_split(model)  # from a file: each weight held once, as an array
         if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
             if proto is model:  # never change the user's ModelProto
                 proto = onnx.ModelProto()
                 proto.CopyFrom(model)
             expand_embed_layer_norm(proto)
-        weights = None
-        if not isinstance(model, onnx.ModelProto):  # our own copy: keep each weight once, as an array
-            proto, weights = split_weights(proto)
         self.graph = Graph(proto, desc, weights)
         del proto, weights
         self.composite = get_composite(composite, overrides)

@@ -1,0 +1,170 @@
+"""Reading an ``.onnx`` file with every weight held once.
+
+``onnx.load`` holds the file's bytes and the parsed protobuf at the same time (twice the model's size), and
+turning the weights into arrays afterwards makes a third copy of each. :func:`read_split` walks the protobuf
+wire format of the file instead: everything but the weights' data is parsed as usual (a few MB), and the data of
+each weight (a large float initializer, :func:`onnx_lrp._capture.is_weight`) is read from the file straight into
+its numpy array, from the model file or from its external-data file. Peak memory while loading is then the
+weights once plus the graph's structure.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from .errors import ModelLoadError
+
+_GRAPH = 7  # ModelProto.graph
+_INITIALIZER = 5  # GraphProto.initializer
+_RAW_DATA = 9  # TensorProto.raw_data
+_LEN = 2  # wire type of length-delimited fields
+_SMALL = 2048  # initializers shorter than this (bytes) cannot be weights (1024 elements of 2 bytes)
+_DTYPES = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+           onnx.TensorProto.FLOAT16: np.dtype("<f2")}
+
+
+def read_split(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model at ``path`` with its weights as data-less stubs (name, type, shape), and the weights as arrays
+    (the result of ``split_weights(onnx.load(path))`` without holding the model twice)."""
+    from ._capture import is_weight, split_weights
+
+    weights: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        model = bytearray()
+        for field, wire, key_at, start, end in _fields(f, 0, size, path):
+            if field == _GRAPH and wire == _LEN:
+                graph = _read_graph(f, start, end, path, weights, is_weight)
+                model += _key(_GRAPH) + _varint(len(graph)) + graph
+            else:
+                model += _read(f, key_at, end, path)
+    try:
+        proto = onnx.ModelProto.FromString(bytes(model))
+    except Exception as exc:  # protobuf's DecodeError
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    _read_external(proto, path.parent, weights, is_weight)
+    proto, rest = split_weights(proto, held=weights)  # weights stored another way (float_data)
+    weights.update(rest)
+    return proto, weights
+
+
+def _read_graph(f: BinaryIO, start: int, end: int, path: Path, weights: dict, is_weight) -> bytearray:
+    """The GraphProto bytes in [start, end) with each weight's raw data moved into ``weights``."""
+    out = bytearray()
+    for field, wire, key_at, s, e in _fields(f, start, end, path):
+        if field == _INITIALIZER and wire == _LEN and e - s >= _SMALL:
+            stub, raw = bytearray(), None
+            for tf, tw, tk, ts, te in _fields(f, s, e, path):
+                if tf == _RAW_DATA and tw == _LEN:
+                    raw = (ts, te)
+                else:
+                    stub += _read(f, tk, te, path)
+            tensor = onnx.TensorProto.FromString(bytes(stub))
+            if raw is not None and is_weight(tensor) and tensor.data_type in _DTYPES:
+                weights[tensor.name] = _read_array(f, raw[0], raw[1] - raw[0], tensor, path)
+                out += _key(_INITIALIZER) + _varint(len(stub)) + stub
+                continue
+        out += _read(f, key_at, e, path)
+    return out
+
+
+def _read_external(proto: onnx.ModelProto, base: Path, weights: dict, is_weight) -> None:
+    """Weights kept in external-data files: read into arrays, their stubs cleared of the file reference;
+    other external tensors loaded into the protobuf as ``onnx.load`` would."""
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        file = (base / info.get("location", "")).resolve()
+        if not info.get("location") or base.resolve() not in file.parents:
+            raise ModelLoadError(f"{base}: initializer {t.name!r} refers to external data at "
+                                 f"{info.get('location')!r}, outside the model's folder")
+        if not file.exists():
+            raise ModelLoadError(f"{base}: initializer {t.name!r}: external data file {file} is missing")
+        if is_weight(t) and t.data_type in _DTYPES:
+            dtype = _DTYPES[t.data_type]
+            nbytes = int(info.get("length", int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize))
+            with open(file, "rb") as f:
+                weights[t.name] = _read_array(f, int(info.get("offset", 0)), nbytes, t, file)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+        else:
+            external_data_helper.load_external_data_for_tensor(t, str(base))
+            t.data_location = onnx.TensorProto.DEFAULT
+
+
+def _read_array(f: BinaryIO, offset: int, nbytes: int, tensor: onnx.TensorProto, path: Path) -> np.ndarray:
+    dtype, shape = _DTYPES[tensor.data_type], tuple(int(d) for d in tensor.dims)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes != expected:
+        raise ModelLoadError(f"{path}: initializer {tensor.name!r} of shape {list(shape)} "
+                             f"({onnx.TensorProto.DataType.Name(tensor.data_type)}) holds {nbytes} bytes, "
+                             f"expected {expected}")
+    arr = np.empty(shape, dtype=dtype)
+    f.seek(offset)
+    if f.readinto(memoryview(arr).cast("B")) != nbytes:
+        raise ModelLoadError(f"{path}: the file ends inside initializer {tensor.name!r}")
+    return arr.astype(dtype.newbyteorder("="), copy=False)
+
+
+# ------------------------------------------------------------------ protobuf wire format
+def _fields(f: BinaryIO, start: int, end: int, path: Path) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, offset of the key, payload start, payload end) of each field in [start, end)."""
+    pos = start
+    while pos < end:
+        key_at = pos
+        key, pos = _read_varint(f, pos, path)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, e = _read_varint(f, pos, path)
+            s = pos
+        elif wire == 1:
+            s, e = pos, pos + 8
+        elif wire == 2:
+            n, s = _read_varint(f, pos, path)
+            e = s + n
+        elif wire == 5:
+            s, e = pos, pos + 4
+        else:
+            raise ModelLoadError(f"{path}: not a readable ONNX model (protobuf wire type {wire} at byte {key_at})")
+        if e > end:
+            raise ModelLoadError(f"{path}: not a readable ONNX model (truncated field at byte {key_at})")
+        yield field, wire, key_at, s, e
+        pos = e
+
+
+def _read_varint(f: BinaryIO, pos: int, path: Path) -> tuple[int, int]:
+    f.seek(pos)
+    buf = f.read(10)
+    value = 0
+    for i, b in enumerate(buf):
+        value |= (b & 0x7F) << (7 * i)
+        if b < 0x80:
+            return value, pos + i + 1
+    raise ModelLoadError(f"{path}: not a readable ONNX model (bad varint at byte {pos})")
+
+
+def _read(f: BinaryIO, start: int, end: int, path: Path) -> bytes:
+    f.seek(start)
+    data = f.read(end - start)
+    if len(data) != end - start:
+        raise ModelLoadError(f"{path}: the file is truncated")
+    return data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | _LEN)
