@@ -398,7 +398,7 @@ class Explainer:
 
     def _source_relevance(self, grads, env: Env, feeds, lead: int):
         xp = self.xp
-        plain_gradient = self.composite.name == "gradient"
+        plain_gradient = self.composite.reading == "gradient"
         relevance: dict[str, Any] = {}
         emb: dict[str, Any] = {}
         for tensor, inp in self.analysis.sources.items():
