@@ -231,4 +231,10 @@ def test_inputs_filled_like_transformers(llama):
     full = ex.explain({"input_ids": ids, "attention_mask": mask,
                        "position_ids": np.clip(np.cumsum(mask, -1) - 1, 0, None)})
     filled = ex.explain({"input_ids": ids, "attention_mask": mask})
+    feeds = ex.prepare_inputs({"input_ids": ids, "attention_mask": mask})
+    # transformers: position_ids = cumsum(mask) - 1, set to 1 at padding
+    np.testing.assert_array_equal(feeds["position_ids"], np.where(mask == 0, 1, np.cumsum(mask, -1) - 1))
+    assert feeds["input_ids"].dtype == np.int64 and set(feeds) == set(ex.input_names)
+    with pytest.raises(InputError, match="unknown input"):
+        ex.prepare_inputs({"input_ids": ids, "ids": ids})
     np.testing.assert_allclose(full.relevance["input_ids"], filled.relevance["input_ids"], rtol=1e-6)
