@@ -1,7 +1,8 @@
 """Graph analysis, once per model and composite.
 
-1. *Sources*: float graph inputs, and embedding lookups ``Gather(table, ids)`` whose ids come from an integer
-   graph input (not ``position_ids``).
+1. *Sources*: float graph inputs (except ``past_*`` caches), and embedding lookups ``Gather(table, ids)`` of a
+   constant table by an integer graph input that enter the model additively (:func:`is_additive_lookup`);
+   lookups used only as factors (RoPE cos/sin caches indexed by position ids) are constants.
 2. *Carrying* tensors: those that depend on a source through ops that pass relevance. Everything else (masks,
    position ids, RoPE tables, shapes) is a constant for the rules.
 3. *Kinds*: each carrying node is ``linear``, ``add``, ``product``, ``unary``, ``softmax``, ``norm``,
@@ -51,7 +52,10 @@ REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
-EXCLUDED_ID_INPUTS = ("position", "cache_position")
+# ops that move or copy a looked-up row without combining it with anything else
+ROW_MOVEMENT_OPS = ID_CHAIN_OPS | {"Transpose", "Slice", "Split", "Concat", "Expand", "Tile", "Gather", "Dropout"}
+# ops whose result is a product of their operands
+PRODUCT_OPS = {"Mul", "Div", "MatMul", "Gemm", "Einsum"}
 
 
 @dataclass
@@ -88,8 +92,10 @@ class Analysis:
 def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str, str], set[str]]:
     """Relevance sources: float graph inputs and embedding-lookup outputs fed by integer graph inputs.
 
-    ``names`` restricts the sources to these graph inputs (by default all float inputs except
-    ``past_*`` caches, and all integer inputs except position ids).
+    By default: every float input except ``past_*`` caches, and every lookup ``Gather(table, ids)`` of a
+    constant table by an integer input that :func:`is_additive_lookup` accepts (token, segment and learned
+    position embeddings; not RoPE cos/sin caches). ``names`` restricts the sources to these graph inputs and
+    takes every constant-table lookup of a named integer input, additive or not.
     """
     by_name = {i.name: i for i in graph.inputs}
     if names is not None:
@@ -98,12 +104,7 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
             raise InputError(f"{graph.source}: sources {bad} are not graph inputs; inputs are {sorted(by_name)}")
         wanted = set(names)
     else:
-        wanted = {
-            i.name
-            for i in graph.inputs
-            if (i.is_float and not i.name.startswith("past"))
-            or (i.is_int and not any(x in i.name for x in EXCLUDED_ID_INPUTS))
-        }
+        wanted = {i.name for i in graph.inputs if i.is_int or not i.name.startswith("past")}
     sources: dict[str, str] = {}
     id_sources: set[str] = set()
     for i in graph.inputs:
@@ -116,10 +117,43 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
         if table not in graph.static:
             continue
         origin = _id_origin(graph, ids)
-        if origin is not None and origin in wanted:
-            sources[n.outputs[0]] = origin
-            id_sources.add(n.outputs[0])
+        if origin is None or origin not in wanted:
+            continue
+        if names is None and not is_additive_lookup(graph, n.outputs[0]):
+            continue
+        sources[n.outputs[0]] = origin
+        id_sources.add(n.outputs[0])
     return sources, id_sources
+
+
+def is_additive_lookup(graph: Graph, lookup: str) -> bool:
+    """Whether looked-up rows enter the model as a term, i.e. are an embedding rather than a factor table.
+
+    The rows are followed through data movement (:data:`ROW_MOVEMENT_OPS`) and scaling by constants (Gemma's
+    ``sqrt(hidden)``). A use as a factor of a product with a tensor computed at run time (``q * cos[pos]``, as
+    RoPE applies its cos/sin caches) does not count; any other use does (a sum with other embeddings or the
+    residual stream, a normalisation, a linear layer, pooling, a graph output); reading its shape or comparing
+    it (:data:`NON_PROPAGATING`) is no use either. Lookups with no such use are
+    constants for the rules: were they sources, the product rule would split relevance with them.
+    """
+    seen = {lookup}
+    stack = [lookup]
+    while stack:
+        t = stack.pop()
+        if t in graph.output_names:
+            return True
+        for c in graph.consumers.get(t, []):
+            others = [i for i in c.inputs if i and i != t]
+            scaling = c.op_type in ("Mul", "Div") and all(i in graph.static for i in others)
+            if c.op_type in NON_PROPAGATING:  # reads the shape or compares: no use of the values as a term
+                continue
+            if c.op_type in ROW_MOVEMENT_OPS and (c.op_type != "Gather" or c.inputs[0] == t) or scaling:
+                nxt = [o for o in c.outputs if o and o not in seen]
+                seen.update(nxt)
+                stack.extend(nxt)
+            elif not (c.op_type in PRODUCT_OPS and any(i not in graph.static for i in others)):
+                return True
+    return False
 
 
 def _id_origin(graph: Graph, tensor: str) -> str | None:
