@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import onnx
 
@@ -110,48 +111,63 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
     for i in graph.inputs:
         if i.name in wanted and i.is_float:
             sources[i.name] = i.name
+    lookups: list[tuple[str, str]] = []  # (lookup output, integer graph input)
     for n in graph.nodes:
-        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx"):
+        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx") or n.inputs[0] not in graph.static:
             continue
-        table, ids = n.inputs[0], n.inputs[1]
-        if table not in graph.static:
+        origin = _id_origin(graph, n.inputs[1])
+        if origin is not None:
+            lookups.append((n.outputs[0], origin))
+    candidates = {i.name for i in graph.inputs if i.is_float and not i.name.startswith("past")}
+    candidates |= {t for t, _ in lookups}
+    data: set[str] | None = None  # tensors computed from the values of the candidates (not from masks alone)
+    for lookup, origin in lookups:
+        if origin not in wanted:
             continue
-        origin = _id_origin(graph, ids)
-        if origin is None or origin not in wanted:
-            continue
-        if names is None and not is_additive_lookup(graph, n.outputs[0]):
-            continue
-        sources[n.outputs[0]] = origin
-        id_sources.add(n.outputs[0])
+        if names is None:
+            data = data if data is not None else propagate(graph, candidates, set())
+            if not is_additive_lookup(graph, lookup, data, lambda: propagate(graph, candidates - {lookup}, set())):
+                continue
+        sources[lookup] = origin
+        id_sources.add(lookup)
     return sources, id_sources
 
 
-def is_additive_lookup(graph: Graph, lookup: str) -> bool:
+def is_additive_lookup(graph: Graph, lookup: str, data: set[str], others: Callable[[], set[str]]) -> bool:
     """Whether looked-up rows enter the model as a term, i.e. are an embedding rather than a factor table.
 
-    The rows are followed through data movement (:data:`ROW_MOVEMENT_OPS`) and scaling by constants (Gemma's
-    ``sqrt(hidden)``). A use as a factor of a product with a tensor computed at run time (``q * cos[pos]``, as
-    RoPE applies its cos/sin caches) does not count; any other use does (a sum with other embeddings or the
-    residual stream, a normalisation, a linear layer, pooling, a graph output); reading its shape or comparing
-    it (:data:`NON_PROPAGATING`) is no use either. Lookups with no such use are
-    constants for the rules: were they sources, the product rule would split relevance with them.
+    ``data``: tensors computed from the values of float inputs or embedding lookups; ``others()``: those computed
+    from the values of the other inputs and lookups (evaluated when needed). The rows are followed through data
+    movement (:data:`ROW_MOVEMENT_OPS`) and element-wise ``Mul``/``Div`` by tensors that are not ``data``
+    (constants such as Gemma's ``sqrt(hidden)``, a mask computed from ``attention_mask``). A use as a factor of a
+    product with ``others()`` (``q * cos[pos]``, as RoPE applies its cos/sin caches, also in later layers where
+    ``q`` depends on the table itself) does not count, nor does reading the shape or comparing
+    (:data:`NON_PROPAGATING`); any other use does (a sum with other embeddings or the residual stream, a linear
+    layer, a normalisation, a product with a function of the rows alone as in RMSNorm, a graph output, ...).
+    Lookups with no such use are constants for the rules: were they sources, the product rule would split
+    relevance with them.
     """
     seen = {lookup}
     stack = [lookup]
+    other_data: set[str] | None = None
     while stack:
         t = stack.pop()
         if t in graph.output_names:
             return True
         for c in graph.consumers.get(t, []):
-            others = [i for i in c.inputs if i and i != t]
-            scaling = c.op_type in ("Mul", "Div") and all(i in graph.static for i in others)
-            if c.op_type in NON_PROPAGATING:  # reads the shape or compares: no use of the values as a term
+            if c.op_type in NON_PROPAGATING:
                 continue
-            if c.op_type in ROW_MOVEMENT_OPS and (c.op_type != "Gather" or c.inputs[0] == t) or scaling:
+            factors = [i for i in c.inputs if i and i != t and i in data] if c.op_type in PRODUCT_OPS else []
+            if factors:
+                other_data = other_data if other_data is not None else others()
+                if not any(i in other_data for i in factors):
+                    return True
+            elif c.op_type in ROW_MOVEMENT_OPS and (c.op_type != "Gather" or c.inputs[0] == t) or c.op_type in (
+                    "Mul", "Div"):
                 nxt = [o for o in c.outputs if o and o not in seen]
                 seen.update(nxt)
                 stack.extend(nxt)
-            elif not (c.op_type in PRODUCT_OPS and any(i not in graph.static for i in others)):
+            else:
                 return True
     return False
 

@@ -56,7 +56,9 @@ class Explainer:
     providers: onnxruntime execution providers (default CPU).
     dtype: compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
         are explained in this dtype.
-    sources: graph inputs to explain (default: float inputs except ``past_*``, and token-id inputs).
+    sources: graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
+        lookups enter the model as a term: token, segment, learned position ids, not RoPE position ids; see
+        :func:`onnx_lrp._analysis.is_additive_lookup`).
     allow_unsupported: treat ops without a rule as constants instead of failing.
     session_options: ``onnxruntime.SessionOptions`` for the forward session (default:
         :func:`onnx_lrp._capture.default_session_options`: priority-based execution order, no thread spinning;

@@ -14,31 +14,48 @@ E, C, SN = f32(V, D, seed=1), f32(P, D, seed=2), f32(P, D, seed=3)
 WQ, WO, R = f32(D, D, seed=4), f32(D, 3, seed=5), f32(D, D, seed=6)
 
 
-def _rope_model(pos: str):
-    """``y = (h * cos[pos] + (h R) * sin[pos]) Wo`` with ``h = E[ids] Wq``: RoPE-style factor tables."""
-    nodes = [
-        node("Gather", ["E", "ids"], ["e"]), node("MatMul", ["e", "Wq"], ["h"]),
-        node("Gather", ["C", pos], ["cos"]), node("Gather", ["SN", pos], ["sin"]),
-        node("Mul", ["h", "cos"], ["hc"]), node("MatMul", ["h", "R"], ["hr"]), node("Mul", ["hr", "sin"], ["hs"]),
-        node("Add", ["hc", "hs"], ["r"]), node("MatMul", ["r", "Wo"], ["y"]),
-    ]
+def _rope_model(pos: str, layers: int = 1):
+    """``y = rope(... rope(h)) Wo`` with ``h = E[ids] Wq`` and ``rope(v) = v * cos[pos] + (v R) * sin[pos]``:
+    RoPE-style factor tables, shared by ``layers`` layers (from the second on, the rotated tensor depends on them)."""
+    nodes = [node("Gather", ["E", "ids"], ["e"]), node("MatMul", ["e", "Wq"], ["v0"]),
+             node("Gather", ["C", pos], ["cos"]), node("Gather", ["SN", pos], ["sin"])]
+    for k in range(layers):
+        v, o = f"v{k}", f"v{k + 1}"
+        nodes += [node("Mul", [v, "cos"], [v + "c"]), node("MatMul", [v, "R"], [v + "r"]),
+                  node("Mul", [v + "r", "sin"], [v + "s"]), node("Add", [v + "c", v + "s"], [o])]
+    nodes.append(node("MatMul", [f"v{layers}", "Wo"], ["y"]))
     return model(nodes, {"ids": ("int", 1, S), pos: ("int", 1, S)}, {"y": (1, S, 3)},
                  {"E": E, "C": C, "SN": SN, "Wq": WQ, "Wo": WO, "R": R})
 
 
-@pytest.mark.parametrize("pos", ["pos", "idx"])
-def test_factor_tables_indexed_by_any_name_are_constants(pos):
-    """Hand-computed reference: y is linear in e for fixed cos/sin, so AttnLRP (eps=0) is gradient x input
-    ``e * dy/de``; were the cos/sin lookups sources, the product rule would halve it."""
+@pytest.mark.parametrize("pos,layers", [("pos", 1), ("idx", 1), ("idx", 2)])
+def test_factor_tables_indexed_by_any_name_are_constants(pos, layers):
+    """Hand-computed reference: y is linear in e for fixed cos/sin, ``y_p = e_p Wq M_p^layers Wo`` with
+    ``M_p = diag(cos_p) + R diag(sin_p)``, so AttnLRP (eps=0) is gradient x input ``e * dy/de``; were the cos/sin
+    lookups sources, the product rule would halve it."""
     ids, p = np.array([[3, 1, 7, 12]]), np.array([[0, 5, 2, 9]])
-    ex = Explainer(_rope_model(pos))
+    ex = Explainer(_rope_model(pos, layers))
     assert set(ex.analysis.sources.values()) == {"ids"}
     res = ex.explain({"ids": ids, pos: p}, target=1, position=2)
     e, c, s = E[ids[0]], C[p[0]], SN[p[0]]
+    M = np.diag(c[2]) + R @ np.diag(s[2])
     G = np.zeros((S, D))
-    G[2] = WQ @ (WO[:, 1] * c[2] + R @ (WO[:, 1] * s[2]))
+    G[2] = WQ @ np.linalg.matrix_power(M, layers) @ WO[:, 1]
     np.testing.assert_allclose(res.relevance["ids"][0], (e * G).sum(-1), rtol=1e-5, atol=1e-6)
     assert pos not in res.relevance
+
+
+def test_embeddings_times_a_mask_are_a_source():
+    """Rows scaled by a mask computed from ``attention_mask`` (as ESM does) are still an embedding: relevance
+    ``e * mask * Wo[:, k]`` at the explained position."""
+    nodes = [node("Gather", ["E", "ids"], ["e"]), node("Unsqueeze", ["attention_mask", "ax"], ["m"]),
+             node("Cast", ["m"], ["mf"], to=1), node("Mul", ["e", "mf"], ["x"]), node("MatMul", ["x", "Wo"], ["y"])]
+    m = model(nodes, {"ids": ("int", 1, S), "attention_mask": ("int", 1, S)}, {"y": (1, S, 3)},
+              {"E": E, "Wo": WO, "ax": np.array([-1])})
+    ids, mask = np.array([[3, 1, 7, 12]]), np.array([[1, 1, 0, 1]])
+    res = Explainer(m).explain({"ids": ids, "attention_mask": mask}, target=2, position=1)
+    np.testing.assert_allclose(res.relevance["ids"][0, 1], E[1] @ WO[:, 2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.relevance["ids"].sum(), res.score, rtol=1e-5)
 
 
 def test_explicit_sources_take_any_lookup():
