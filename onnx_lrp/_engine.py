@@ -18,6 +18,7 @@ from ._graph import Graph
 from .errors import OnnxLrpError
 from .ops import REGISTRY, OpContext
 from .ops.activation import region_backward
+from .ops._base import stabilise
 from .ops.linear import following_bias
 from .rules import Epsilon, Rule
 
@@ -149,6 +150,9 @@ def compile_plan(
     return plan
 
 
+SUM_OPS = ("Add", "Sub", "Sum")
+
+
 def _epsilon_site(ctx: OpContext, kind: str, kinds: dict[str, str]) -> tuple[float, Any]:
     """(eps, bias) of the eps-LRP stabiliser at this node: once per *layer*, whatever ops a graph splits it into.
 
@@ -159,7 +163,7 @@ def _epsilon_site(ctx: OpContext, kind: str, kinds: dict[str, str]) -> tuple[flo
     Element-wise scaling or shifting by a tensor that carries no relevance (a bias ``Add`` after its ``MatMul``,
     attention's ``1/sqrt(d)`` and mask, GELU's ``0.5``, a detached norm statistic) belongs to its neighbouring layer:
     no stabiliser, as in the fused ops (``Attention``, ``BiasGelu``, ``Skip*Normalization``) that compute it inside.
-    Neither has a written-out LayerNorm's centring ``x - mean(x)``, as in ``LayerNormalization``.
+    A written-out LayerNorm's centring ``x - mean(x)`` gets none either, as inside ``LayerNormalization``.
     """
     rule, node, graph = ctx.rule, ctx.node, ctx.graph
     if not isinstance(rule, Epsilon) or not rule.epsilon or _centres(graph, node):
@@ -168,7 +172,7 @@ def _epsilon_site(ctx: OpContext, kind: str, kinds: dict[str, str]) -> tuple[flo
         if _continues_sum(graph, node):
             return 0.0, None
         return (rule.epsilon, None) if _sums_carrying_terms(graph, node, kinds) else (0.0, None)
-    if kind in ("add", "reduce"):
+    if kind == "reduce":
         return rule.epsilon, None
     if kind != "linear" or node.op_type not in LINEAR_OPS:
         return 0.0, None
@@ -176,9 +180,6 @@ def _epsilon_site(ctx: OpContext, kind: str, kinds: dict[str, str]) -> tuple[flo
         return rule.epsilon, None
     bias = following_bias(ctx)
     return rule.epsilon, (ctx.array(bias) if bias is not None else None)
-
-
-SUM_OPS = ("Add", "Sub", "Sum")
 
 
 def _centres(graph: Graph, node: Any) -> bool:
@@ -259,7 +260,7 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
             z = env[step.outputs[0]]
             if step.eps_bias is not None:
                 z = z + step.eps_bias
-            gy[0] = gy[0] * (z / (z + step.epsilon * xp.where(z >= 0, 1.0, -1.0).astype(z.dtype)))
+            gy[0] = gy[0] * (z / stabilise(xp, z, step.epsilon))
         try:
             gx = step.backward(env, gy)
         except OnnxLrpError:

@@ -10,7 +10,7 @@ import onnx
 
 from ._analysis import Analysis, analyse, graph_output_is_float
 from ._capture import ForwardCapture, split_weights
-from ._device import Device, check_session, resolve_device
+from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_model

@@ -27,7 +27,7 @@ import onnx
 from onnx import helper
 
 from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform
-from ._base import OpContext, register
+from ._base import OpContext, register, stabilise
 
 MS_DOMAIN = "com.microsoft"
 
@@ -114,7 +114,7 @@ def attention(ctx: OpContext):
         if not (gamma or eps):
             return None
         zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
-        return qkv / (zm + eps * xp.where(zm >= 0, 1.0, -1.0).astype(zm.dtype))
+        return qkv / stabilise(xp, zm, eps)
 
     def forward(env):
         X = env[x]
@@ -146,7 +146,7 @@ def attention(ctx: OpContext):
         GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
         if eps and not wP:  # P constant: O = P V is a linear map of V (eps-LRP on it, as on the unfused MatMul)
             O = env.memo(key + ":O", lambda: P @ V)
-            GO = GO * (O / (O + eps * xp.where(O >= 0, 1.0, -1.0).astype(O.dtype)))
+            GO = GO * (O / stabilise(xp, O, eps))
         GV = (P.swapaxes(-1, -2) @ GO) * wV
         parts = [None, None, GV]
         if wP:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import ConstantGate, Gamma, Gradient, Uniform
-from ._base import OpContext, register, unbroadcast
+from ._base import OpContext, register, stabilise, unbroadcast
 
 
 def _swap(a):
@@ -158,7 +158,7 @@ def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps, bias=None):
         z = z + bias
         zplus = zplus + xp.maximum(bias, 0)
     zp = z + gamma * zplus
-    den = zp + eps * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+    den = stabilise(xp, zp, eps)
     return g * (z / den)
 
 
@@ -201,7 +201,7 @@ def gemm(ctx: OpContext):
             if bias_p is not None:
                 zp = zp + bias_p
             zp = z + gamma * zp
-            den = zp + ctx.rule.epsilon * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+            den = stabilise(xp, zp, ctx.rule.epsilon)
             g = g * (z / den)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
@@ -258,7 +258,7 @@ def conv(ctx: OpContext):
             if bias_p is not None:
                 zp = zp + bias_p.reshape((-1,) + (1,) * (zp.ndim - 2))
             zp = z + gamma * zp
-            den = zp + ctx.rule.epsilon * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+            den = stabilise(xp, zp, ctx.rule.epsilon)
             g = g * (z / den)
         return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
 

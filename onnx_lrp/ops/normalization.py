@@ -11,7 +11,7 @@ Statistics are recomputed from the captured input, in the compute dtype.
 from __future__ import annotations
 
 from ..rules import ConstantStatistic, Epsilon, Gradient
-from ._base import OpContext, register, unbroadcast
+from ._base import OpContext, register, stabilise, unbroadcast
 
 
 def _stats(xp, x, axes, eps, rms):
@@ -88,7 +88,7 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
         if y_sum is not None and len(gy) > 3 and gy[3] is not None:
             g = gy[3] if g is None else g + gy[3]
         if add_eps:  # eps-LRP on the residual sum s
-            g = g * (X / (X + add_eps * xp.where(X >= 0, 1.0, -1.0).astype(X.dtype)))
+            g = g * (X / stabilise(xp, X, add_eps))
         out = [None] * n_in
         for k, c in zip(x_inputs, carry):
             if c:
