@@ -1,7 +1,8 @@
 """Graph analysis, once per model and composite.
 
-1. *Sources*: float graph inputs, and embedding lookups ``Gather(table, ids)`` whose ids come from an integer
-   graph input (not ``position_ids``).
+1. *Sources*: float graph inputs (except ``past_*`` caches), and embedding lookups ``Gather(table, ids)`` of a
+   constant table by an integer graph input that enter the model additively (:func:`is_additive_lookup`);
+   lookups used only as factors (RoPE cos/sin caches indexed by position ids) are constants.
 2. *Carrying* tensors: those that depend on a source through ops that pass relevance. Everything else (masks,
    position ids, RoPE tables, shapes) is a constant for the rules.
 3. *Kinds*: each carrying node is ``linear``, ``add``, ``product``, ``unary``, ``softmax``, ``norm``,
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import onnx
 
@@ -51,7 +53,10 @@ REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
-EXCLUDED_ID_INPUTS = ("position", "cache_position")
+# ops that move or copy a looked-up row without combining it with anything else
+ROW_MOVEMENT_OPS = ID_CHAIN_OPS | {"Transpose", "Slice", "Split", "Concat", "Expand", "Tile", "Gather", "Dropout"}
+# ops whose result is a product of their operands
+PRODUCT_OPS = {"Mul", "Div", "MatMul", "Gemm", "Einsum"}
 
 
 @dataclass
@@ -88,8 +93,10 @@ class Analysis:
 def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str, str], set[str]]:
     """Relevance sources: float graph inputs and embedding-lookup outputs fed by integer graph inputs.
 
-    ``names`` restricts the sources to these graph inputs (by default all float inputs except
-    ``past_*`` caches, and all integer inputs except position ids).
+    By default: every float input except ``past_*`` caches, and every lookup ``Gather(table, ids)`` of a
+    constant table by an integer input that :func:`is_additive_lookup` accepts (token, segment and learned
+    position embeddings; not RoPE cos/sin caches). ``names`` restricts the sources to these graph inputs and
+    takes every constant-table lookup of a named integer input, additive or not.
     """
     by_name = {i.name: i for i in graph.inputs}
     if names is not None:
@@ -98,28 +105,71 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
             raise InputError(f"{graph.source}: sources {bad} are not graph inputs; inputs are {sorted(by_name)}")
         wanted = set(names)
     else:
-        wanted = {
-            i.name
-            for i in graph.inputs
-            if (i.is_float and not i.name.startswith("past"))
-            or (i.is_int and not any(x in i.name for x in EXCLUDED_ID_INPUTS))
-        }
+        wanted = {i.name for i in graph.inputs if i.is_int or not i.name.startswith("past")}
     sources: dict[str, str] = {}
     id_sources: set[str] = set()
     for i in graph.inputs:
         if i.name in wanted and i.is_float:
             sources[i.name] = i.name
+    lookups: list[tuple[str, str]] = []  # (lookup output, integer graph input)
     for n in graph.nodes:
-        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx"):
+        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx") or n.inputs[0] not in graph.static:
             continue
-        table, ids = n.inputs[0], n.inputs[1]
-        if table not in graph.static:
+        origin = _id_origin(graph, n.inputs[1])
+        if origin is not None:
+            lookups.append((n.outputs[0], origin))
+    candidates = {i.name for i in graph.inputs if i.is_float and not i.name.startswith("past")}
+    candidates |= {t for t, _ in lookups}
+    data: set[str] | None = None  # tensors computed from the values of the candidates (not from masks alone)
+    for lookup, origin in lookups:
+        if origin not in wanted:
             continue
-        origin = _id_origin(graph, ids)
-        if origin is not None and origin in wanted:
-            sources[n.outputs[0]] = origin
-            id_sources.add(n.outputs[0])
+        if names is None:
+            data = data if data is not None else propagate(graph, candidates, set())
+            if not is_additive_lookup(graph, lookup, data, lambda: propagate(graph, candidates - {lookup}, set())):
+                continue
+        sources[lookup] = origin
+        id_sources.add(lookup)
     return sources, id_sources
+
+
+def is_additive_lookup(graph: Graph, lookup: str, data: set[str], others: Callable[[], set[str]]) -> bool:
+    """Whether looked-up rows enter the model as a term, i.e. are an embedding rather than a factor table.
+
+    ``data``: tensors computed from the values of float inputs or embedding lookups; ``others()``: those computed
+    from the values of the other inputs and lookups (evaluated when needed). The rows are followed through data
+    movement (:data:`ROW_MOVEMENT_OPS`) and element-wise ``Mul``/``Div`` by tensors that are not ``data``
+    (constants such as Gemma's ``sqrt(hidden)``, a mask computed from ``attention_mask``). A use as a factor of a
+    product with ``others()`` (``q * cos[pos]``, as RoPE applies its cos/sin caches, also in later layers where
+    ``q`` depends on the table itself) does not count, nor does reading the shape or comparing
+    (:data:`NON_PROPAGATING`); any other use does (a sum with other embeddings or the residual stream, a linear
+    layer, a normalisation, a product with a function of the rows alone as in RMSNorm, a graph output, ...).
+    Lookups with no such use are constants for the rules: were they sources, the product rule would split
+    relevance with them.
+    """
+    seen = {lookup}
+    stack = [lookup]
+    other_data: set[str] | None = None
+    while stack:
+        t = stack.pop()
+        if t in graph.output_names:
+            return True
+        for c in graph.consumers.get(t, []):
+            if c.op_type in NON_PROPAGATING:
+                continue
+            factors = [i for i in c.inputs if i and i != t and i in data] if c.op_type in PRODUCT_OPS else []
+            if factors:
+                other_data = other_data if other_data is not None else others()
+                if not any(i in other_data for i in factors):
+                    return True
+            elif c.op_type in ROW_MOVEMENT_OPS and (c.op_type != "Gather" or c.inputs[0] == t) or c.op_type in (
+                    "Mul", "Div"):
+                nxt = [o for o in c.outputs if o and o not in seen]
+                seen.update(nxt)
+                stack.extend(nxt)
+            else:
+                return True
+    return False
 
 
 def _id_origin(graph: Graph, tensor: str) -> str | None:

@@ -13,11 +13,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._analysis import Analysis
+from ._analysis import LINEAR_OPS, Analysis
 from ._graph import Graph
 from .errors import OnnxLrpError
 from .ops import REGISTRY, OpContext
 from .ops.activation import region_backward
+from .ops._base import stabilise
+from .ops.linear import following_bias
 from .rules import Epsilon, Rule
 
 
@@ -30,6 +32,7 @@ class Step:
     outputs: list[str]
     backward: Callable
     epsilon: float = 0.0  # eps-LRP modifier on the output gradient (needs the output value)
+    eps_bias: Any = None  # bias added to the output for eps-LRP's z (a linear map's bias in the next node)
 
 
 @dataclass
@@ -132,11 +135,11 @@ def compile_plan(
         back = builder(ctx)
         if back is None:
             continue
-        eps = rule.epsilon if isinstance(rule, Epsilon) and kind in ("linear", "add", "reduce") else 0.0
+        eps, eps_bias = _epsilon_site(ctx, kind, analysis.kinds)
         if eps:
             step_values.add(node.outputs[0])
         inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
-        plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps))
+        plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps, eps_bias))
         reads.append(step_values)
     plan.keep = set(analysis.sources) | set(collect)
     for r in reads:
@@ -145,6 +148,70 @@ def compile_plan(
     plan.values.update(collect)
     plan.release = _last_reads(reads, plan.keep | set(graph.output_names))
     return plan
+
+
+SUM_OPS = ("Add", "Sub", "Sum")
+
+
+def _epsilon_site(ctx: OpContext, kind: str, kinds: dict[str, str]) -> tuple[float, Any]:
+    """(eps, bias) of the eps-LRP stabiliser at this node: once per *layer*, whatever ops a graph splits it into.
+
+    Layers: a linear map with its bias, ``z = x W + b`` (``MatMul``/``Einsum`` take the bias from the node that adds
+    it, :func:`~onnx_lrp.ops.linear.following_bias`: a bias ``Add`` or a fused op holding it; ``Gemm``/``Conv``
+    hold it); a sum of several carrying tensors, ``z`` being the whole chain of ``Add`` nodes it is written as
+    (``word + segment + position``, in any order), stabilised at the chain's last ``Add``; a pooling (``reduce``).
+    Element-wise scaling or shifting by a tensor that carries no relevance (a bias ``Add`` after its ``MatMul``,
+    attention's ``1/sqrt(d)`` and mask, GELU's ``0.5``, a detached norm statistic) belongs to its neighbouring layer:
+    no stabiliser, as in the fused ops (``Attention``, ``BiasGelu``, ``Skip*Normalization``) that compute it inside.
+    A written-out LayerNorm's centring ``x - mean(x)`` gets none either, as inside ``LayerNormalization``.
+    """
+    rule, node, graph = ctx.rule, ctx.node, ctx.graph
+    if not isinstance(rule, Epsilon) or not rule.epsilon or _centres(graph, node):
+        return 0.0, None
+    if node.op_type in SUM_OPS and kind in ("add", "linear"):
+        if _continues_sum(graph, node):
+            return 0.0, None
+        return (rule.epsilon, None) if _sums_carrying_terms(graph, node, kinds) else (0.0, None)
+    if kind == "reduce":
+        return rule.epsilon, None
+    if kind != "linear" or node.op_type not in LINEAR_OPS:
+        return 0.0, None
+    if node.op_type in ("Gemm", "Conv", "ConvTranspose") and ctx.input(2):
+        return rule.epsilon, None
+    bias = following_bias(ctx)
+    return rule.epsilon, (ctx.array(bias) if bias is not None else None)
+
+
+def _centres(graph: Graph, node: Any) -> bool:
+    """``Sub(x, ReduceMean(x))`` (a written-out LayerNorm's centring), or that ``ReduceMean`` read only by it."""
+    if node.op_type == "ReduceMean":
+        cons = graph.consumers.get(node.outputs[0], [])
+        return bool(cons) and all(_centres(graph, c) for c in cons)
+    if node.op_type != "Sub" or len(node.inputs) < 2:
+        return False
+    p = graph.producer.get(node.inputs[1])
+    return p is not None and p.op_type == "ReduceMean" and p.inputs[0] == node.inputs[0]
+
+
+def _continues_sum(graph: Graph, node: Any) -> bool:
+    """Whether the node's output is read only by one more ``Add``/``Sub``/``Sum`` (the sum goes on there)."""
+    out = node.outputs[0]
+    cons = graph.consumers.get(out, [])
+    return len(cons) == 1 and cons[0].op_type in SUM_OPS and out not in graph.output_names
+
+
+def _sums_carrying_terms(graph: Graph, node: Any, kinds: dict[str, str]) -> bool:
+    """Whether the chain of sums ending at ``node`` adds several carrying tensors (some node of it is ``add``)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if kinds.get(n.name) == "add":
+            return True
+        for i in n.inputs:
+            p = graph.producer.get(i) if i else None
+            if p is not None and p.op_type in SUM_OPS and _continues_sum(graph, p):
+                stack.append(p)
+    return False
 
 
 def _last_reads(reads: list[set[str]], keep: set[str]) -> list[tuple[str, ...]]:
@@ -191,7 +258,9 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
             continue
         if step.epsilon:
             z = env[step.outputs[0]]
-            gy[0] = gy[0] * (z / (z + step.epsilon * xp.where(z >= 0, 1.0, -1.0).astype(z.dtype)))
+            if step.eps_bias is not None:
+                z = z + step.eps_bias
+            gy[0] = gy[0] * (z / stabilise(xp, z, step.epsilon))
         try:
             gx = step.backward(env, gy)
         except OnnxLrpError:

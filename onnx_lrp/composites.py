@@ -17,6 +17,10 @@ reduce     ReduceSum/ReduceMean (pooling)
 movement   everything else (Reshape, Transpose, Gather, Slice, Concat, Where, ...): plain routing
 ========== =================================================================================
 
+How relevance is read at a source ``x`` with modified gradient ``G`` is the composite's ``reading``:
+``"input_x_gradient"`` (default, every LRP composite): ``R = x * G``, a token's relevance is the sum over the
+hidden axis; ``"gradient"`` (saliency): ``R = G``, a token's relevance is ``||G||_2`` over the hidden axis.
+
 Lookup order for a node: name-pattern overrides (``fnmatch`` on the node name, first match wins), then
 op-type overrides, then the kind map. An override applies only where its rule fits the node's kind
 (:data:`APPLICABLE`): ``{"/model/layers.0/*": Gradient()}`` changes every node there, while
@@ -40,6 +44,7 @@ from .rules import (
     Uniform,
 )
 
+READINGS = ("input_x_gradient", "gradient")
 KINDS = ("linear", "add", "product", "unary", "softmax", "norm", "reduce", "movement")
 # which rules fit which kind; an override that does not fit a node's kind does not apply to it
 APPLICABLE: dict[str, tuple[type, ...]] = {
@@ -58,13 +63,17 @@ APPLICABLE: dict[str, tuple[type, ...]] = {
 class Composite:
     """Rule map. ``kinds`` maps kind -> rule; ``overrides`` maps an op type (``"Softmax"``) or a node-name
     pattern (``"/model/layers.0/*"``) -> rule. Patterns are recognised by containing ``/``, ``*``, ``?``
-    or ``[``; anything else is an op type."""
+    or ``[``; anything else is an op type. ``reading`` says how relevance is read at the sources:
+    ``"input_x_gradient"`` (``R = x * G``) or ``"gradient"`` (``R = G``; token relevance ``||G||_2``)."""
 
     name: str
     kinds: dict[str, Rule]
     overrides: dict[str, Rule] = field(default_factory=dict)
+    reading: str = "input_x_gradient"
 
     def __post_init__(self) -> None:
+        if self.reading not in READINGS:
+            raise ValueError(f"composite {self.name!r}: unknown reading {self.reading!r}; readings are {READINGS}")
         unknown = set(self.kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown node kind(s) {sorted(unknown)}; kinds are {KINDS}")
@@ -93,7 +102,7 @@ class Composite:
         merged = dict(overrides)
         for k, v in self.overrides.items():
             merged.setdefault(k, v)
-        return Composite(self.name, dict(self.kinds), merged)
+        return Composite(self.name, dict(self.kinds), merged, self.reading)
 
 
 def _is_pattern(key: str) -> bool:
@@ -133,7 +142,7 @@ def gradient_x_input() -> Composite:
 
 def gradient() -> Composite:
     """The plain gradient (saliency); relevance is the gradient itself, not times the input."""
-    return Composite("gradient", {k: Gradient() for k in KINDS})
+    return Composite("gradient", {k: Gradient() for k in KINDS}, reading="gradient")
 
 
 def vit_lrp(conv_gamma: float = 0.25, linear_gamma: float = 0.05) -> Composite:
@@ -162,7 +171,7 @@ def get_composite(composite: "str | Composite", overrides: Mapping[str, Rule] | 
             raise ValueError(f"unknown composite {composite!r}; choose one of {sorted(PRESETS)} or pass a Composite")
         comp = PRESETS[key]()
     elif isinstance(composite, Composite):
-        comp = Composite(composite.name, dict(composite.kinds), dict(composite.overrides))
+        comp = Composite(composite.name, dict(composite.kinds), dict(composite.overrides), composite.reading)
     else:
         raise TypeError(f"composite must be a preset name or a Composite, got {type(composite).__name__}")
     if overrides:

@@ -35,7 +35,7 @@ from ._device import resolve_device
 from ._graph import Graph, load_model
 from ._perturb import Perturber
 from .errors import InputError, TargetError
-from .explainer import Explainer
+from .explainer import Explainer, last_token
 
 METHODS = ("attnlrp", "cp-lrp", "gradient-x-input", "gradient", "integrated-gradients", "random", "rollout")
 ERASER_BINS = (0.01, 0.05, 0.1, 0.2, 0.5)
@@ -133,7 +133,7 @@ class Evaluator:
 
     def feeds(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The model's feeds with defaults filled in (attention_mask, token_type_ids, position_ids)."""
-        return self.explainer("gradient-x-input")._feeds(inputs)
+        return self.explainer("gradient-x-input").prepare_inputs(inputs)
 
     def predict(self, inputs: Mapping[str, Any], target: Any = None, position: Any = None):
         """(target (batch,), position (batch,) or None): the predicted class/next token at the explained
@@ -145,7 +145,7 @@ class Evaluator:
         pos = None
         if y.ndim == 3:
             if position is None:
-                pos = Explainer._last_token(feeds, B, y.shape[1])
+                pos = last_token(feeds, B, y.shape[1])
             else:
                 pos = np.broadcast_to(np.asarray(position, dtype=np.int64), (B,)) % y.shape[1]
             y = y[np.arange(B), pos]

@@ -10,7 +10,7 @@ import onnx
 
 from ._analysis import Analysis, analyse, graph_output_is_float
 from ._capture import ForwardCapture
-from ._device import Device, check_session, resolve_device
+from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
@@ -56,7 +56,9 @@ class Explainer:
     providers: onnxruntime execution providers (default CPU).
     dtype: compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
         are explained in this dtype.
-    sources: graph inputs to explain (default: float inputs except ``past_*``, and token-id inputs).
+    sources: graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
+        lookups enter the model as a term: token, segment, learned position ids, not RoPE position ids; see
+        :func:`onnx_lrp._analysis.is_additive_lookup`).
     allow_unsupported: treat ops without a rule as constants instead of failing.
     session_options: ``onnxruntime.SessionOptions`` for the forward session (default:
         :func:`onnx_lrp._capture.default_session_options`: priority-based execution order, no thread spinning;
@@ -161,7 +163,7 @@ class Explainer:
                 raise TargetError(
                     f"collect: tensor {name!r} carries no relevance (not in the graph, or a constant for the rules)"
                 )
-        feeds = self._feeds(inputs)
+        feeds = self.prepare_inputs(inputs)
         plan = self._plan(output, collect)
         xp, dtype = self.xp, self.dtype
         dynamic = [v for v in plan.values if v not in self._static and v not in feeds]
@@ -218,38 +220,14 @@ class Explainer:
         bad = [n for n in names if n not in self.graph.output_names]
         if bad:
             raise TargetError(f"{self.graph.source}: no graph output(s) {bad}; outputs: {self.graph.output_names}")
-        values, _ = self._capture.run(self._feeds(inputs), names, [])
+        values, _ = self._capture.run(self.prepare_inputs(inputs), names, [])
         return {k: np.array(to_numpy(v)) for k, v in values.items()}  # copies: values may view ORT's memory
 
-    # ------------------------------------------------------------------ internals
-    def _default_output(self) -> str:
-        for name in self.graph.output_names:
-            if graph_output_is_float(self.graph, name) and name in self.analysis.carrying:
-                return name
-        raise TargetError(
-            f"{self.graph.source}: no float graph output depends on the relevance sources "
-            f"{sorted(set(self.analysis.sources.values()))}; outputs: {self.graph.output_names}"
-        )
-
-    def _plan(self, output: str, collect: tuple[str, ...]) -> Plan:
-        key = (output, collect)
-        plan = self._plans.get(key)
-        if plan is None:
-            if output not in self.analysis.carrying:
-                raise TargetError(f"{self.graph.source}: output {output!r} does not depend on any relevance source")
-            plan = compile_plan(self.graph, self.analysis, output, self.xp, self.dtype, collect)
-            for name in list(plan.values) + list(plan.shapes):
-                c = self.graph.constant(name)
-                if c is not None and name not in self._static:
-                    self._static[name] = to_compute(self.xp, self.dtype, c)
-            self._capture.prepare(
-                {v for v in plan.values if v not in self._static} | set(self.graph.output_names),
-                {s for s in plan.shapes if s not in self._static},
-            )
-            self._plans[key] = plan
-        return plan
-
-    def _feeds(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The feeds :meth:`explain` and :meth:`forward` run the model on: ``inputs`` checked against the
+        model's inputs (names, integer/float kind, rank, fixed sizes; cast to the declared dtype) and the
+        inputs transformers fills itself added (``attention_mask``, ``position_ids``, ``token_type_ids``,
+        empty ``past_*`` caches). Raises :class:`~onnx_lrp.errors.InputError` naming what is wrong."""
         if not isinstance(inputs, Mapping):
             raise InputError(f"inputs must be a dict of input name -> array, got {type(inputs).__name__}")
         src = self.graph.source
@@ -283,6 +261,34 @@ class Explainer:
         if missing:
             raise InputError(f"{src}: missing input(s) {missing}; the model's inputs are {list(expected)}")
         return feeds
+
+    # ------------------------------------------------------------------ internals
+    def _default_output(self) -> str:
+        for name in self.graph.output_names:
+            if graph_output_is_float(self.graph, name) and name in self.analysis.carrying:
+                return name
+        raise TargetError(
+            f"{self.graph.source}: no float graph output depends on the relevance sources "
+            f"{sorted(set(self.analysis.sources.values()))}; outputs: {self.graph.output_names}"
+        )
+
+    def _plan(self, output: str, collect: tuple[str, ...]) -> Plan:
+        key = (output, collect)
+        plan = self._plans.get(key)
+        if plan is None:
+            if output not in self.analysis.carrying:
+                raise TargetError(f"{self.graph.source}: output {output!r} does not depend on any relevance source")
+            plan = compile_plan(self.graph, self.analysis, output, self.xp, self.dtype, collect)
+            for name in list(plan.values) + list(plan.shapes):
+                c = self.graph.constant(name)
+                if c is not None and name not in self._static:
+                    self._static[name] = to_compute(self.xp, self.dtype, c)
+            self._capture.prepare(
+                {v for v in plan.values if v not in self._static} | set(self.graph.output_names),
+                {s for s in plan.shapes if s not in self._static},
+            )
+            self._plans[key] = plan
+        return plan
 
     def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
         """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),
@@ -346,7 +352,7 @@ class Explainer:
         if has_seq:
             S = y.shape[1]
             if position is None:
-                pos = self._last_token(feeds, B, S)
+                pos = last_token(feeds, B, S)
             else:
                 pos = np.asarray(position, dtype=np.int64)
                 if pos.ndim == 0:
@@ -381,19 +387,9 @@ class Explainer:
             return w[0], 0, tgt[:, 0], (pos[:, 0] if pos is not None else None)
         return w, 1, tgt, pos
 
-    @staticmethod
-    def _last_token(feeds, B: int, S: int) -> np.ndarray:
-        mask = feeds.get("attention_mask")
-        if mask is None or mask.shape[-1] < S:
-            return np.full((B,), S - 1)
-        m = mask[:, -S:]
-        idx = np.arange(S)[None, :]
-        last = np.where(m > 0, idx, -1).max(-1)
-        return np.where(last < 0, S - 1, last)
-
     def _source_relevance(self, grads, env: Env, feeds, lead: int):
         xp = self.xp
-        plain_gradient = self.composite.name == "gradient"
+        plain_gradient = self.composite.reading == "gradient"
         relevance: dict[str, Any] = {}
         emb: dict[str, Any] = {}
         for tensor, inp in self.analysis.sources.items():
@@ -413,6 +409,18 @@ class Explainer:
         rel = {k: _batch_first(v, lead) for k, v in relevance.items()}
         emb = {k: _batch_first(v, lead) for k, v in emb.items()}
         return rel, emb
+
+
+def last_token(feeds: Mapping[str, np.ndarray], batch: int, seq: int) -> np.ndarray:
+    """The default explained position per batch element: the last non-padding token of ``attention_mask``
+    (its last ``seq`` columns), or ``seq - 1`` without a mask."""
+    mask = feeds.get("attention_mask")
+    if mask is None or mask.shape[-1] < seq:
+        return np.full((batch,), seq - 1)
+    m = mask[:, -seq:]
+    idx = np.arange(seq)[None, :]
+    last = np.where(m > 0, idx, -1).max(-1)
+    return np.where(last < 0, seq - 1, last)
 
 
 def _batch_first(a: Any, lead: int) -> Any:

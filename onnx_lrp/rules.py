@@ -32,6 +32,11 @@ class Epsilon(Rule):
 
     Gradient form: ``G_x = W^T (G_z * z / stab(z))`` with ``stab(z) = z + eps * sign(z)``, ``sign(0)=1``.
     ``epsilon=0`` is the plain gradient (what LXT's efficient engine uses); the bias absorbs its share.
+    The stabiliser is applied once per *layer*, independent of how a graph splits it into nodes: ``z`` is a
+    linear map's output with its bias (``MatMul`` + bias ``Add`` = ``Gemm``), or a whole chain of sums
+    (``word + segment + position``, residuals, also inside ``SkipLayerNormalization``), or a pooling. Scaling or
+    shifting by a tensor that carries no relevance (attention scale and mask, GELU's ``0.5``) is no layer: an
+    ``Epsilon`` there passes the gradient unchanged (see ``onnx_lrp._engine._epsilon_site``).
     """
 
     epsilon: float = 0.0

@@ -18,12 +18,16 @@ instance (the module-level attention function is swapped only inside :func:`lrp_
 - "vit-lrp" (LXT's ViT recipe): CP-LRP plus the gamma rule on every ``nn.Linear`` (gamma 0.05) and ``nn.Conv2d``
   (gamma 0.25), written as zennit does it in gradient form: with ``z = layer(x)`` and ``z' = z + gamma z+``
   (``z+`` from the positive weights and bias), ``grad_x = grad_y * (z / stab(z')) * dz'/dx``, ``stab`` sign-aware with
-  eps 1e-6; so ``grad_x = (W + gamma W+)^T (grad_y * z / stab(z'))``.
+  eps 1e-6; so ``grad_x = (W + gamma W+)^T (grad_y * z / stab(z'))``;
+- ``epsilon > 0`` (BERT-style encoders only): eps-LRP once per layer, ``grad_in = grad_z * z / stab(z)`` through
+  ``dz/din`` with ``stab(z) = z + eps sign(z)``, for every ``nn.Linear`` (``z = x W^T + b``), the residual sums of
+  ``*SelfOutput`` / ``*Output`` (``z = dense(h) + x``) and the embeddings sum (``z = word + segment + position``).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import types
 
 import numpy as np
@@ -79,6 +83,38 @@ def _gated_mlp_forward(self, x):
 def _dense_act_forward(self, x):
     """Non-gated MLP input half (ViT/BERT ``Intermediate``): identity rule on the activation."""
     return identity_rule(self.intermediate_act_fn, self.dense(x))
+
+
+def _pooler_forward(self, hidden):
+    """BERT pooler ``tanh(dense(h[:, 0]))``: identity rule on the tanh."""
+    return identity_rule(self.activation, self.dense(hidden[:, 0]))
+
+
+def eps_layer(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Forward ``z``; backward ``grad * z / stab(z)`` into whatever computed ``z`` (eps-LRP on one layer)."""
+    return forward_of(z, z * (z / (z + eps * torch.where(z >= 0, 1.0, -1.0))).detach())
+
+
+def _linear_eps_forward(self, x):
+    return eps_layer(self._lrp_orig(x), self._lrp_eps)
+
+
+def _residual_eps_forward(self, hidden_states, input_tensor):
+    """BERT ``*Output``: ``LayerNorm(dense(h) + x)`` with eps-LRP on the residual sum."""
+    s = self.dropout(self.dense(hidden_states)) + input_tensor
+    return self.LayerNorm(eps_layer(s, self._lrp_eps))
+
+
+def _embeddings_eps_forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                            past_key_values_length=0):
+    """BERT embeddings ``LayerNorm(word + segment + position)`` with eps-LRP on the sum."""
+    S = inputs_embeds.shape[1]
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long)
+    if position_ids is None:
+        position_ids = self.position_ids[:, past_key_values_length:past_key_values_length + S]
+    s = inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+    return self.dropout(self.LayerNorm(eps_layer(s, self._lrp_eps)))
 
 
 def _gamma_forward(self, x):
@@ -159,7 +195,7 @@ def _make_attention(cp: bool):
 
 
 @contextlib.contextmanager
-def lrp_patched(model, composite: str = "attnlrp"):
+def lrp_patched(model, composite: str = "attnlrp", epsilon: float = 0.0):
     """Patch ``model`` (loaded with ``attn_implementation="eager"``) with the rules; restore on exit."""
     cp = composite in ("cp-lrp", "vit-lrp")
     gammas = {torch.nn.Linear: 0.05, torch.nn.Conv2d: 0.25} if composite == "vit-lrp" else {}
@@ -188,9 +224,20 @@ def lrp_patched(model, composite: str = "attnlrp"):
             m.forward = types.MethodType(_t5_gated_forward, m)
         elif hasattr(m, "intermediate_act_fn") and hasattr(m, "dense"):
             m.forward = types.MethodType(_dense_act_forward, m)
+        elif name.endswith("Pooler") and hasattr(m, "dense") and hasattr(m, "activation"):
+            m.forward = types.MethodType(_pooler_forward, m)
         elif type(m) in gammas:
             m._lrp_orig, m._lrp_gamma = m.forward, gammas[type(m)]
             m.forward = types.MethodType(_gamma_forward, m)
+        if epsilon:
+            m._lrp_eps = epsilon
+            if isinstance(m, torch.nn.Linear):
+                m._lrp_orig = m.forward
+                m.forward = types.MethodType(_linear_eps_forward, m)
+            elif name.endswith("Output") and all(hasattr(m, a) for a in ("dense", "LayerNorm", "dropout")):
+                m.forward = types.MethodType(_residual_eps_forward, m)
+            elif name.endswith("Embeddings") and hasattr(m, "token_type_embeddings"):
+                m.forward = types.MethodType(_embeddings_eps_forward, m)
     try:
         yield model
     finally:
@@ -200,7 +247,7 @@ def lrp_patched(model, composite: str = "attnlrp"):
 
 
 def torch_relevance(model_cls: str, pt_dir, input_ids, attention_mask=None, position_ids=None, positions=None,
-                    targets=None, composite: str = "attnlrp") -> dict:
+                    targets=None, composite: str = "attnlrp", epsilon: float = 0.0) -> dict:
     """Token relevance ``(inputs_embeds * grad).sum(-1)`` of the explained logit, LXT's read-out."""
     import transformers
 
@@ -215,9 +262,11 @@ def torch_relevance(model_cls: str, pt_dir, input_ids, attention_mask=None, posi
         kw["attention_mask"] = torch.as_tensor(np.asarray(attention_mask))
     if position_ids is not None:
         kw["position_ids"] = torch.as_tensor(np.asarray(position_ids))
-    with lrp_patched(model, composite):
+    with lrp_patched(model, composite, epsilon):
         emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-        logits = model(inputs_embeds=emb, use_cache=False, **kw).logits
+        if "use_cache" in inspect.signature(model.forward).parameters:
+            kw["use_cache"] = False
+        logits = model(inputs_embeds=emb, **kw).logits
         if cap is not None:
             logits = identity_rule(lambda z: torch.tanh(z / cap) * cap, logits)
         B = ids.shape[0]

@@ -76,7 +76,7 @@ def test_captured_views_stay_valid_across_runs():
     a, b = _ids(seed=4), _ids(seed=5)
     ra = ex.explain({"input_ids": a})
     ex.explain({"input_ids": b})
-    feeds = ex._feeds({"input_ids": a})
+    feeds = ex.prepare_inputs({"input_ids": a})
     ref = plain.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in plain.get_inputs()}})[0]
     np.testing.assert_allclose(ra.outputs["logits"], ref, rtol=1e-5, atol=1e-5)
 

@@ -143,6 +143,35 @@ def test_latent_relevance_of_a_linear_layer_conserves():
     np.testing.assert_allclose(res.relevance["x"].sum(-1), res.score, rtol=1e-5)
 
 
+def _lookup_tanh_model():
+    """``y = tanh(E[ids] @ W)`` (batch 1, seq 3, hidden 4, 2 classes)."""
+    return model([node("Gather", ["E", "ids"], ["e"]), node("MatMul", ["e", "W"], ["h"]), node("Tanh", ["h"], ["y"])],
+                 {"ids": ("int", 1, 3)}, {"y": (1, 3, 2)}, {"E": f32(10, 4, seed=4), "W": f32(4, 2, seed=5)})
+
+
+def test_reading_is_a_property_of_the_composite():
+    """A custom composite picks the plain-gradient reading by its ``reading``, whatever its name; the preset
+    ``gradient`` sets it. Reference: the hand-computed gradient of tanh(e W)[0, 2, 1] with respect to e."""
+    m = _lookup_tanh_model()
+    ids = np.array([[1, 7, 3]])
+    E, W = f32(10, 4, seed=4), f32(4, 2, seed=5)
+    e = E[ids[0]]
+    G = np.zeros((3, 4))
+    G[2] = (1 - np.tanh(e[2] @ W[:, 1]) ** 2) * W[:, 1]
+    kinds = {k: Gradient() for k in ("linear", "add", "product", "unary", "softmax", "norm", "reduce", "movement")}
+    saliency = Composite("my-saliency", dict(kinds), reading="gradient")
+    res = Explainer(m, composite=saliency).explain({"ids": ids}, target=1, position=2)
+    np.testing.assert_allclose(res.embedding_relevance["ids"][0], G, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res.relevance["ids"][0], np.linalg.norm(G, axis=-1), rtol=1e-5, atol=1e-7)
+    named = Composite("gradient", dict(kinds))  # the name alone does not change the reading
+    res = Explainer(m, composite=named).explain({"ids": ids}, target=1, position=2)
+    np.testing.assert_allclose(res.relevance["ids"][0], (e * G).sum(-1), rtol=1e-5, atol=1e-7)
+    assert Explainer(m, composite="gradient").composite.reading == "gradient"
+    assert Explainer(m, composite=saliency, overrides={"Tanh": Gradient()}).composite.reading == "gradient"
+    with pytest.raises(ValueError, match="unknown reading"):
+        Composite("x", dict(kinds), reading="saliency")
+
+
 def test_float64_compute(llama):
     ids = _ids()
     a = Explainer(llama[1]).explain({"input_ids": ids}).relevance["input_ids"]
@@ -202,4 +231,10 @@ def test_inputs_filled_like_transformers(llama):
     full = ex.explain({"input_ids": ids, "attention_mask": mask,
                        "position_ids": np.clip(np.cumsum(mask, -1) - 1, 0, None)})
     filled = ex.explain({"input_ids": ids, "attention_mask": mask})
+    feeds = ex.prepare_inputs({"input_ids": ids, "attention_mask": mask})
+    # transformers: position_ids = cumsum(mask) - 1, set to 1 at padding
+    np.testing.assert_array_equal(feeds["position_ids"], np.where(mask == 0, 1, np.cumsum(mask, -1) - 1))
+    assert feeds["input_ids"].dtype == np.int64 and set(feeds) == set(ex.input_names)
+    with pytest.raises(InputError, match="unknown input"):
+        ex.prepare_inputs({"input_ids": ids, "ids": ids})
     np.testing.assert_allclose(full.relevance["input_ids"], filled.relevance["input_ids"], rtol=1e-6)

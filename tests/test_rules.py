@@ -49,6 +49,67 @@ def test_linear_epsilon_rule():
     np.testing.assert_allclose(res.relevance["x"], expected, rtol=RTOL)
 
 
+def _stab(z, eps):
+    return z + eps * np.where(z >= 0, 1.0, -1.0)
+
+
+def _two_layer_graphs():
+    """``y = (0.5 (x W1 + b1)) W2 + b2`` written as MatMul + bias Add + scale Mul, and as Gemm + Mul + Gemm."""
+    W1, b1, W2, b2 = f32(5, 6, seed=11), f32(6, seed=12), f32(6, 3, seed=13), f32(3, seed=14)
+    inits = {"W1": W1, "b1": b1, "W2": W2, "b2": b2, "half": np.float32(0.5)}
+    split = model([node("MatMul", ["x", "W1"], ["m1"]), node("Add", ["m1", "b1"], ["z1"]),
+                   node("Mul", ["z1", "half"], ["a"]), node("MatMul", ["a", "W2"], ["m2"]),
+                   node("Add", ["b2", "m2"], ["y"])], {"x": (2, 5)}, {"y": (2, 3)}, inits)
+    fused = model([node("Gemm", ["x", "W1", "b1"], ["z1"]), node("Mul", ["z1", "half"], ["a"]),
+                   node("Gemm", ["a", "W2", "b2"], ["y"])], {"x": (2, 5)}, {"y": (2, 3)}, inits)
+    return split, fused, (W1, b1, W2, b2)
+
+
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+def test_epsilon_once_per_layer(eps):
+    """eps-LRP treats ``x W + b`` as one layer, whatever nodes write it (LXT's ``linear_epsilon`` divides by
+    ``z = F.linear(x, W, b)``); scaling by a constant is no layer. Reference written out explicitly:
+    ``R_a = a * W2 (R_y / stab(y))``, ``R_z1 = R_a``, ``R_x = x * W1 (R_z1 / stab(z1))``."""
+    from onnx_lrp import attnlrp
+
+    split, fused, (W1, b1, W2, b2) = _two_layer_graphs()
+    x = f32(2, 5, seed=15)
+    w = onehot((2, 3), (slice(None), 1))
+    z1 = x @ W1 + b1
+    a = 0.5 * z1
+    y = a @ W2 + b2
+    R_a = a * ((w * y / _stab(y, eps)) @ W2.T)
+    R_x = x * ((R_a / _stab(z1, eps)) @ W1.T)
+    for m in (split, fused):
+        res = explain(m, {"x": x}, w, composite=attnlrp(epsilon=eps))
+        np.testing.assert_allclose(res.relevance["x"], R_x, rtol=1e-4, atol=1e-6)
+
+
+def test_epsilon_on_a_sum_chain_is_order_independent():
+    """``word + segment + position`` is one sum layer, ``z = w + t + p`` (stabilised once, at the chain's end),
+    whichever order the Adds come in and whichever term is a constant. Reference:
+    ``R_s = s * W (R_y / stab(y))``, ``R_w = w * R_s / stab(s)``."""
+    from onnx_lrp import attnlrp
+
+    eps = 0.5
+    E, T, Pos, W = f32(10, 4, seed=21), f32(2, 4, seed=22), f32(3, 4, seed=23), f32(4, 2, seed=24)
+    ids, tt = np.array([[4, 9, 1]]), np.array([[0, 1, 1]])
+    lookups = [node("Gather", ["E", "ids"], ["w"]), node("Gather", ["T", "tt"], ["t"])]
+    orders = ([node("Add", ["w", "t"], ["wt"]), node("Add", ["wt", "P"], ["s"])],
+              [node("Add", ["P", "w"], ["wp"]), node("Add", ["wp", "t"], ["s"])])
+    w_, t_ = E[ids[0]], T[tt[0]]
+    s = w_ + t_ + Pos
+    y = s @ W
+    R_y = onehot((1, 3, 2), (0, 2, 0))[0] * y
+    R_s = s * ((R_y / _stab(y, eps)) @ W.T)
+    for order in orders:
+        m = model(lookups + order + [node("MatMul", ["s", "W"], ["y"])], {"ids": ("int", 1, 3), "tt": ("int", 1, 3)},
+                  {"y": (1, 3, 2)}, {"E": E, "T": T, "P": Pos, "W": W})
+        res = Explainer(m, composite=attnlrp(epsilon=eps)).explain({"ids": ids, "tt": tt}, target=0, position=2)
+        np.testing.assert_allclose(res.relevance["ids"][0], (w_ * R_s / _stab(s, eps)).sum(-1), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(res.relevance["tt"][0], (t_ * R_s / _stab(s, eps)).sum(-1), rtol=1e-4, atol=1e-6)
+
+
 def test_bias_free_linear_chain_conserves():
     x = f32(2, 6, seed=4)
     m = model([node("MatMul", ["x", "W1"], ["h"]), node("MatMul", ["h", "W2"], ["y"])],

@@ -146,6 +146,11 @@ def unbroadcast(xp: Any, g: Array, shape: Sequence[int], out_ndim: int) -> Array
     return g
 
 
+def stabilise(xp: Any, z: Array, eps: float) -> Array:
+    """The eps-LRP denominator ``stab(z) = z + eps * sign(z)`` with ``sign(0) = 1``."""
+    return z + eps * xp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
 def ints(value: Any) -> list[int]:
     """A small integer tensor (shape, axes, pads) as a list; CuPy arrays are read back from the device."""
     if not isinstance(value, np.ndarray) and hasattr(value, "get"):

@@ -7,7 +7,8 @@
   ``G_X = [G_Q G_K G_V] W^T``. The node takes the composite's *product* rule: Uniform gives the AttnLRP
   weights (``wP = wV = wQK = 1/2``); ConstantGate (CP-LRP) makes ``P`` a constant (``wP = 0``, ``wV = 1``);
   Gradient gives 1 everywhere. The projection ``X W + b`` takes the composite's rule for a linear ``MatMul``
-  (Epsilon or Gamma, with ``z`` including the bias, as for the unfused graph).
+  (Epsilon or Gamma, with ``z`` including the bias, as for the unfused graph); with ``P`` constant, ``O = P V``
+  is a linear map of ``V`` and takes its eps too.
 - ``RotaryEmbedding``: linear in its input with the cos/sin caches as constants: the VJP is the rotation by
   the opposite angle, ``G_x1 = G_y1 cos + G_y2 sin``, ``G_x2 = G_y2 cos - G_y1 sin``.
 - ``EmbedLayerNormalization``: a relevance *source* (token embeddings are looked up inside it), so it is
@@ -26,7 +27,7 @@ import onnx
 from onnx import helper
 
 from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform
-from ._base import OpContext, register
+from ._base import OpContext, register, stabilise
 
 MS_DOMAIN = "com.microsoft"
 
@@ -113,7 +114,7 @@ def attention(ctx: OpContext):
         if not (gamma or eps):
             return None
         zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
-        return qkv / (zm + eps * xp.where(zm >= 0, 1.0, -1.0).astype(zm.dtype))
+        return qkv / stabilise(xp, zm, eps)
 
     def forward(env):
         X = env[x]
@@ -143,6 +144,9 @@ def attention(ctx: OpContext):
         g = gy[0]
         dv = hv // heads
         GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
+        if eps and not wP:  # P constant: O = P V is a linear map of V (eps-LRP on it, as on the unfused MatMul)
+            O = env.memo(key + ":O", lambda: P @ V)
+            GO = GO * (O / stabilise(xp, O, eps))
         GV = (P.swapaxes(-1, -2) @ GO) * wV
         parts = [None, None, GV]
         if wP:

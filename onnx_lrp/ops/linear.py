@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import ConstantGate, Gamma, Gradient, Uniform
-from ._base import OpContext, register, unbroadcast
+from ._base import OpContext, register, stabilise, unbroadcast
 
 
 def _swap(a):
@@ -81,7 +81,7 @@ def matmul(ctx: OpContext):
             Wm = W + gamma * np.maximum(W, 0) if gamma else W
             Wt = ctx.array(Wm) if W.ndim == 1 else _swap(ctx.array(Wm))  # a view: no copy of the weight
             sa = ctx.shape(a)
-            bias = _following_bias(ctx) if gamma else None
+            bias = following_bias(ctx) if gamma else None
             bias = ctx.array(bias) if bias is not None else None
 
             def back_const(env, gy):
@@ -126,11 +126,11 @@ def matmul(ctx: OpContext):
 _BIAS_CONSUMERS = {"BiasGelu": 1, "FastGelu": 1, "SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3}
 
 
-def _following_bias(ctx: OpContext):
+def following_bias(ctx: OpContext):
     """The constant bias ``b`` added to ``x W`` by the MatMul's only consumer: ``Add(MatMul(x, W), b)`` (how
     exporters write a linear layer) or a fused op holding it (``BiasGelu``, ``FastGelu``, ``Skip*Normalization``
-    from onnxruntime's optimizer); else None. The gamma rule's ``z`` and ``z+`` include the bias, as they do for
-    ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
+    from onnxruntime's optimizer); else None. The eps and gamma rules' ``z`` (and ``z+``) include the bias, as they
+    do for ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
     out = ctx.node.outputs[0]
     cons = ctx.graph.consumers.get(out, [])
     if len(cons) != 1 or out in ctx.graph.output_names:
@@ -158,7 +158,7 @@ def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps, bias=None):
         z = z + bias
         zplus = zplus + xp.maximum(bias, 0)
     zp = z + gamma * zplus
-    den = zp + eps * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+    den = stabilise(xp, zp, eps)
     return g * (z / den)
 
 
@@ -201,7 +201,7 @@ def gemm(ctx: OpContext):
             if bias_p is not None:
                 zp = zp + bias_p
             zp = z + gamma * zp
-            den = zp + ctx.rule.epsilon * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+            den = stabilise(xp, zp, ctx.rule.epsilon)
             g = g * (z / den)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
@@ -258,7 +258,7 @@ def conv(ctx: OpContext):
             if bias_p is not None:
                 zp = zp + bias_p.reshape((-1,) + (1,) * (zp.ndim - 2))
             zp = z + gamma * zp
-            den = zp + ctx.rule.epsilon * xp.where(zp >= 0, 1.0, -1.0).astype(zp.dtype)
+            den = stabilise(xp, zp, ctx.rule.epsilon)
             g = g * (z / den)
         return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
 

@@ -4,13 +4,14 @@ Identity rule for the normaliser (AttnLRP Prop. 3.4, rule :class:`~onnx_lrp.rule
 ``1/sigma`` is a constant, so LayerNorm ``y = w * (x - mean(x)) / sigma + b`` is linear in ``x`` (mean kept):
 ``G_x = (1/sigma) * (g - mean(g))`` with ``g = w * G_y``; RMSNorm ``y = w * x / rms``: ``G_x = w * G_y / rms``.
 Under :class:`~onnx_lrp.rules.Gradient` the statistic is differentiated too.
-Skip forms normalise ``s = input + skip (+ bias)``; ``input`` and ``skip`` both receive ``G_s`` (residual add).
+Skip forms normalise ``s = input + skip (+ bias)``; ``input`` and ``skip`` both receive ``G_s`` (residual add),
+times ``s / stab(s)`` where the composite's rule for a sum is ``Epsilon(eps > 0)`` (as for an unfused ``Add``).
 Statistics are recomputed from the captured input, in the compute dtype.
 """
 from __future__ import annotations
 
-from ..rules import ConstantStatistic, Gradient
-from ._base import OpContext, register, unbroadcast
+from ..rules import ConstantStatistic, Epsilon, Gradient
+from ._base import OpContext, register, stabilise, unbroadcast
 
 
 def _stats(xp, x, axes, eps, rms):
@@ -67,6 +68,8 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
     n_in = len(ctx.node.inputs)
     y_sum = ctx.node.outputs[3] if skip and len(ctx.node.outputs) > 3 and ctx.node.outputs[3] else None
     key = f"norm-stats:{ctx.node.name}"
+    add_rule = ctx.rule_of("add", "Add") if skip and all(carry) else None
+    add_eps = add_rule.epsilon if isinstance(add_rule, Epsilon) else 0.0
 
     def back(env, gy):
         X = env[xs[0]]
@@ -84,6 +87,8 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
             g = _norm_grad(xp, gy[0], xc, inv, W, axes, rms, detach)
         if y_sum is not None and len(gy) > 3 and gy[3] is not None:
             g = gy[3] if g is None else g + gy[3]
+        if add_eps:  # eps-LRP on the residual sum s
+            g = g * (X / stabilise(xp, X, add_eps))
         out = [None] * n_in
         for k, c in zip(x_inputs, carry):
             if c:
