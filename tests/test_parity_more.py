@@ -1,0 +1,191 @@
+"""More parity with LXT 2.1 (efficient engine): config variants, other heads/tasks and other prompts.
+
+Each case: a tiny random-weight model (tests/_support.py ``tiny_model``), our relevance on its optimum export,
+LXT's on the same PyTorch weights; token relevance max |ours - LXT| <= 1e-3 * max |LXT|, the explained
+score equal to LXT's. docs/parity-more.md lists the measured errors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from onnx_lrp import Explainer
+
+from _support import FAMILIES, lxt_relevance, rel_err, tiny_model
+
+TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str  # key of FAMILIES
+    config: dict = field(default_factory=dict)
+    batch: int = 2
+    seq: int = 9
+    pad: tuple = (0, 3)  # padding of each row after the first, "-k": k on the left, "+k": k on the right
+    output: str | None = None  # graph output / model output attribute (default: logits)
+    position: object = None  # passed to explain(); None: the last non-pad token
+    target: object = None  # passed to explain(); None: the prediction
+    segments: bool = False  # BERT token_type_ids with two segments
+    attn: str | None = None  # attention implementation of the export (LXT runs the default, sdpa)
+    composite: str = "attnlrp"
+    weights: bool = False  # explain sum(w * output) with random w (output_relevance) instead of one entry
+
+    @property
+    def module(self) -> str:  # transformers module (LXT patches it)
+        return {"GPT2Config": "gpt2", "BertConfig": "bert", "LlamaConfig": "llama", "Qwen2Config": "qwen2",
+                "Qwen3Config": "qwen3", "Gemma3TextConfig": "gemma3"}[FAMILIES[self.family][0]]
+
+
+ROPE_LLAMA3 = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+CASES = {
+    # --- configurations
+    "llama-rope-llama3": Case("llama", dict(rope_scaling=ROPE_LLAMA3)),
+    "llama-rope-linear": Case("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "llama-rope-dynamic": Case("llama", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    "llama-rope-yarn": Case("llama", dict(rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                            original_max_position_embeddings=16))),
+    "llama-headdim12-mqa-bias": Case("llama", dict(head_dim=12, num_key_value_heads=1, attention_bias=True)),
+    "llama-gelu-mlpbias-tied": Case("llama", dict(hidden_act="gelu", mlp_bias=True, tie_word_embeddings=True)),
+    "llama-relu": Case("llama", dict(hidden_act="relu")),
+    "qwen2-sliding-mqa": Case("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                            num_key_value_heads=1)),
+    "qwen3-headdim16-bias-tied": Case("qwen3", dict(head_dim=16, attention_bias=True, tie_word_embeddings=True)),
+    "qwen3-sliding": Case("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "gemma3-4layers": Case("gemma3", dict(
+        num_hidden_layers=4, sliding_window=3, query_pre_attn_scalar=16, rope_local_base_freq=100.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+    "gemma3-rope-linear": Case("gemma3", dict(rope_scaling=dict(rope_type="linear", factor=8.0))),
+    "gemma3-softcap": Case("gemma3", dict(final_logit_softcapping=2.0, attn_logit_softcapping=1.5)),
+    "gemma3-7layers-default-pattern": Case("gemma3", dict(num_hidden_layers=7, layer_types=None,
+                                                          sliding_window_pattern=3)),
+    # reorder_and_upcast_attn acts in eager attention only: export eager (LXT leaves that path unpatched, so
+    # it runs sdpa: the same function)
+    "gpt2-eager-reorder-upcast": Case("gpt2", dict(reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True),
+                                      attn="eager"),
+    "gpt2-relu-ninner": Case("gpt2", dict(activation_function="relu", n_inner=40)),
+    "gpt2-gelu_new-scaleidx": Case("gpt2", dict(activation_function="gelu_new",
+                                                scale_attn_by_inverse_layer_idx=True)),
+    "gpt2-gelu-untied": Case("gpt2", dict(activation_function="gelu", tie_word_embeddings=False)),
+    "bert-relu": Case("bert", dict(hidden_act="relu")),
+    "bert-rel_key_query": Case("bert", dict(position_embedding_type="relative_key_query", hidden_act="gelu_new"),
+                               pad=(0, 2)),
+    "bert-segments": Case("bert", segments=True, pad=(0, 2)),
+    # --- tasks / heads
+    "bert-fill-mask": Case("bert_mlm", position=3),
+    "bert-token-classification": Case("bert_tok", position=4),
+    "bert-qa-start": Case("bert_qa", output="start_logits", segments=True, pad=(0, 2)),
+    "bert-qa-end": Case("bert_qa", output="end_logits", target=5, pad=(0, 2)),
+    "bert-feature-extraction": Case("bert_feat", output="last_hidden_state", position=0, target=7, pad=(0, 2)),
+    "bert-feature-output-relevance": Case("bert_feat", output="last_hidden_state", weights=True, pad=(0, 2)),
+    "llama-feature-extraction": Case("llama_feat", output="last_hidden_state", target=11),
+    "llama-text-classification": Case("llama_cls"),
+    "qwen2-text-classification-right-pad": Case("qwen2_cls", pad=(0, 3)),
+    "gpt2-text-classification": Case("gpt2_cls", batch=3, pad=(0, -3, 2)),
+    # --- prompts
+    "llama-seq1": Case("llama", batch=1, seq=1, pad=(0,)),
+    "gpt2-seq1": Case("gpt2", batch=1, seq=1, pad=(0,)),
+    "llama-long300": Case("llama", batch=1, seq=300, pad=(0,)),
+    "gpt2-long300": Case("gpt2", dict(n_positions=512), batch=1, seq=300, pad=(0,)),
+    "bert-long300": Case("bert", dict(max_position_embeddings=512), batch=1, seq=300, pad=(0,)),
+    "qwen2-batch3-left": Case("qwen2", batch=3, pad=(0, -2, -5)),
+    "llama-batch3-left-right": Case("llama", batch=3, pad=(0, -2, 3)),
+    "bert-batch3-mixed": Case("bert", batch=3, pad=(0, 2, 5)),
+    "llama-pos-mid": Case("llama", position=[4, 6]),
+    "gpt2-pos-minus1-leftpad": Case("gpt2", position=-1),
+    "llama-k-targets": Case("llama", target=[[5, 9, 17], [2, 3, 4]], position=[[8, 8, 3], [8, 4, 8]]),
+    "bert-k-targets": Case("bert", target=[[0, 1, 2], [2, 1, 0]], pad=(0, 2)),
+    # --- CP-LRP (LXT's cp_LRP maps)
+    "qwen3-cp-lrp": Case("qwen3", dict(head_dim=16, attention_bias=True), composite="cp-lrp"),
+    "gemma3-cp-lrp": Case("gemma3", dict(num_hidden_layers=4, sliding_window=3,
+                                         layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+                          composite="cp-lrp"),
+    "qwen2-text-classification-cp-lrp": Case("qwen2_cls", composite="cp-lrp"),
+}
+
+
+def _inputs(case: Case, pad_id: int = 0):
+    """ids (no pad id among real tokens; pad id at padding), mask, and BERT segments."""
+    rng = np.random.RandomState(7)
+    ids = rng.randint(3, 120, size=(case.batch, case.seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for row, p in enumerate(case.pad):
+        if p < 0:
+            mask[row, :-p] = 0
+        elif p > 0:
+            mask[row, -p:] = 0
+    ids[mask == 0] = pad_id
+    types = None
+    if case.segments:
+        types = (np.arange(case.seq)[None, :] >= case.seq // 2).astype(np.int64).repeat(case.batch, 0) * mask
+    return ids, mask, types
+
+
+def compare(name: str, composite: str | None = None) -> tuple[float, dict]:
+    """(max relative error of our token relevance (the case's composite, or ``composite``) against LXT's over
+    all explained targets, details)."""
+    case = CASES[name]
+    pt_dir, onnx_path = tiny_model(case.family, config=case.config, attn=case.attn)
+    ex = Explainer(onnx_path, composite=composite or case.composite)
+    ids, mask, types = _inputs(case)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        feeds["token_type_ids"] = types
+    position_ids = None
+    if "position_ids" in ex.input_names:
+        position_ids = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        feeds["position_ids"] = position_ids
+    lxt = dict(model_cls=FAMILIES[case.family][1], composite=case.composite, token_type_ids=types,
+               output=case.output, via_ids=True)
+    if case.weights:
+        y = ex.forward(feeds, [case.output or ex.default_output])[case.output or ex.default_output]
+        w = np.random.RandomState(3).randn(*y.shape)
+        res = ex.explain(feeds, output=case.output, output_relevance=w)
+        ref = lxt_relevance(case.module, pt_dir, ids, mask, position_ids, weights=w, **lxt)
+        err = rel_err(res.relevance["input_ids"], ref["relevance"])
+        return err, {"score_err": rel_err(res.score, ref["score"]), "ref": ref}
+    res = ex.explain(feeds, target=case.target, position=case.position, output=case.output)
+    ours = res.relevance["input_ids"]
+    tgt, pos = np.asarray(res.target), res.position
+    multi = tgt.ndim == 2
+    tgts = tgt.T if multi else tgt[None]
+    poss = (pos.T if multi else pos[None]) if pos is not None else [None] * len(tgts)
+    errs, score_errs, refs = [], [], []
+    for j, (t, p) in enumerate(zip(tgts, poss)):
+        ref = lxt_relevance(case.module, pt_dir, ids, mask, position_ids, p, t, **lxt)
+        mine = ours[:, j] if multi else ours
+        errs.append(rel_err(mine, ref["relevance"]))
+        lxt_score = np.asarray(ref["logits"])[np.arange(len(t)), t]
+        score = res.score[:, j] if multi else res.score
+        score_errs.append(rel_err(score, lxt_score))
+        refs.append(ref)
+    return max(errs), {"score_err": max(score_errs), "ref": refs[0], "ours": ours}
+
+
+SOFTCAP = "gemma3-softcap"
+PARITY = [n for n in CASES if n != SOFTCAP]
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_matches_lxt(name):
+    err, info = compare(name)
+    assert err <= TOL, err
+    assert info["score_err"] <= 1e-4, info["score_err"]
+
+
+def test_final_logit_softcap_differs_from_lxt_by_its_unpatched_tanh():
+    """LXT 2.1's Gemma3 patch map leaves ``y = c * tanh(z / c)`` (final_logit_softcapping) unpatched: its
+    gradient there is ``1 - tanh(z/c)^2``; AttnLRP's identity rule gives ``y / z``. Only the start of the
+    backward pass differs, so per batch row ours = LXT * (y / z) / (1 - (y / c)^2), z = c * atanh(y / c)."""
+    err, info = compare(SOFTCAP)
+    assert err > 10 * TOL  # the difference is real
+    c = CASES[SOFTCAP].config["final_logit_softcapping"]
+    ref = info["ref"]
+    y = ref["logits"][np.arange(len(ref["targets"])), ref["targets"].astype(int)]
+    z = c * np.arctanh(y / c)
+    scale = (y / z) / (1 - (y / c) ** 2)
+    assert rel_err(info["ours"], ref["relevance"] * scale[:, None]) <= TOL
