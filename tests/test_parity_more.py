@@ -13,6 +13,7 @@ import pytest
 
 from onnx_lrp import Explainer
 
+from _graphs import f32, model, node
 from _support import FAMILIES, lxt_relevance, rel_err, tiny_model
 
 TOL = 1e-3
@@ -72,6 +73,9 @@ CASES = {
                                                 scale_attn_by_inverse_layer_idx=True)),
     "gpt2-gelu-untied": Case("gpt2", dict(activation_function="gelu", tie_word_embeddings=False)),
     "bert-relu": Case("bert", dict(hidden_act="relu")),
+    "bert-relu2": Case("bert", dict(hidden_act="relu2")),  # relu(x) * relu(x): one tensor read twice
+    "llama-prelu": Case("llama", dict(hidden_act="prelu")),  # PRelu op
+    "gpt2-relu6": Case("gpt2", dict(activation_function="relu6")),  # Clip op
     "bert-rel_key_query": Case("bert", dict(position_embedding_type="relative_key_query", hidden_act="gelu_new"),
                                pad=(0, 2)),
     "bert-segments": Case("bert", segments=True, pad=(0, 2)),
@@ -189,3 +193,22 @@ def test_final_logit_softcap_differs_from_lxt_by_its_unpatched_tanh():
     z = c * np.arctanh(y / c)
     scale = (y / z) / (1 - (y / c) ** 2)
     assert rel_err(info["ours"], ref["relevance"] * scale[:, None]) <= TOL
+
+
+@pytest.mark.parametrize("act", ["clip", "prelu", "relu_squared"])
+def test_piecewise_activations(act):
+    """Clip, PRelu and relu(x)^2 (Mul of one tensor by itself): AttnLRP's identity rule R_x = R_y, and the
+    Gradient composite's true derivative (written out here)."""
+    x = f32(2, 6, seed=5, scale=2.0)
+    slope = np.float32([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    nodes, expect_grad = {
+        "clip": ([node("Clip", ["x", "lo", "hi"], ["y"])], ((x >= -1) & (x <= 1.5)).astype(np.float32)),
+        "prelu": ([node("PRelu", ["x", "slope"], ["y"])], np.where(x > 0, 1, slope)),
+        "relu_squared": ([node("Relu", ["x"], ["r"]), node("Mul", ["r", "r"], ["y"])], 2 * np.maximum(x, 0)),
+    }[act]
+    m = model(nodes, {"x": (2, 6)}, {"y": (2, 6)}, {"lo": np.float32(-1), "hi": np.float32(1.5), "slope": slope})
+    w = f32(2, 6, seed=6)
+    res = Explainer(m).explain({"x": x}, output_relevance=w)
+    np.testing.assert_allclose(res.relevance["x"], w * res.outputs["y"], rtol=1e-5, atol=1e-6)
+    grad = Explainer(m, composite="gradient").explain({"x": x}, output_relevance=w)
+    np.testing.assert_allclose(grad.relevance["x"], w * expect_grad, rtol=1e-5, atol=1e-6)
