@@ -76,6 +76,8 @@ CASES = {
     "bert-relu2": Case("bert", dict(hidden_act="relu2")),  # relu(x) * relu(x): one tensor read twice
     "llama-prelu": Case("llama", dict(hidden_act="prelu")),  # PRelu op
     "gpt2-relu6": Case("gpt2", dict(activation_function="relu6")),  # Clip op
+    # 0.5 * (1 + erf((x - mu) / (sigma * sqrt 2))): constant shifts around the Erf belong to the activation
+    "bert-laplace": Case("bert", dict(hidden_act="laplace")),
     "bert-rel_key_query": Case("bert", dict(position_embedding_type="relative_key_query", hidden_act="gelu_new"),
                                pad=(0, 2)),
     "bert-segments": Case("bert", segments=True, pad=(0, 2)),
@@ -212,3 +214,23 @@ def test_piecewise_activations(act):
     np.testing.assert_allclose(res.relevance["x"], w * res.outputs["y"], rtol=1e-5, atol=1e-6)
     grad = Explainer(m, composite="gradient").explain({"x": x}, output_relevance=w)
     np.testing.assert_allclose(grad.relevance["x"], w * expect_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_shifts_join_the_activation_region():
+    """An activation written ``c1 * (erf((x - c2) / c3) + c4)`` in one module scope is one unary region
+    (R_x = R_y over the whole), but a run-time additive mask after it in that scope is not part of it."""
+    x = f32(2, 6, seed=7)
+    mask = np.where(np.arange(6) % 3 == 0, -1e4, 0).astype(np.float32)[None].repeat(2, 0)
+    nodes = [node("Sub", ["x", "mu"], ["a"], name="/m/act/Sub"), node("Div", ["a", "sd"], ["b"], name="/m/act/Div"),
+             node("Erf", ["b"], ["e"], name="/m/act/Erf"), node("Add", ["e", "one"], ["f"], name="/m/act/Add"),
+             node("Mul", ["f", "half"], ["y"], name="/m/act/Mul"),
+             node("Add", ["y", "mask"], ["z"], name="/m/act/Add_1")]
+    consts = {"mu": np.float32(0.3), "sd": np.float32(0.8), "one": np.float32(1.0), "half": np.float32(0.5)}
+    m = model(nodes, {"x": (2, 6), "mask": (2, 6)}, {"z": (2, 6)}, consts)
+    w = f32(2, 6, seed=8)
+    ex = Explainer(m, sources=["x"])
+    res = ex.explain({"x": x, "mask": mask}, output_relevance=w)
+    y = 0.5 * (1 + np.vectorize(__import__("math").erf)((x - 0.3) / 0.8))
+    np.testing.assert_allclose(res.relevance["x"], w * y, rtol=1e-5, atol=1e-6)
+    (region,) = ex.analysis.regions.values()
+    assert (region.x, region.y) == ("x", "y")
