@@ -81,6 +81,9 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "bert_qa": ("BertConfig", "BertForQuestionAnswering", "question-answering", dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64)),
+    "bert_mc": ("BertConfig", "BertForMultipleChoice", "multiple-choice", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)),
     "bert_feat": ("BertConfig", "BertModel", "feature-extraction", dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64)),

@@ -92,6 +92,9 @@ CASES = {
     "llama-text-classification": Case("llama_cls"),
     "qwen2-text-classification-right-pad": Case("qwen2_cls", pad=(0, 3)),
     "gpt2-text-classification": Case("gpt2_cls", batch=3, pad=(0, -3, 2)),
+    "qwen2-sliding-long-leftpad": Case("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+                                       seq=40, pad=(0, -5)),
+    "gemma3-batch3-leftpad": Case("gemma3", batch=3, seq=20, pad=(0, -4, -9)),
     # --- prompts
     "llama-seq1": Case("llama", batch=1, seq=1, pad=(0,)),
     "gpt2-seq1": Case("gpt2", batch=1, seq=1, pad=(0,)),
@@ -234,3 +237,25 @@ def test_constant_shifts_join_the_activation_region():
     np.testing.assert_allclose(res.relevance["x"], w * y, rtol=1e-5, atol=1e-6)
     (region,) = ex.analysis.regions.values()
     assert (region.x, region.y) == ("x", "y")
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_multiple_choice_matches_lxt(fill):
+    """BertForMultipleChoice: ids (batch, choices, seq), logits (batch, choices); relevance (batch, choices, seq).
+    ``fill``: only input_ids given, the mask and segments filled with that shape."""
+    pt_dir, onnx_path = tiny_model("bert_mc")
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, 120, size=(2, 3, 7))
+    mask, types = np.ones_like(ids), np.zeros_like(ids)
+    if not fill:
+        mask[1, :, -2:] = 0
+        ids[mask == 0] = 0
+        types[..., 4:] = 1
+        types *= mask
+    feeds = {"input_ids": ids} if fill else {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    res = Explainer(onnx_path).explain(feeds)
+    ours = res.relevance["input_ids"]
+    assert ours.shape == ids.shape
+    ref = lxt_relevance("bert", pt_dir, ids, mask, None, None, res.target, model_cls="BertForMultipleChoice",
+                        token_type_ids=types, via_ids=True)
+    assert rel_err(ours.reshape(ref["relevance"].shape), ref["relevance"]) <= TOL
