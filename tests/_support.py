@@ -97,6 +97,12 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "qwen2_cls": ("Qwen2Config", "Qwen2ForSequenceClassification", "text-classification", dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=False, num_labels=3, pad_token_id=0)),
+    "qwen3_cls": ("Qwen3Config", "Qwen3ForSequenceClassification", "text-classification", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, use_sliding_window=False, num_labels=3,
+        pad_token_id=0)),
+    "gpt2_tok": ("GPT2Config", "GPT2ForTokenClassification", "token-classification", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=4)),
     "gpt2_cls": ("GPT2Config", "GPT2ForSequenceClassification", "text-classification", dict(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=3, pad_token_id=0)),
 }

@@ -92,6 +92,8 @@ CASES = {
     "llama-text-classification": Case("llama_cls"),
     "qwen2-text-classification-right-pad": Case("qwen2_cls", pad=(0, 3)),
     "gpt2-text-classification": Case("gpt2_cls", batch=3, pad=(0, -3, 2)),
+    "qwen3-text-classification-mixed-pad": Case("qwen3_cls", batch=3, pad=(0, -2, 3)),
+    "gpt2-token-classification": Case("gpt2_tok", position=3),
     "qwen2-sliding-long-leftpad": Case("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
                                        seq=40, pad=(0, -5)),
     "gemma3-batch3-leftpad": Case("gemma3", batch=3, seq=20, pad=(0, -4, -9)),
