@@ -151,8 +151,14 @@ def tiny_model(family: str, *, config: dict | None = None, opset: int | None = N
     model = getattr(transformers, model_cls)(conf).eval()
     randomize_(model, seed)
     model.save_pretrained(pt_dir)
-    main_export(str(pt_dir), str(onnx_dir), task=task, library_name="transformers",
-                opset=opset, no_post_process=True, do_validation=False)
+    if attn:  # main_export reloads the folder with the default attention: export this instance instead
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        onnx_export_from_model(model, str(onnx_dir), task=task, opset=opset, no_post_process=True,
+                               do_validation=False)
+    else:
+        main_export(str(pt_dir), str(onnx_dir), task=task, library_name="transformers",
+                    opset=opset, no_post_process=True, do_validation=False)
     return pt_dir, onnx_path
 
 
