@@ -32,6 +32,7 @@ class Case:
     segments: bool = False  # BERT token_type_ids with two segments
     attn: str | None = None  # attention implementation of the export (LXT runs the default, sdpa)
     composite: str = "attnlrp"
+    opset: int | None = None  # export opset (14: LayerNorm written out)
     weights: bool = False  # explain sum(w * output) with random w (output_relevance) instead of one entry
 
     @property
@@ -92,6 +93,8 @@ CASES = {
     "llama-text-classification": Case("llama_cls"),
     "qwen2-text-classification-right-pad": Case("qwen2_cls", pad=(0, 3)),
     "gpt2-text-classification": Case("gpt2_cls", batch=3, pad=(0, -3, 2)),
+    "bert-fill-mask-opset14": Case("bert_mlm", position=3, opset=14),
+    "gpt2-text-classification-opset14": Case("gpt2_cls", batch=3, pad=(0, -3, 2), opset=14),
     "qwen3-text-classification-mixed-pad": Case("qwen3_cls", batch=3, pad=(0, -2, 3)),
     "gpt2-token-classification": Case("gpt2_tok", position=3),
     "qwen2-sliding-long-leftpad": Case("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
@@ -140,7 +143,7 @@ def compare(name: str, composite: str | None = None) -> tuple[float, dict]:
     """(max relative error of our token relevance (the case's composite, or ``composite``) against LXT's over
     all explained targets, details)."""
     case = CASES[name]
-    pt_dir, onnx_path = tiny_model(case.family, config=case.config, attn=case.attn)
+    pt_dir, onnx_path = tiny_model(case.family, config=case.config, attn=case.attn, opset=case.opset)
     ex = Explainer(onnx_path, composite=composite or case.composite)
     ids, mask, types = _inputs(case)
     feeds = {"input_ids": ids, "attention_mask": mask}
