@@ -9,7 +9,8 @@
 4. *Detaching*: nodes whose rule is :class:`~onnx_lrp.rules.Constant`, and the variance statistic of written-out
    norms under :class:`~onnx_lrp.rules.ConstantStatistic`, stop carrying; steps 2-4 repeat to a fixed point.
 5. *Unary regions*: an element-wise subgraph with one carrying input ``x`` and one output ``y`` that contains a
-   non-linearity (``x * sigmoid(x)``, Erf-GELU, tanh-GELU) is one unary node for the identity rule.
+   non-linearity (``x * sigmoid(x)``, Erf-GELU, tanh-GELU) is one unary node for the identity rule. A region
+   takes in the static shifts/scales chained to it in the same exporter module scope (Laplace activation).
 """
 from __future__ import annotations
 
@@ -374,10 +375,10 @@ def _affine_step(graph: Graph, node: Node | None, kinds: dict[str, str], scope: 
         return None
     if _scope(node) != scope or node.domain not in ("", "ai.onnx"):
         return None
-    carrying = [i for i in node.inputs if i and i not in graph.static]
-    if len(carrying) != 1 or (node.op_type in ("Sub", "Div") and node.inputs[0] != carrying[0]):
+    dynamic = [i for i in node.inputs if i and i not in graph.static]
+    if len(dynamic) != 1 or (node.op_type == "Div" and node.inputs[0] != dynamic[0]):  # c / x is not affine
         return None
-    return carrying[0]
+    return dynamic[0]
 
 
 def _extend_by_constant_affine(graph: Graph, r: Region, kinds: dict[str, str], taken: set[str]) -> Region:
