@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from onnx_lrp import Explainer
+from onnx_lrp.rules import Gradient
 
 from _graphs import f32, model, node
 from _support import FAMILIES, lxt_relevance, rel_err, tiny_model
@@ -139,12 +140,12 @@ def _inputs(case: Case, pad_id: int = 0):
     return ids, mask, types
 
 
-def compare(name: str, composite: str | None = None) -> tuple[float, dict]:
-    """(max relative error of our token relevance (the case's composite, or ``composite``) against LXT's over
-    all explained targets, details)."""
+def compare(name: str, composite: str | None = None, overrides: dict | None = None) -> tuple[float, dict]:
+    """(max relative error of our token relevance (the case's composite, or ``composite``, with ``overrides``)
+    against LXT's over all explained targets, details)."""
     case = CASES[name]
     pt_dir, onnx_path = tiny_model(case.family, config=case.config, attn=case.attn, opset=case.opset)
-    ex = Explainer(onnx_path, composite=composite or case.composite)
+    ex = Explainer(onnx_path, composite=composite or case.composite, overrides=overrides)
     ids, mask, types = _inputs(case)
     feeds = {"input_ids": ids, "attention_mask": mask}
     if types is not None:
@@ -217,6 +218,9 @@ def test_final_logit_softcap_differs_from_lxt_by_its_unpatched_tanh():
     z = c * np.arctanh(y / c)
     scale = (y / z) / (1 - (y / c) ** 2)
     assert rel_err(info["ours"], ref["relevance"] * scale[:, None]) <= TOL
+    # the plain gradient on that node (a node-name override) reproduces LXT
+    err, info = compare(SOFTCAP, overrides={"/Tanh": Gradient()})
+    assert err <= TOL and info["rest_err"] <= TOL
 
 
 @pytest.mark.parametrize("act", ["clip", "prelu", "relu_squared"])
