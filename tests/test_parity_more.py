@@ -104,6 +104,9 @@ CASES = {
     # --- prompts
     "llama-seq1": Case("llama", batch=1, seq=1, pad=(0,)),
     "gpt2-seq1": Case("gpt2", batch=1, seq=1, pad=(0,)),
+    "llama-one-real-token-row": Case("llama", pad=(0, -8)),
+    "bert-one-real-token-row": Case("bert", pad=(0, 8)),
+    "gemma3-seq2": Case("gemma3", seq=2, pad=(0, -1)),
     "llama-long300": Case("llama", batch=1, seq=300, pad=(0,)),
     "gpt2-long300": Case("gpt2", dict(n_positions=512), batch=1, seq=300, pad=(0,)),
     "bert-long300": Case("bert", dict(max_position_embeddings=512), batch=1, seq=300, pad=(0,)),
