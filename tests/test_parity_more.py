@@ -226,16 +226,20 @@ def test_final_logit_softcap_differs_from_lxt_by_its_unpatched_tanh():
     assert err <= TOL and info["rest_err"] <= TOL
 
 
-@pytest.mark.parametrize("act", ["clip", "prelu", "relu_squared"])
+@pytest.mark.parametrize("act", ["clip", "prelu", "relu_squared", "selu", "celu", "thresholded_relu"])
 def test_piecewise_activations(act):
-    """Clip, PRelu and relu(x)^2 (Mul of one tensor by itself): AttnLRP's identity rule R_x = R_y, and the
-    Gradient composite's true derivative (written out here)."""
+    """Clip, PRelu, Selu, Celu, ThresholdedRelu and relu(x)^2 (Mul of one tensor by itself): AttnLRP's identity
+    rule R_x = R_y, and the Gradient composite's true derivative (written out here)."""
     x = f32(2, 6, seed=5, scale=2.0)
     slope = np.float32([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    a, g = 1.67326319217681884765625, 1.05070102214813232421875
     nodes, expect_grad = {
         "clip": ([node("Clip", ["x", "lo", "hi"], ["y"])], ((x >= -1) & (x <= 1.5)).astype(np.float32)),
         "prelu": ([node("PRelu", ["x", "slope"], ["y"])], np.where(x > 0, 1, slope)),
         "relu_squared": ([node("Relu", ["x"], ["r"]), node("Mul", ["r", "r"], ["y"])], 2 * np.maximum(x, 0)),
+        "selu": ([node("Selu", ["x"], ["y"])], np.where(x > 0, g, g * a * np.exp(x))),
+        "celu": ([node("Celu", ["x"], ["y"], alpha=0.5)], np.where(x > 0, 1, np.exp(x / 0.5))),
+        "thresholded_relu": ([node("ThresholdedRelu", ["x"], ["y"], alpha=0.7)], (x > 0.7).astype(np.float32)),
     }[act]
     m = model(nodes, {"x": (2, 6)}, {"y": (2, 6)}, {"lo": np.float32(-1), "hi": np.float32(1.5), "slope": slope})
     w = f32(2, 6, seed=6)
