@@ -10,7 +10,8 @@
 4. *Detaching*: nodes whose rule is :class:`~onnx_lrp.rules.Constant`, and the variance statistic of written-out
    norms under :class:`~onnx_lrp.rules.ConstantStatistic`, stop carrying; steps 2-4 repeat to a fixed point.
 5. *Unary regions*: an element-wise subgraph with one carrying input ``x`` and one output ``y`` that contains a
-   non-linearity (``x * sigmoid(x)``, Erf-GELU, tanh-GELU) is one unary node for the identity rule.
+   non-linearity (``x * sigmoid(x)``, Erf-GELU, tanh-GELU) is one unary node for the identity rule. A region
+   takes in the static shifts/scales chained to it in the same exporter module scope (Laplace activation).
 """
 from __future__ import annotations
 
@@ -401,7 +402,65 @@ def find_unary_regions(
     for r in regions.values():
         last = r.nodes[-1]
         r.rule = composite.rule_for("unary", last.op_type, last.name)
-    return regions
+    taken = {n.name for r in regions.values() for n in r.nodes}
+    out: dict[str, Region] = {}
+    for r in regions.values():
+        r = _extend_by_constant_affine(graph, r, kinds, taken)
+        out[r.name] = r
+    return out
+
+
+_AFFINE_OPS = {"Add", "Sub", "Mul", "Div", "Neg"}
+
+
+def _scope(node: Node) -> str:
+    """The exporter's module scope of a node name (``/model/layers.0/mlp/act_fn/Sub`` ->
+    ``/model/layers.0/mlp/act_fn``); empty for names without one."""
+    return node.name.rsplit("/", 1)[0] if node.name.count("/") >= 2 else ""
+
+
+def _affine_step(graph: Graph, node: Node | None, kinds: dict[str, str], scope: str, taken: set[str]) -> str | None:
+    """The carrying input of ``node`` if it shifts/scales it by a static constant inside ``scope``."""
+    if node is None or node.op_type not in _AFFINE_OPS or node.name not in kinds or node.name in taken:
+        return None
+    if _scope(node) != scope or node.domain not in ("", "ai.onnx"):
+        return None
+    dynamic = [i for i in node.inputs if i and i not in graph.static]
+    if len(dynamic) != 1 or (node.op_type == "Div" and node.inputs[0] != dynamic[0]):  # c / x is not affine
+        return None
+    return dynamic[0]
+
+
+def _extend_by_constant_affine(graph: Graph, r: Region, kinds: dict[str, str], taken: set[str]) -> Region:
+    """Grow a unary region over the constant shifts and scales around it in the same module scope, so that an
+    activation written as ``c1 * (g((x - c2) / c3) + c4)`` (e.g. Laplace) is one ``y = f(x)`` for the identity
+    rule, as LXT applies it to the activation module. Static operands only (never a run-time mask), and only
+    along single-consumer chains; scalings alone change nothing (the identity ratios telescope)."""
+    scope = _scope(r.nodes[-1])
+    if not scope:
+        return r
+    nodes, x, y = list(r.nodes), r.x, r.y
+
+    def users(t: str) -> list[Node]:
+        return [c for c in graph.consumers.get(t, []) if c.name in kinds]
+
+    while len(users(x)) == 1:
+        p = graph.producer.get(x)
+        inner = _affine_step(graph, p, kinds, scope, taken)
+        if inner is None:
+            break
+        nodes.insert(0, p)
+        x = inner
+    while y not in graph.output_names and len(users(y)) == 1:
+        c = users(y)[0]
+        if _affine_step(graph, c, kinds, scope, taken) != y:
+            break
+        nodes.append(c)
+        y = c.outputs[0]
+    if len(nodes) == len(r.nodes):
+        return r
+    taken.update(n.name for n in nodes)
+    return Region(nodes, x, y, r.rule)
 
 
 def _nodes_between(graph: Graph, root: str, seed: Node, carrying: set[str]) -> set[str]:

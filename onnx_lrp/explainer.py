@@ -297,15 +297,17 @@ class Explainer:
         ref = ids if ids is not None else next((v for v in feeds.values() if v.ndim >= 2), None)
         if ref is None:
             return
-        b, s = ref.shape[0], ref.shape[1]
+        # ids: (batch, seq), or (batch, choices, seq) for multiple-choice heads (sequence axis last)
+        lead, s = (ref.shape[:-1], ref.shape[-1]) if ids is not None else (ref.shape[:1], ref.shape[1])
+        b = ref.shape[0]
         for name, spec in expected.items():
             if name in feeds:
                 continue
             if name == "attention_mask":
                 past = self._past_length(feeds)
-                feeds[name] = np.ones((b, s + past), dtype=spec.numpy_dtype)
+                feeds[name] = np.ones(lead + (s + past,), dtype=spec.numpy_dtype)
             elif name == "token_type_ids":
-                feeds[name] = np.zeros((b, s), dtype=spec.numpy_dtype)
+                feeds[name] = np.zeros(lead + (s,), dtype=spec.numpy_dtype)
             elif name.startswith("past") and spec.is_float:
                 dims = [b if k == 0 else (d if isinstance(d, int) and d > 0 else 0) for k, d in enumerate(spec.shape)]
                 feeds[name] = np.zeros(dims, dtype=spec.numpy_dtype)
@@ -313,7 +315,7 @@ class Explainer:
             mask = feeds.get("attention_mask")
             if mask is not None:
                 pos = np.cumsum(mask, axis=-1) - 1
-                pos = np.where(mask == 0, 1, pos)[:, -s:]
+                pos = np.where(mask == 0, 1, pos)[..., -s:]
             else:
                 pos = np.broadcast_to(np.arange(s), (b, s))
             feeds["position_ids"] = np.ascontiguousarray(pos).astype(expected["position_ids"].numpy_dtype)

@@ -100,13 +100,25 @@ def _answer(req: dict) -> dict:
     assert "lxt" in cls.__module__ or family != "bert", f"{cls} is not LXT's patched class"
     model = cls.from_pretrained(req["pt_dir"], torch_dtype=torch.float32).eval()
     ids = torch.tensor(req["input_ids"])
-    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     kw = {}
-    if req["attention_mask"] is not None:
-        kw["attention_mask"] = torch.tensor(req["attention_mask"])
-    if req["position_ids"] is not None:
-        kw["position_ids"] = torch.tensor(req["position_ids"])
-    out = model(inputs_embeds=emb, **kw)
+    for name in ("attention_mask", "position_ids", "token_type_ids"):
+        if req.get(name) is not None:
+            kw[name] = torch.tensor(req[name])
+    if req.get("via_ids"):  # the model sees input_ids (e.g. to pool at the last non-pad token); the
+        # relevance is read at the embedding lookup's output, kept by a forward hook
+        kept = []
+
+        def keep(module, args, output):
+            output.retain_grad()
+            kept.append(output)
+
+        hook = model.get_input_embeddings().register_forward_hook(keep)
+        out = model(input_ids=ids, **kw)
+        hook.remove()
+        emb = kept[0]
+    else:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        out = model(inputs_embeds=emb, **kw)
     B = ids.shape[0]
     if req.get("pair_similarity"):  # batch of 2: explain e(a).e(b) for a with e(b) fixed, and vice versa
         h = out.last_hidden_state
@@ -117,7 +129,12 @@ def _answer(req: dict) -> dict:
         rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
         return {"relevance": rel.tolist(), "score": scores.detach().tolist(),
                 "pooled": pooled.detach().numpy().tolist()}
-    logits = out.logits
+    logits = getattr(out, req.get("output") or "logits")  # e.g. start_logits, last_hidden_state
+    if req.get("weights") is not None:  # explain sum(w * output) per batch element
+        scores = (logits * torch.tensor(req["weights"], dtype=logits.dtype)).flatten(1).sum(-1)
+        scores.sum().backward()
+        rel = (emb * emb.grad).sum(-1).detach().numpy().astype(np.float64)
+        return {"relevance": rel.tolist(), "score": scores.detach().tolist()}
     if logits.ndim == 3:
         pos = torch.tensor(req["positions"]) if req["positions"] is not None else torch.full((B,), logits.shape[1] - 1)
         rows = logits[torch.arange(B), pos]

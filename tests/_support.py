@@ -71,6 +71,40 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
     "bert": ("BertConfig", "BertForSequenceClassification", "text-classification", dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, num_labels=3)),
+    # other heads / optimum tasks on the same tiny bodies (tests/test_parity_more.py)
+    "bert_mlm": ("BertConfig", "BertForMaskedLM", "fill-mask", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)),
+    "bert_tok": ("BertConfig", "BertForTokenClassification", "token-classification", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=5)),
+    "bert_qa": ("BertConfig", "BertForQuestionAnswering", "question-answering", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)),
+    "bert_mc": ("BertConfig", "BertForMultipleChoice", "multiple-choice", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)),
+    "bert_feat": ("BertConfig", "BertModel", "feature-extraction", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)),
+    "llama_feat": ("LlamaConfig", "LlamaModel", "feature-extraction", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)),
+    # sequence classifiers pool at the last non-pad token (ids != pad_token_id)
+    "llama_cls": ("LlamaConfig", "LlamaForSequenceClassification", "text-classification", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, num_labels=3, pad_token_id=0)),
+    "qwen2_cls": ("Qwen2Config", "Qwen2ForSequenceClassification", "text-classification", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=False, num_labels=3, pad_token_id=0)),
+    "qwen3_cls": ("Qwen3Config", "Qwen3ForSequenceClassification", "text-classification", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, use_sliding_window=False, num_labels=3,
+        pad_token_id=0)),
+    "gpt2_tok": ("GPT2Config", "GPT2ForTokenClassification", "token-classification", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=4)),
+    "gpt2_cls": ("GPT2Config", "GPT2ForSequenceClassification", "text-classification", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=3, pad_token_id=0)),
 }
 
 
@@ -117,21 +151,32 @@ def tiny_model(family: str, *, config: dict | None = None, opset: int | None = N
     model = getattr(transformers, model_cls)(conf).eval()
     randomize_(model, seed)
     model.save_pretrained(pt_dir)
-    main_export(str(pt_dir), str(onnx_dir), task=task, library_name="transformers",
-                opset=opset, no_post_process=True, do_validation=False)
+    if attn:  # main_export reloads the folder with the default attention: export this instance instead
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        onnx_export_from_model(model, str(onnx_dir), task=task, opset=opset, no_post_process=True,
+                               do_validation=False)
+    else:
+        main_export(str(pt_dir), str(onnx_dir), task=task, library_name="transformers",
+                    opset=opset, no_post_process=True, do_validation=False)
     return pt_dir, onnx_path
 
 
 def lxt_relevance(family: str, pt_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                   position_ids: np.ndarray | None = None, positions: np.ndarray | None = None,
                   targets: np.ndarray | None = None, composite: str = "attnlrp", *, model_cls: str | None = None,
-                  pair_similarity: bool = False) -> dict:
+                  pair_similarity: bool = False, token_type_ids: np.ndarray | None = None,
+                  output: str | None = None, via_ids: bool = False, weights: np.ndarray | None = None) -> dict:
     """LXT (efficient engine) token relevance on the same weights: ``(inputs_embeds * grad).sum(-1)``.
 
     ``family`` names the transformers module (``llama``, ``bert``, ...); ``model_cls`` the class in it (default:
     the class of :data:`FAMILIES`). ``pair_similarity`` (batch of 2 sentences): explain ``e(a) . e(b)`` for a
     with ``e(b)`` held fixed and vice versa, ``e`` = mask-weighted mean of ``last_hidden_state``; the result then
-    has ``score`` (2,) and ``pooled`` instead of ``logits``.
+    has ``score`` (2,) and ``pooled`` instead of ``logits``. ``output``: the model output explained (default
+    ``logits``; e.g. ``start_logits``, ``last_hidden_state``). ``via_ids``: feed ``input_ids`` (not
+    ``inputs_embeds``) and read the relevance at the embedding output (sequence classifiers pool at the last
+    non-pad token only when they see the ids). ``weights``: explain ``sum(weights * output)`` per batch element
+    instead of one logit (the result has ``score``, no ``logits``).
     """
     model_cls = model_cls or FAMILIES[family][1]
     req = {
@@ -142,6 +187,8 @@ def lxt_relevance(family: str, pt_dir: Path, input_ids: np.ndarray, attention_ma
         "position_ids": None if position_ids is None else np.asarray(position_ids).tolist(),
         "positions": None if positions is None else np.asarray(positions).tolist(),
         "targets": None if targets is None else np.asarray(targets).tolist(),
+        "token_type_ids": None if token_type_ids is None else np.asarray(token_type_ids).tolist(),
+        "output": output, "via_ids": via_ids, "weights": None if weights is None else np.asarray(weights).tolist(),
     }
     out = _lxt_worker(family, composite).ask(req)
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}

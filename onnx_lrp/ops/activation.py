@@ -40,8 +40,8 @@ def _sigmoid(xp, x):
     return 1.0 / (1.0 + xp.exp(-x))
 
 
-def _derivative(node, xp, x, y):
-    """dy/dx of a single-input element-wise op (``x`` already includes a fused bias)."""
+def _derivative(node, xp, x, y, slope=None):
+    """dy/dx of a single-input element-wise op (``x`` already includes a fused bias; ``slope``: PRelu's)."""
     op, at = node.op_type, node.attrs
     if op == "Erf":
         return (2.0 / math.sqrt(math.pi)) * xp.exp(-x * x)
@@ -51,6 +51,17 @@ def _derivative(node, xp, x, y):
         return y * (1 - y)
     if op == "Relu":
         return (x > 0).astype(x.dtype)
+    if op == "PRelu":
+        return xp.where(x > 0, xp.ones_like(x), slope).astype(x.dtype)
+    if op == "Clip":  # 1 inside [min, max], where the output is the input
+        return (y == x).astype(x.dtype)
+    if op == "ThresholdedRelu":
+        return (x > at.get("alpha", 1.0)).astype(x.dtype)
+    if op == "Selu":
+        a, g = at.get("alpha", 1.67326319217681884765625), at.get("gamma", 1.05070102214813232421875)
+        return xp.where(x > 0, g, y + g * a).astype(x.dtype)
+    if op == "Celu":
+        return xp.where(x > 0, 1.0, y / at.get("alpha", 1.0) + 1).astype(x.dtype)
     if op == "LeakyRelu":
         return xp.where(x > 0, 1.0, at.get("alpha", 0.01)).astype(x.dtype)
     if op in ("Gelu", "BiasGelu"):
@@ -99,6 +110,7 @@ def _derivative(node, xp, x, y):
 UNARY_OPS = (
     "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "Softplus",
     "Sqrt", "Reciprocal", "Exp", "Log", "Abs", "Sin", "Cos", "Elu", "Softsign", "HardSigmoid", "HardSwish", "Mish",
+    "Clip", "PRelu", "ThresholdedRelu", "Selu", "Celu",
 )
 
 
@@ -135,10 +147,11 @@ def unary(ctx: OpContext):
         raise ctx.fail(f"rule {ctx.rule.name} does not apply to a non-linearity")
     vx, vy = ctx.value(x), ctx.value(y)
     vb = ctx.value(bias) if bias else None
+    vs = ctx.value(ctx.input(1)) if node.op_type == "PRelu" else None
 
     def back_grad(env, gy):
         X = env[vx] + env[vb] if vb else env[vx]
-        g = gy[0] * _derivative(node, xp, X, env[vy])
+        g = gy[0] * _derivative(node, xp, X, env[vy], env[vs] if vs else None)
         return _split_bias(xp, env, g, sx, bias, ctx)
 
     return back_grad
