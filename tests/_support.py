@@ -192,3 +192,41 @@ def _close_workers() -> None:
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     """max |a - ref| / max |ref| (the parity measure of the issues)."""
     return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
+
+
+# head_dim 16: onnxruntime's CPU GroupQueryAttention kernel requires a multiple of 16
+GENAI_CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+
+def genai_model(family: str, precision: str = "fp32", *, config: dict | None = None) -> tuple[Path, Path]:
+    """The tiny model of ``family`` (:func:`tiny_model`, with :data:`GENAI_CONFIG` + ``config``) built by
+    onnxruntime-genai's model builder (``-p precision -e cpu``), cached; returns (pytorch folder, onnx file).
+
+    The builder wants a tokenizer and transformers-5 style ``rope_scaling``: it reads a staging folder with the
+    weights, a word-level tokenizer over the model's vocabulary and ``rope_scaling = {"rope_type": "default"}``
+    (the same rotary embedding as no ``rope_scaling``).
+    """
+    cfg = dict(GENAI_CONFIG, **(config or {}))
+    pt_dir, _ = tiny_model(family, config=cfg)
+    root = pt_dir.parent / f"genai-{precision}"
+    onnx_path = root / "model.onnx"
+    if onnx_path.exists():
+        return pt_dir, onnx_path
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    stage = pt_dir.parent / "genai-input"
+    stage.mkdir(exist_ok=True)
+    conf = json.loads((pt_dir / "config.json").read_text())
+    conf["rope_scaling"] = dict(conf.get("rope_scaling") or {"rope_type": "default"})
+    (stage / "config.json").write_text(json.dumps(conf))
+    for f in pt_dir.iterdir():
+        if f.name != "config.json" and not (stage / f.name).exists():
+            (stage / f.name).symlink_to(f)
+    vocab = {f"t{i}": i for i in range(conf["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(stage)
+    subprocess.run([sys.executable, str(HERE / "_genai_builder.py"), "-i", str(stage), "-o", str(root), "-p", precision,
+                    "-e", "cpu", "-c", str(root.parent / "genai-cache")], check=True, capture_output=True)
+    return pt_dir, onnx_path
