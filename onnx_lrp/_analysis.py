@@ -42,14 +42,14 @@ NONLINEAR = {
     "BiasGelu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish", "Sqrt", "Reciprocal", "Exp", "Log",
     "Abs", "Sin", "Cos", "Clip", "PRelu", "ThresholdedRelu",
 }
-LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
+LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulNBits"}
 NORM_OPS = {
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization",
 }
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
-FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
+FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 EXCLUDED_ID_INPUTS = ("position", "cache_position")
 

@@ -17,6 +17,7 @@ from ._graph import Graph, load_split
 from .composites import Composite, get_composite
 from .errors import InputError, TargetError
 from .ops import REGISTRY
+from .ops.contrib_attention import cache_head_size
 from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
 
@@ -302,6 +303,8 @@ class Explainer:
                 feeds[name] = np.zeros((b, s), dtype=spec.numpy_dtype)
             elif name.startswith("past") and spec.is_float:
                 dims = [b if k == 0 else (d if isinstance(d, int) and d > 0 else 0) for k, d in enumerate(spec.shape)]
+                if len(dims) == 4 and not dims[3]:  # head size left symbolic (onnxruntime-genai graphs)
+                    dims[3] = cache_head_size(self.graph, name) or 0
                 feeds[name] = np.zeros(dims, dtype=spec.numpy_dtype)
         if "position_ids" in expected and "position_ids" not in feeds:
             mask = feeds.get("attention_mask")
