@@ -9,7 +9,7 @@ Both recompute the forward from the captured inputs and take the fused ``Attenti
 reads key/value head ``h // (N / Nkv)``, so ``G_K``, ``G_V`` sum over each group. With ``do_rotary`` the op
 rotates ``Q`` and ``K`` by the angles of ``cos_cache``/``sin_cache`` at positions ``0..S-1`` (or
 ``position_ids``); the VJP rotates ``G_Q``, ``G_K`` back by the opposite angle. Keys: causal, ``j <= i``, within
-``local_window_size`` (``i - j <= w``) and ``j <= seqlens_k[b]``. onnxruntime treats a first prompt as
+``local_window_size`` (``i - j < w``, as onnxruntime 1.32 computes it) and ``j <= seqlens_k[b]``. onnxruntime treats a first prompt as
 *right*-padded: row ``i > seqlens_k[b]`` is padding with an undefined output, so relevance reaching such a row
 is refused (left-padded batches are computed differently from the model's PyTorch original already in the
 forward pass). Refused: a non-empty past, ``softcap``, ``smooth_softmax``, ``head_sink``.
@@ -111,11 +111,12 @@ def group_query_attention(ctx: OpContext):
         i, j = xp.arange(S)[:, None], xp.arange(S)[None, :]
         keep = j <= i
         if window > 0:
-            keep = keep & (i - j <= window)
+            keep = keep & (i - j < window)  # the window counts the query's own key (onnxruntime 1.32)
         last = xp.asarray(env[vseq]).astype(np.int64).reshape(-1)  # seqlens_k = valid length - 1
         keep = keep[None, None] & (j[None, None] <= last[:, None, None, None])
-        P = softmax_rows(xp, xp.where(keep, scores, -xp.inf))
         rows_ok = xp.arange(S)[None, :] <= last[:, None]  # (B, S): rows onnxruntime computes
+        pad = ~rows_ok[:, None, :, None]  # padding rows (maybe without any key): P = 0 there
+        P = softmax_rows(xp, xp.where(keep | pad, scores, -xp.inf)) * ~pad
         return Q, Kx, Vx, P, scale, (c, s, rd), rows_ok
 
     def back(env, gy):

@@ -1,0 +1,193 @@
+"""onnxruntime contrib ops of production decoder graphs: GroupQueryAttention, MultiHeadAttention, MatMulNBits.
+
+References: (a) single ops, under the plain gradient: <G_x, v> equals central differences of onnxruntime's own
+kernel; (b) whole models built by onnxruntime-genai's model builder: token relevance equals that of the optimum
+export of the same weights and LXT's (batch 2, right padding).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lrp import Explainer
+from onnx_lrp.errors import OnnxLrpError
+
+from _support import GENAI_CONFIG, genai_model, lxt_relevance, rel_err, tiny_model
+
+needs_genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
+                                 reason="onnxruntime-genai (its model builder) is not installed")
+TYPES = {"f": TensorProto.FLOAT, "i32": TensorProto.INT32, "i64": TensorProto.INT64}
+
+
+def _model(nodes, inputs, outputs, initializers=None):
+    vi = [helper.make_tensor_value_info(n, TYPES[t], s) for n, t, s in inputs]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs]
+    inits = [numpy_helper.from_array(v, k) for k, v in (initializers or {}).items()]
+    graph = helper.make_graph(nodes, "single", vi, out, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _check_vjp(model, feeds, x_names, G, rows=None, seed=0):
+    """Under the plain gradient, <G_x, v> = d/dh <G, y(x + h v)> (central differences of onnxruntime's kernel),
+    for random directions v in all float inputs ``x_names``; ``rows`` (B, S) restricts <G, .> to those rows."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    res = Explainer(model, composite="gradient").explain(feeds, output="y", output_relevance=G)
+    rng = np.random.RandomState(seed)
+    keep = np.ones(G.shape[:2], bool) if rows is None else rows
+    h = 1e-2
+    for _ in range(3):
+        vs = {n: rng.randn(*feeds[n].shape).astype(np.float32) for n in x_names}
+        up = sess.run(["y"], {**feeds, **{n: feeds[n] + h * vs[n] for n in x_names}})[0]
+        down = sess.run(["y"], {**feeds, **{n: feeds[n] - h * vs[n] for n in x_names}})[0]
+        numeric = float(((up - down)[keep] * G[keep]).sum()) / (2 * h)  # padded rows: undefined output
+        ours = sum(float((res.relevance[n] * vs[n]).sum()) for n in x_names)
+        assert abs(ours - numeric) <= 1e-2 * abs(numeric) + 1e-3, (ours, numeric)
+
+
+# ---------------------------------------------------------------------------------------------- GroupQueryAttention
+@pytest.mark.parametrize("packed,rotary,interleaved,window,pad", [
+    (True, True, False, -1, False), (True, True, True, -1, True), (False, True, False, 2, True),
+    (False, False, False, -1, False), (True, True, False, 3, False)])
+def test_group_query_attention_gradient_matches_onnxruntime(packed, rotary, interleaved, window, pad):
+    """GQA (2 query heads per key/value head, head size 16 as onnxruntime's CPU kernel wants) as the genai builder
+    writes it for a first prompt: empty past, seqlens_k = length - 1, rotary inside, optional local window."""
+    B, S, N, Nkv, d = 2, 5, 4, 2, 16
+    rng = np.random.RandomState(1)
+    lengths = np.array([S, S - 2 if pad else S])
+    names = ["query"] if packed else ["query", "key", "value"]
+    widths = {"query": (N + 2 * Nkv) * d if packed else N * d, "key": Nkv * d, "value": Nkv * d}
+    inputs = [(n, "f", [B, S, widths[n]]) for n in names]
+    inputs += [("past_key", "f", [B, Nkv, 0, d]), ("past_value", "f", [B, Nkv, 0, d]),
+               ("seqlens_k", "i32", [B]), ("total_sequence_length", "i32", [])]
+    inits = {}
+    if rotary:
+        angle = np.arange(16)[:, None] * 10000.0 ** (-np.arange(d // 2) / (d // 2))
+        inits = {"cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32)}
+    ins = (["query", "", ""] if packed else names) + ["past_key", "past_value", "seqlens_k", "total_sequence_length"]
+    ins += ["cos", "sin"] if rotary else []
+    node = helper.make_node("GroupQueryAttention", ins, ["y", "present_key", "present_value"], domain="com.microsoft",
+                            num_heads=N, kv_num_heads=Nkv, do_rotary=int(rotary), rotary_interleaved=int(interleaved),
+                            local_window_size=window)
+    model = _model([node], inputs, ["y", "present_key", "present_value"], inits)
+    feeds = {n: rng.randn(B, S, widths[n]).astype(np.float32) for n in names}
+    feeds.update(past_key=np.zeros((B, Nkv, 0, d), np.float32), past_value=np.zeros((B, Nkv, 0, d), np.float32),
+                 seqlens_k=(lengths - 1).astype(np.int32), total_sequence_length=np.array(S, np.int32))
+    rows = np.arange(S)[None, :] < lengths[:, None]
+    G = rng.randn(B, S, N * d).astype(np.float32) * rows[..., None]
+    _check_vjp(model, feeds, names, G, rows)
+    # relevance reaching a row onnxruntime leaves undefined (past seqlens_k) is refused
+    if pad:
+        with pytest.raises(OnnxLrpError, match="padding row"):
+            Explainer(model, composite="gradient").explain(feeds, output="y", output_relevance=np.ones_like(G))
+
+
+def test_group_query_attention_refuses_softcap():
+    node = helper.make_node("GroupQueryAttention", ["q", "", "", "pk", "pv", "sk", "t"], ["y", "k", "v"],
+                            domain="com.microsoft", num_heads=2, kv_num_heads=1, softcap=30.0)
+    model = _model([node], [("q", "f", [1, 2, 64]), ("pk", "f", [1, 1, 0, 16]), ("pv", "f", [1, 1, 0, 16]),
+                            ("sk", "i32", [1]), ("t", "i32", [])], ["y"])
+    feeds = {"q": np.ones((1, 2, 64), np.float32), "pk": np.zeros((1, 1, 0, 16), np.float32),
+             "pv": np.zeros((1, 1, 0, 16), np.float32), "sk": np.array([1], np.int32), "t": np.array(2, np.int32)}
+    with pytest.raises(OnnxLrpError, match="softcap"):
+        Explainer(model).explain(feeds, output="y", output_relevance=np.ones((1, 2, 32), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- MultiHeadAttention
+@pytest.mark.parametrize("bias,mask,causal", [(False, None, 0), (True, "raw2d", 0), (True, "lengths", 1),
+                                              (False, "raw2d", 1)])
+def test_multi_head_attention_gradient_matches_onnxruntime(bias, mask, causal):
+    B, S, T, N, d = 2, 4, 4, 2, 8
+    rng = np.random.RandomState(2)
+    names = ["query", "key", "value"]
+    inputs = [("query", "f", [B, S, N * d]), ("key", "f", [B, T, N * d]), ("value", "f", [B, T, N * d])]
+    masks = {"raw2d": np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.int32), "lengths": np.array([4, 3], np.int32)}
+    ins = names + (["bias"] if bias else [""]) + (["mask"] if mask else [])
+    inits = {"bias": (0.3 * rng.randn(3 * N * d)).astype(np.float32)} if bias else {}
+    if mask:
+        inputs.append(("mask", "i32", list(masks[mask].shape)))
+    node = helper.make_node("MultiHeadAttention", ins, ["y"], domain="com.microsoft", num_heads=N,
+                            unidirectional=causal)
+    model = _model([node], inputs, ["y"], inits)
+    feeds = {n: rng.randn(*s).astype(np.float32) for n, _, s in inputs[:3]}
+    if mask:
+        feeds["mask"] = masks[mask]
+    _check_vjp(model, feeds, names, rng.randn(B, S, N * d).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- MatMulNBits
+@pytest.mark.parametrize("bits,zero_points,K", [(4, None, 64), (4, "packed", 40), (8, "packed", 64), (4, "float", 64)])
+def test_matmul_nbits_gradient_matches_onnxruntime(bits, zero_points, K):
+    """MatMulNBits is linear in A: its VJP with the dequantised weight must match onnxruntime's kernel (fp32
+    accuracy level), including a K that is not a multiple of the block size and the zero-point formats."""
+    N, block, B, S = 12, 32, 2, 3
+    rng = np.random.RandomState(3)
+    blocks = -(-K // block)
+    Bq = rng.randint(0, 256, (N, blocks, block * bits // 8)).astype(np.uint8)
+    inits = {"B": Bq, "scales": (0.1 + rng.rand(N * blocks)).astype(np.float32)}
+    ins = ["A", "B", "scales"]
+    if zero_points == "packed":
+        inits["zp"] = rng.randint(0, 256, (N * (-(-blocks * bits // 8)),)).astype(np.uint8)
+        ins.append("zp")
+    elif zero_points == "float":
+        inits["zp"] = rng.randn(N * blocks).astype(np.float32)
+        ins.append("zp")
+    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=block, accuracy_level=0)
+    model = _model([node], [("A", "f", [B, S, K])], ["y"], inits)
+    feeds = {"A": rng.randn(B, S, K).astype(np.float32)}
+    _check_vjp(model, feeds, ["A"], rng.randn(B, S, N).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- whole models
+def _padded_inputs(seq: int = 8):
+    ids = np.random.RandomState(5).randint(3, 120, (2, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, -3:] = 0  # genai graphs take right padding
+    return ids, mask
+
+
+@needs_genai
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_genai_graph_matches_optimum_and_lxt(family):
+    """The builder's fp32 graph (GroupQueryAttention with packed QKV and rotary inside, SkipSimplifiedLayerNorm)
+    gives the AttnLRP token relevance of the optimum export of the same weights and of LXT."""
+    pt_dir, gpath = genai_model(family)
+    _, opath = tiny_model(family, config=GENAI_CONFIG)
+    ops = {n.op_type for n in onnx.load(str(gpath), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    ids, mask = _padded_inputs()
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = Explainer(opath).explain(feeds)
+    res = Explainer(gpath).explain(feeds)  # past caches, seqlens_k, total_sequence_length filled by default
+    assert np.array_equal(res.target, ref.target) and np.array_equal(res.position, [7, 4])
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= 1e-4
+    assert np.all(res.relevance["input_ids"][mask == 0] == 0)
+    lxt = lxt_relevance(family, pt_dir, ids, mask, np.clip(np.cumsum(mask, -1) - 1, 0, None), res.position,
+                        res.target)
+    assert rel_err(res.relevance["input_ids"], lxt["relevance"]) <= 1e-3
+
+
+@needs_genai
+def test_genai_graph_cp_lrp_matches_optimum():
+    _, gpath = genai_model("llama")
+    _, opath = tiny_model("llama", config=GENAI_CONFIG)
+    ids, mask = _padded_inputs()
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = Explainer(opath, composite="cp-lrp").explain(feeds)
+    res = Explainer(gpath, composite="cp-lrp").explain(feeds)
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= 1e-4
+
+
+@needs_genai
+def test_genai_graph_refuses_left_padding():
+    """onnxruntime's GroupQueryAttention computes a left-padded prompt as if it were right-padded: refused."""
+    _, gpath = genai_model("llama")
+    ids, mask = _padded_inputs()
+    with pytest.raises(OnnxLrpError, match="right padding"):
+        Explainer(gpath).explain({"input_ids": ids, "attention_mask": mask[:, ::-1].copy()})
