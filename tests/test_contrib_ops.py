@@ -191,3 +191,56 @@ def test_genai_graph_refuses_left_padding():
     ids, mask = _padded_inputs()
     with pytest.raises(OnnxLrpError, match="right padding"):
         Explainer(gpath).explain({"input_ids": ids, "attention_mask": mask[:, ::-1].copy()})
+
+
+def _ort_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
+    """The (K, N) weight onnxruntime's MatMulNBits kernel multiplies by: its output for A = identity."""
+    import onnxruntime as ort
+
+    K = next(a.i for a in node.attribute if a.name == "K")
+    inits = {t.name: t for t in model.graph.initializer}
+    single = onnx.NodeProto()
+    single.CopyFrom(node)
+    single.input[0] = "A"
+    del single.output[:]
+    single.output.append("y")
+    m = _model([single], [("A", "f", [K, K])], ["y"], {n: numpy_helper.to_array(inits[n]) for n in node.input[1:] if n})
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"A": np.eye(K, dtype=np.float32)})[0]
+
+
+@needs_genai
+def test_genai_int4_graph_matches_lxt_on_dequantised_weights(tmp_path):
+    """The builder's int4 graph (MatMulNBits, block 32) at fp32 accuracy level: AttnLRP token relevance equals
+    LXT's on the PyTorch model whose linear weights are the ones onnxruntime's kernel multiplies by."""
+    import torch
+    import transformers
+
+    pt_dir, qpath = genai_model("llama", "int4")
+    model = onnx.load(str(qpath))
+    torch_model = transformers.LlamaForCausalLM.from_pretrained(pt_dir).eval()
+    params = dict(torch_model.named_parameters())
+    q_out = torch_model.config.num_attention_heads * torch_model.config.head_dim
+    k_out = torch_model.config.num_key_value_heads * torch_model.config.head_dim
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        for a in node.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0  # onnxruntime's int8 activations would be a different forward than PyTorch's
+        W = torch.from_numpy(_ort_weight(model, node).T.copy())
+        name = node.name.split("/MatMul")[0].strip("/").replace("/", ".").replace("attn", "self_attn")
+        with torch.no_grad():
+            if name.endswith("qkv_proj"):
+                base = name[: -len("qkv_proj")]
+                for part, rows in (("q_proj", W[:q_out]), ("k_proj", W[q_out:q_out + k_out]),
+                                   ("v_proj", W[q_out + k_out:])):
+                    params[f"{base}{part}.weight"].copy_(rows)
+            else:
+                params[f"{name}.weight"].copy_(W)
+    torch_model.save_pretrained(tmp_path / "pt")
+    ids, mask = _padded_inputs()
+    res = Explainer(model).explain({"input_ids": ids, "attention_mask": mask})
+    lxt = lxt_relevance("llama", tmp_path / "pt", ids, mask, np.clip(np.cumsum(mask, -1) - 1, 0, None),
+                        res.position, res.target)
+    assert rel_err(res.relevance["input_ids"], lxt["relevance"]) <= 1e-3
