@@ -244,3 +244,25 @@ def test_genai_int4_graph_matches_lxt_on_dequantised_weights(tmp_path):
     lxt = lxt_relevance("llama", tmp_path / "pt", ids, mask, np.clip(np.cumsum(mask, -1) - 1, 0, None),
                         res.position, res.target)
     assert rel_err(res.relevance["input_ids"], lxt["relevance"]) <= 1e-3
+
+
+def test_optimizer_multi_head_attention_graph_matches_plain_export():
+    """onnxruntime's transformer optimizer with ``use_multi_head_attention`` writes BERT attention as
+    MultiHeadAttention (separate Q/K/V MatMuls, packed bias, lengths from EmbedLayerNormalization): same
+    AttnLRP relevance as the plain optimum export (right padding, which the lengths mask assumes)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    _, base = tiny_model("bert")
+    opts = FusionOptions("bert")
+    opts.use_multi_head_attention = True
+    fused = optimize_model(str(base), model_type="bert", num_heads=4, hidden_size=32, optimization_options=opts,
+                           opt_level=1).model
+    assert "MultiHeadAttention" in {n.op_type for n in fused.graph.node}
+    ids = np.random.RandomState(0).randint(3, 120, (2, 7))
+    mask = np.ones_like(ids)
+    mask[1, -2:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = Explainer(base).explain(feeds)
+    res = Explainer(fused).explain(feeds, target=ref.target)
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= 1e-4
