@@ -1,7 +1,7 @@
 """Graph analysis, once per model and composite.
 
-1. *Sources*: float graph inputs, and embedding lookups ``Gather(table, ids)`` whose ids come from an integer
-   graph input (not ``position_ids``).
+1. *Sources*: float graph inputs, and embedding lookups ``Gather(table, ids)`` (or com.microsoft
+   ``GatherBlockQuantized`` of an int4 table) whose ids come from an integer graph input (not ``position_ids``).
 2. *Carrying* tensors: those that depend on a source through ops that pass relevance. Everything else (masks,
    position ids, RoPE tables, shapes) is a constant for the rules.
 3. *Kinds*: each carrying node is ``linear``, ``add``, ``product``, ``unary``, ``softmax``, ``norm``,
@@ -51,6 +51,8 @@ REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+# embedding lookups (table, ids): Gather, and onnxruntime's lookup in an int4 table (onnxruntime-genai)
+EMBEDDING_LOOKUPS = {("Gather", "ai.onnx"), ("GatherBlockQuantized", "com.microsoft")}
 EXCLUDED_ID_INPUTS = ("position", "cache_position")
 
 
@@ -110,7 +112,7 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
         if i.name in wanted and i.is_float:
             sources[i.name] = i.name
     for n in graph.nodes:
-        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx"):
+        if (n.op_type, n.domain or "ai.onnx") not in EMBEDDING_LOOKUPS or int(n.attr("gather_axis", 0)) != 0:
             continue
         table, ids = n.inputs[0], n.inputs[1]
         if table not in graph.static:

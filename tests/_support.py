@@ -198,9 +198,11 @@ def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
 GENAI_CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
 
 
-def genai_model(family: str, precision: str = "fp32", *, config: dict | None = None) -> tuple[Path, Path]:
+def genai_model(family: str, precision: str = "fp32", *, config: dict | None = None,
+                extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """The tiny model of ``family`` (:func:`tiny_model`, with :data:`GENAI_CONFIG` + ``config``) built by
-    onnxruntime-genai's model builder (``-p precision -e cpu``), cached; returns (pytorch folder, onnx file).
+    onnxruntime-genai's model builder (``-p precision -e cpu``, ``--extra_options *extra``), cached; returns
+    (pytorch folder, onnx file).
 
     The builder wants a tokenizer and transformers-5 style ``rope_scaling``: it reads a staging folder with the
     weights, a word-level tokenizer over the model's vocabulary and ``rope_scaling = {"rope_type": "default"}``
@@ -208,7 +210,7 @@ def genai_model(family: str, precision: str = "fp32", *, config: dict | None = N
     """
     cfg = dict(GENAI_CONFIG, **(config or {}))
     pt_dir, _ = tiny_model(family, config=cfg)
-    root = pt_dir.parent / f"genai-{precision}"
+    root = pt_dir.parent / ("-".join(("genai", precision) + tuple(extra)).replace("/", "_").replace("=", "_"))
     onnx_path = root / "model.onnx"
     if onnx_path.exists():
         return pt_dir, onnx_path
@@ -228,5 +230,6 @@ def genai_model(family: str, precision: str = "fp32", *, config: dict | None = N
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(stage)
     subprocess.run([sys.executable, str(HERE / "_genai_builder.py"), "-i", str(stage), "-o", str(root), "-p", precision,
-                    "-e", "cpu", "-c", str(root.parent / "genai-cache")], check=True, capture_output=True)
+                    "-e", "cpu", "-c", str(root.parent / "genai-cache")] + (["--extra_options", *extra] if extra else []),
+                   check=True, capture_output=True)
     return pt_dir, onnx_path

@@ -209,15 +209,22 @@ def _ort_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
         None, {"A": np.eye(K, dtype=np.float32)})[0]
 
 
+TIED = dict(config={"tie_word_embeddings": True}, extra=("shared_embeddings=true", "op_types_to_quantize=MatMul/Gather"))
+
+
 @needs_genai
-def test_genai_int4_graph_matches_lxt_on_dequantised_weights(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_genai_int4_graph_matches_lxt_on_dequantised_weights(tmp_path, tied):
     """The builder's int4 graph (MatMulNBits, block 32) at fp32 accuracy level: AttnLRP token relevance equals
-    LXT's on the PyTorch model whose linear weights are the ones onnxruntime's kernel multiplies by."""
+    LXT's on the PyTorch model whose linear weights are the ones onnxruntime's kernel multiplies by. ``tied``:
+    tied embeddings, looked up in the int4 lm-head table by GatherBlockQuantized (a relevance source)."""
     import torch
     import transformers
 
-    pt_dir, qpath = genai_model("llama", "int4")
+    pt_dir, qpath = genai_model("llama", "int4", **(TIED if tied else {}))
     model = onnx.load(str(qpath))
+    ops = {n.op_type for n in model.graph.node}
+    assert "MatMulNBits" in ops and ("GatherBlockQuantized" in ops) == tied
     torch_model = transformers.LlamaForCausalLM.from_pretrained(pt_dir).eval()
     params = dict(torch_model.named_parameters())
     q_out = torch_model.config.num_attention_heads * torch_model.config.head_dim
@@ -236,8 +243,8 @@ def test_genai_int4_graph_matches_lxt_on_dequantised_weights(tmp_path):
                 for part, rows in (("q_proj", W[:q_out]), ("k_proj", W[q_out:q_out + k_out]),
                                    ("v_proj", W[q_out + k_out:])):
                     params[f"{base}{part}.weight"].copy_(rows)
-            else:
-                params[f"{name}.weight"].copy_(W)
+            else:  # a tied lm_head is the embedding table
+                params.get(f"{name}.weight", torch_model.get_output_embeddings().weight).copy_(W)
     torch_model.save_pretrained(tmp_path / "pt")
     ids, mask = _padded_inputs()
     res = Explainer(model).explain({"input_ids": ids, "attention_mask": mask})
