@@ -204,9 +204,8 @@ def genai_model(family: str, precision: str = "fp32", *, config: dict | None = N
     onnxruntime-genai's model builder (``-p precision -e cpu``, ``--extra_options *extra``), cached; returns
     (pytorch folder, onnx file).
 
-    The builder wants a tokenizer and transformers-5 style ``rope_scaling``: it reads a staging folder with the
-    weights, a word-level tokenizer over the model's vocabulary and ``rope_scaling = {"rope_type": "default"}``
-    (the same rotary embedding as no ``rope_scaling``).
+    The builder wants a tokenizer: it reads a staging folder with the weights and a word-level tokenizer over the
+    model's vocabulary (tests/_genai_builder.py runs it under transformers 4.x).
     """
     cfg = dict(GENAI_CONFIG, **(config or {}))
     pt_dir, _ = tiny_model(family, config=cfg)
@@ -219,13 +218,10 @@ def genai_model(family: str, precision: str = "fp32", *, config: dict | None = N
 
     stage = pt_dir.parent / "genai-input"
     stage.mkdir(exist_ok=True)
-    conf = json.loads((pt_dir / "config.json").read_text())
-    conf["rope_scaling"] = dict(conf.get("rope_scaling") or {"rope_type": "default"})
-    (stage / "config.json").write_text(json.dumps(conf))
     for f in pt_dir.iterdir():
-        if f.name != "config.json" and not (stage / f.name).exists():
+        if not (stage / f.name).exists():
             (stage / f.name).symlink_to(f)
-    vocab = {f"t{i}": i for i in range(conf["vocab_size"])}
+    vocab = {f"t{i}": i for i in range(json.loads((pt_dir / "config.json").read_text())["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(stage)
