@@ -273,3 +273,23 @@ def test_optimizer_multi_head_attention_graph_matches_plain_export():
     ref = Explainer(base).explain(feeds)
     res = Explainer(fused).explain(feeds, target=ref.target)
     assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= 1e-4
+
+
+def test_matmul_nbits_scales_stay_in_the_session():
+    """Scales large enough to count as weights (bound at run time otherwise) stay initializers: onnxruntime's
+    MatMulNBits at accuracy_level 4 returns zeros when they come in as a graph input. The explained forward must
+    be onnxruntime's own (from a file, as Explainer loads it, and from a ModelProto)."""
+    import onnxruntime as ort
+
+    K, N, block = 64, 1024, 32
+    rng = np.random.RandomState(4)
+    inits = {"B": rng.randint(0, 256, (N, K // block, block // 2)).astype(np.uint8),
+             "scales": (0.1 + rng.rand(N * K // block)).astype(np.float32)}
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["y"], domain="com.microsoft", K=K, N=N, bits=4,
+                            block_size=block, accuracy_level=4)
+    model = _model([node], [("A", "f", [2, K])], ["y"], inits)
+    A = rng.randn(2, K).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": A})[0]
+    assert np.abs(want).max() > 1
+    res = Explainer(model, composite="gradient").explain({"A": A}, output="y", output_relevance=np.ones_like(want))
+    np.testing.assert_allclose(res.outputs["y"], want, rtol=1e-6)

@@ -87,12 +87,15 @@ def group_query_attention(ctx: OpContext):
 
     def forward(env):
         _past_is_empty(ctx, env, past)
-        x = env[vq]
+        last = xp.asarray(env[vseq]).astype(np.int64).reshape(-1)  # seqlens_k = valid length - 1
+        rows_ok = xp.arange(env[vq].shape[-2])[None, :] <= last[:, None]  # (B, S): rows onnxruntime computes
+        # padding rows may hold anything (onnxruntime leaves them undefined, even inf/nan): zeros, never read
+        x = xp.where(rows_ok[..., None], env[vq], 0)
         if packed:
             d = x.shape[-1] // (heads + 2 * kv_heads)
             q, k, v = x[..., : heads * d], x[..., heads * d: (heads + kv_heads) * d], x[..., (heads + kv_heads) * d:]
         else:
-            q, k, v = x, env[vk], env[vv]
+            q, k, v = x, xp.where(rows_ok[..., None], env[vk], 0), xp.where(rows_ok[..., None], env[vv], 0)
         Q, K, V = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
         B, _, S, d = Q.shape
         if rotary:
@@ -112,11 +115,9 @@ def group_query_attention(ctx: OpContext):
         keep = j <= i
         if window > 0:
             keep = keep & (i - j < window)  # the window counts the query's own key (onnxruntime 1.32)
-        last = xp.asarray(env[vseq]).astype(np.int64).reshape(-1)  # seqlens_k = valid length - 1
         keep = keep[None, None] & (j[None, None] <= last[:, None, None, None])
-        rows_ok = xp.arange(S)[None, :] <= last[:, None]  # (B, S): rows onnxruntime computes
         pad = ~rows_ok[:, None, :, None]  # padding rows (maybe without any key): P = 0 there
-        P = softmax_rows(xp, xp.where(keep | pad, scores, -xp.inf)) * ~pad
+        P = xp.where(pad, 0, softmax_rows(xp, xp.where(keep | pad, scores, -xp.inf)))
         return Q, Kx, Vx, P, scale, (c, s, rd), rows_ok
 
     def back(env, gy):
