@@ -51,12 +51,13 @@ def _check_vjp(model, feeds, x_names, G, rows=None, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- GroupQueryAttention
-@pytest.mark.parametrize("packed,rotary,interleaved,window,pad", [
-    (True, True, False, -1, False), (True, True, True, -1, True), (False, True, False, 2, True),
-    (False, False, False, -1, False), (True, True, False, 3, False)])
-def test_group_query_attention_gradient_matches_onnxruntime(packed, rotary, interleaved, window, pad):
+@pytest.mark.parametrize("packed,rotary,interleaved,window,pad,softcap", [
+    (True, True, False, -1, False, 0.0), (True, True, True, -1, True, 0.0), (False, True, False, 2, True, 0.0),
+    (False, False, False, -1, False, 0.0), (True, True, False, 3, False, 0.0), (True, True, False, 3, True, 1.0)])
+def test_group_query_attention_gradient_matches_onnxruntime(packed, rotary, interleaved, window, pad, softcap):
     """GQA (2 query heads per key/value head, head size 16 as onnxruntime's CPU kernel wants) as the genai builder
-    writes it for a first prompt: empty past, seqlens_k = length - 1, rotary inside, optional local window."""
+    writes it for a first prompt: empty past, seqlens_k = length - 1, rotary inside, optional local window and
+    soft-cap (scores of order 1 against a cap of 1: far from linear)."""
     B, S, N, Nkv, d = 2, 5, 4, 2, 16
     rng = np.random.RandomState(1)
     lengths = np.array([S, S - 2 if pad else S])
@@ -73,7 +74,7 @@ def test_group_query_attention_gradient_matches_onnxruntime(packed, rotary, inte
     ins += ["cos", "sin"] if rotary else []
     node = helper.make_node("GroupQueryAttention", ins, ["y", "present_key", "present_value"], domain="com.microsoft",
                             num_heads=N, kv_num_heads=Nkv, do_rotary=int(rotary), rotary_interleaved=int(interleaved),
-                            local_window_size=window)
+                            local_window_size=window, softcap=softcap)
     model = _model([node], inputs, ["y", "present_key", "present_value"], inits)
     feeds = {n: rng.randn(B, S, widths[n]).astype(np.float32) for n in names}
     feeds.update(past_key=np.zeros((B, Nkv, 0, d), np.float32), past_value=np.zeros((B, Nkv, 0, d), np.float32),
@@ -87,14 +88,15 @@ def test_group_query_attention_gradient_matches_onnxruntime(packed, rotary, inte
             Explainer(model, composite="gradient").explain(feeds, output="y", output_relevance=np.ones_like(G))
 
 
-def test_group_query_attention_refuses_softcap():
+@pytest.mark.parametrize("attr", ["smooth_softmax", "sliding_window_cache"])
+def test_group_query_attention_refuses_what_it_does_not_implement(attr):
     node = helper.make_node("GroupQueryAttention", ["q", "", "", "pk", "pv", "sk", "t"], ["y", "k", "v"],
-                            domain="com.microsoft", num_heads=2, kv_num_heads=1, softcap=30.0)
+                            domain="com.microsoft", num_heads=2, kv_num_heads=1, **{attr: 1})
     model = _model([node], [("q", "f", [1, 2, 64]), ("pk", "f", [1, 1, 0, 16]), ("pv", "f", [1, 1, 0, 16]),
                             ("sk", "i32", [1]), ("t", "i32", [])], ["y"])
     feeds = {"q": np.ones((1, 2, 64), np.float32), "pk": np.zeros((1, 1, 0, 16), np.float32),
              "pv": np.zeros((1, 1, 0, 16), np.float32), "sk": np.array([1], np.int32), "t": np.array(2, np.int32)}
-    with pytest.raises(OnnxLrpError, match="softcap"):
+    with pytest.raises(OnnxLrpError, match=attr):
         Explainer(model).explain(feeds, output="y", output_relevance=np.ones((1, 2, 32), np.float32))
 
 
@@ -171,6 +173,27 @@ def test_genai_graph_matches_optimum_and_lxt(family):
     lxt = lxt_relevance(family, pt_dir, ids, mask, np.clip(np.cumsum(mask, -1) - 1, 0, None), res.position,
                         res.target)
     assert rel_err(res.relevance["input_ids"], lxt["relevance"]) <= 1e-3
+
+
+@needs_genai
+def test_genai_gemma2_graph_matches_optimum():
+    """Gemma-2 from the builder: GQA with softcap 1.5 and a local window of 6 on every other layer (10 tokens: the
+    window is active), the final logit soft-cap written out; same relevance as the optimum export."""
+    cfg = {"head_dim": 16, "query_pre_attn_scalar": 16}
+    _, gpath = genai_model("gemma2", config=cfg, extra=("windowed_kv_cache=false",))
+    _, opath = tiny_model("gemma2", config=dict(GENAI_CONFIG, **cfg))
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in onnx.load(str(gpath), load_external_data=False).graph.node if n.op_type == "GroupQueryAttention"]
+    assert {a["local_window_size"] for a in attrs} == {6, -1} and all(a["softcap"] == 1.5 for a in attrs)
+    ids = np.random.RandomState(5).randint(3, 120, (2, 10))
+    mask = np.ones_like(ids)
+    mask[1, -2:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for composite in ("attnlrp", "gradient"):
+        ref = Explainer(opath, composite=composite).explain(feeds)
+        res = Explainer(gpath, composite=composite).explain(feeds)
+        assert np.array_equal(res.target, ref.target)
+        assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= 1e-4
 
 
 @needs_genai

@@ -9,10 +9,13 @@ Both recompute the forward from the captured inputs and take the fused ``Attenti
 reads key/value head ``h // (N / Nkv)``, so ``G_K``, ``G_V`` sum over each group. With ``do_rotary`` the op
 rotates ``Q`` and ``K`` by the angles of ``cos_cache``/``sin_cache`` at positions ``0..S-1`` (or
 ``position_ids``); the VJP rotates ``G_Q``, ``G_K`` back by the opposite angle. Keys: causal, ``j <= i``, within
-``local_window_size`` (``i - j < w``, as onnxruntime 1.32 computes it) and ``j <= seqlens_k[b]``. onnxruntime treats a first prompt as
+``local_window_size`` (``i - j < w``, as onnxruntime 1.32 computes it) and ``j <= seqlens_k[b]``. ``softcap`` ``c``:
+scores ``c tanh(s / c)``, the tanh under the composite's unary rule (Identity: ``G_s = G * tanh(u) / (u + eps)``,
+``u = s / c``, as for the written-out soft-cap). onnxruntime treats a first prompt as
 *right*-padded: row ``i > seqlens_k[b]`` is padding with an undefined output, so relevance reaching such a row
 is refused (left-padded batches are computed differently from the model's PyTorch original already in the
-forward pass). Refused: a non-empty past, ``softcap``, ``smooth_softmax``, ``head_sink``.
+forward pass). Refused: a non-empty past, ``smooth_softmax``, ``head_sink``, ``sliding_window_cache``
+(a bounded cache).
 
 ``MultiHeadAttention``: separate ``(B, S, D)`` query/key/value, optional constant ``bias`` ``[bq bk bv]``,
 ``key_padding_mask`` (``(B, T)`` 0/1 or ``(B,)`` lengths: masked keys get ``mask_filter_value`` added),
@@ -23,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._graph import Graph
+from ..rules import Gradient, Identity
 from ._base import OpContext, register
 from .fused import _key_mask, attention_vjp, attention_weights, check_domain, rotate, softmax_rows
 
@@ -57,8 +61,13 @@ def group_query_attention(ctx: OpContext):
     for k, what in ((11, "head_sink"),):
         if ctx.input(k) is not None:
             raise ctx.fail(f"input {what!r} is not supported")
-    if float(ctx.attr("softcap", 0.0)) != 0.0:
-        raise ctx.fail(f"softcap={ctx.attr('softcap')} is not supported")
+    if int(ctx.attr("sliding_window_cache", 0)):
+        raise ctx.fail("sliding_window_cache=1 (a bounded KV cache) is not supported; build the model with "
+                       "--extra_options windowed_kv_cache=false")
+    softcap = float(ctx.attr("softcap", 0.0))
+    tanh_rule = ctx.rule_of("unary", "Tanh") if softcap > 0 else None
+    if tanh_rule is not None and not isinstance(tanh_rule, (Identity, Gradient)):
+        raise ctx.fail(f"rule {tanh_rule.name} for the soft-cap's tanh is not supported (Identity or Gradient)")
     if int(ctx.attr("smooth_softmax", 0)):
         raise ctx.fail("smooth_softmax=1 is not supported")
     for k in range(3, len(ctx.node.inputs)):
@@ -109,6 +118,12 @@ def group_query_attention(ctx: OpContext):
         Kx, Vx = xp.repeat(K, group, axis=-3), xp.repeat(V, group, axis=-3)
         scale = scale_attr or 1.0 / float(np.sqrt(d))
         scores = (Q @ Kx.swapaxes(-1, -2)) * scale
+        factor = None
+        if softcap > 0:  # c tanh(s / c): its tanh takes the composite's unary rule, as in the unfused graph
+            u = scores / softcap
+            t = xp.tanh(u)
+            factor = t / (u + tanh_rule.epsilon) if isinstance(tanh_rule, Identity) else 1 - t * t
+            scores = softcap * t
         if vbias:
             scores = scores + env[vbias]
         i, j = xp.arange(S)[:, None], xp.arange(S)[None, :]
@@ -118,17 +133,17 @@ def group_query_attention(ctx: OpContext):
         keep = keep[None, None] & (j[None, None] <= last[:, None, None, None])
         pad = ~rows_ok[:, None, :, None]  # padding rows (maybe without any key): P = 0 there
         P = xp.where(pad, 0, softmax_rows(xp, xp.where(keep | pad, scores, -xp.inf)))
-        return Q, Kx, Vx, P, scale, (c, s, rd), rows_ok
+        return Q, Kx, Vx, P, scale, factor, (c, s, rd), rows_ok
 
     def back(env, gy):
         if any(g is not None for g in gy[1:]):
             raise ctx.fail("relevance at the 'present' outputs is not supported")
-        Q, Kx, Vx, P, scale, (c, s, rd), rows_ok = env.memo(key, lambda: forward(env))
+        Q, Kx, Vx, P, scale, factor, (c, s, rd), rows_ok = env.memo(key, lambda: forward(env))
         g = gy[0]
         if bool(((g != 0).any(axis=-1) & ~rows_ok).any()):
             raise ctx.fail("relevance reaches a padding row (position > seqlens_k): onnxruntime's "
                            "GroupQueryAttention assumes right padding, so its output there is undefined")
-        GQ, GK, GV = attention_vjp(xp, _heads_first(g, heads), Q, Kx, Vx, P, scale, weights)
+        GQ, GK, GV = attention_vjp(xp, _heads_first(g, heads), Q, Kx, Vx, P, scale, weights, factor)
         GK, GV = _group_sum(GK, kv_heads), _group_sum(GV, kv_heads)
         if rd:
             GQ, GK = rotate(GQ, c, s, rd, interleaved, inverse=True), rotate(GK, c, s, rd, interleaved, inverse=True)

@@ -54,10 +54,11 @@ def softmax_rows(xp, S):
     return P / P.sum(axis=-1, keepdims=True)
 
 
-def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float, float]):
+def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float, float], score_factor=None):
     """``(G_Q, G_K, G_V)`` of ``O = softmax(scale Q K^T + mask) V`` (heads first, ``(.., N, S, d)``) with the
     product weights of :func:`attention_weights`: ``G_V = wV P^T G_O``, ``G_P = wP G_O V^T``, softmax VJP
-    ``G_S = P (G_P - sum(P G_P))``, ``G_Q = wQK scale G_S K``, ``G_K = wQK scale G_S^T Q``."""
+    ``G_S = P (G_P - sum(P G_P))``, ``G_Q = wQK scale G_S K``, ``G_K = wQK scale G_S^T Q``. ``score_factor``:
+    an element-wise map between ``scale Q K^T`` and the softmax input (a soft-cap) multiplies ``G_S`` by it."""
     wP, wV, wQK = weights
     GV = (P.swapaxes(-1, -2) @ GO) * wV
     if not wP:
@@ -65,6 +66,8 @@ def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float,
         return zeros, xp.zeros(GV.shape[:-1] + (K.shape[-1],), dtype=GO.dtype), GV
     GP = (GO @ V.swapaxes(-1, -2)) * wP
     GS = P * (GP - (P * GP).sum(axis=-1, keepdims=True)) * (scale * wQK)
+    if score_factor is not None:
+        GS = GS * score_factor
     return GS @ K, GS.swapaxes(-1, -2) @ Q, GV
 
 
