@@ -58,9 +58,8 @@ def _past_is_empty(ctx: OpContext, env, shapes: list[str]) -> None:
 def group_query_attention(ctx: OpContext):
     check_domain(ctx)
     xp = ctx.xp
-    for k, what in ((11, "head_sink"),):
-        if ctx.input(k) is not None:
-            raise ctx.fail(f"input {what!r} is not supported")
+    if ctx.input(11) is not None:
+        raise ctx.fail("input 'head_sink' is not supported")
     if int(ctx.attr("sliding_window_cache", 0)):
         raise ctx.fail("sliding_window_cache=1 (a bounded KV cache) is not supported; build the model with "
                        "--extra_options windowed_kv_cache=false")
@@ -68,6 +67,8 @@ def group_query_attention(ctx: OpContext):
     tanh_rule = ctx.rule_of("unary", "Tanh") if softcap > 0 else None
     if tanh_rule is not None and not isinstance(tanh_rule, (Identity, Gradient)):
         raise ctx.fail(f"rule {tanh_rule.name} for the soft-cap's tanh is not supported (Identity or Gradient)")
+    if softcap > 0 and ctx.input(10):
+        raise ctx.fail("softcap together with attention_bias is not supported")
     if int(ctx.attr("smooth_softmax", 0)):
         raise ctx.fail("smooth_softmax=1 is not supported")
     for k in range(3, len(ctx.node.inputs)):
