@@ -225,7 +225,9 @@ def genai_model(family: str, precision: str = "fp32", *, config: dict | None = N
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(stage)
-    subprocess.run([sys.executable, str(HERE / "_genai_builder.py"), "-i", str(stage), "-o", str(root), "-p", precision,
-                    "-e", "cpu", "-c", str(root.parent / "genai-cache")] + (["--extra_options", *extra] if extra else []),
-                   check=True, capture_output=True)
+    args = ["-i", str(stage), "-o", str(root), "-p", precision, "-e", "cpu", "-c", str(root.parent / "genai-cache")]
+    args += ["--extra_options", *extra] if extra else []
+    done = subprocess.run([sys.executable, str(HERE / "_genai_builder.py"), *args], capture_output=True, text=True)
+    if done.returncode != 0 or not onnx_path.exists():
+        raise RuntimeError(f"onnxruntime-genai's builder failed on {stage}:\n{done.stderr[-4000:]}")
     return pt_dir, onnx_path

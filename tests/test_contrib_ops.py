@@ -28,7 +28,8 @@ def _model(nodes, inputs, outputs, initializers=None):
     out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs]
     inits = [numpy_helper.from_array(v, k) for k, v in (initializers or {}).items()]
     graph = helper.make_graph(nodes, "single", vi, out, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def _check_vjp(model, feeds, x_names, G, rows=None, seed=0):
@@ -238,7 +239,8 @@ def _ort_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
         None, {"A": np.eye(K, dtype=np.float32)})[0]
 
 
-TIED = dict(config={"tie_word_embeddings": True}, extra=("shared_embeddings=true", "op_types_to_quantize=MatMul/Gather"))
+TIED = dict(config={"tie_word_embeddings": True},
+            extra=("shared_embeddings=true", "op_types_to_quantize=MatMul/Gather"))
 
 
 @needs_genai
