@@ -29,18 +29,21 @@ def _unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 def dequantize_nbits(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int,
                      bits: int, block_size: int) -> np.ndarray:
-    """The float ``(N, K)`` weight of a ``MatMulNBits`` node (see the module docstring)."""
+    """The float32 ``(N, K)`` weight of a ``MatMulNBits`` node (see the module docstring); ``q - zp`` is exact in
+    float32, so each weight is rounded once, as in onnxruntime's kernel."""
     blocks = -(-K // block_size)
-    q = _unpack(B.reshape(N, blocks, -1), bits, block_size).astype(np.float64)  # (N, blocks, block_size)
-    s = scales.reshape(N, blocks).astype(np.float64)
+    f = np.float32
+    q = _unpack(B.reshape(N, blocks, -1), bits, block_size).astype(f)  # (N, blocks, block_size)
+    s = scales.reshape(N, blocks).astype(f)
     if zero_points is None:
-        zp = np.full((N, blocks), float(1 << (bits - 1)))
+        zp = np.full((N, blocks), 1 << (bits - 1), dtype=f)
     elif zero_points.dtype == np.uint8:
-        zp = _unpack(zero_points.reshape(N, -1), bits, blocks).astype(np.float64)
+        zp = _unpack(zero_points.reshape(N, -1), bits, blocks).astype(f)
     else:
-        zp = zero_points.reshape(N, blocks).astype(np.float64)
-    W = (q - zp[..., None]) * s[..., None]
-    return W.reshape(N, blocks * block_size)[:, :K]
+        zp = zero_points.reshape(N, blocks).astype(f)
+    q -= zp[..., None]
+    q *= s[..., None]
+    return q.reshape(N, blocks * block_size)[:, :K]
 
 
 @register("MatMulNBits")
@@ -63,4 +66,4 @@ def matmul_nbits(ctx: OpContext):
     gamma = isinstance(ctx.rule, Gamma)
     if gamma and ctx.input(5):
         raise ctx.fail("the gamma rule with MatMulNBits' own bias input is not supported")
-    return const_weight_backward(ctx, np.ascontiguousarray(W.T), _following_bias(ctx) if gamma else None)
+    return const_weight_backward(ctx, W.T, _following_bias(ctx) if gamma else None)  # (K, N) view
