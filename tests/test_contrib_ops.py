@@ -108,24 +108,30 @@ def test_group_query_attention_refuses_what_it_does_not_implement(attr):
 
 
 # ---------------------------------------------------------------------------------------------- MultiHeadAttention
-@pytest.mark.parametrize("bias,mask,causal", [(False, None, 0), (True, "raw2d", 0), (True, "lengths", 1),
-                                              (False, "raw2d", 1)])
-def test_multi_head_attention_gradient_matches_onnxruntime(bias, mask, causal):
+@pytest.mark.parametrize("bias,mask,causal,past", [(False, None, 0, False), (True, "raw2d", 0, False),
+                                                   (True, "lengths", 1, False), (False, "raw2d", 1, True)])
+def test_multi_head_attention_gradient_matches_onnxruntime(bias, mask, causal, past):
     B, S, T, N, d = 2, 4, 4, 2, 8
     rng = np.random.RandomState(2)
     names = ["query", "key", "value"]
     inputs = [("query", "f", [B, S, N * d]), ("key", "f", [B, T, N * d]), ("value", "f", [B, T, N * d])]
     masks = {"raw2d": np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.int32), "lengths": np.array([4, 3], np.int32)}
-    ins = names + (["bias"] if bias else [""]) + (["mask"] if mask else [])
+    ins = names + (["bias"] if bias else [""]) + (["mask"] if mask else [""])
+    ins += ["", "past_key", "past_value"] if past else []
     inits = {"bias": (0.3 * rng.randn(3 * N * d)).astype(np.float32)} if bias else {}
     if mask:
         inputs.append(("mask", "i32", list(masks[mask].shape)))
-    node = helper.make_node("MultiHeadAttention", ins, ["y"], domain="com.microsoft", num_heads=N,
+    outs = ["y", "present_key", "present_value"] if past else ["y"]
+    if past:
+        inputs += [("past_key", "f", [B, N, 0, d]), ("past_value", "f", [B, N, 0, d])]
+    node = helper.make_node("MultiHeadAttention", ins, outs, domain="com.microsoft", num_heads=N,
                             unidirectional=causal)
-    model = _model([node], inputs, ["y"], inits)
+    model = _model([node], inputs, outs, inits)
     feeds = {n: rng.randn(*s).astype(np.float32) for n, _, s in inputs[:3]}
     if mask:
         feeds["mask"] = masks[mask]
+    if past:
+        feeds.update(past_key=np.zeros((B, N, 0, d), np.float32), past_value=np.zeros((B, N, 0, d), np.float32))
     _check_vjp(model, feeds, names, rng.randn(B, S, N * d).astype(np.float32))
 
 

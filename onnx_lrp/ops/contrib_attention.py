@@ -19,7 +19,8 @@ forward pass). Refused: a non-empty past, ``smooth_softmax``, ``head_sink``, ``s
 
 ``MultiHeadAttention``: separate ``(B, S, D)`` query/key/value, optional constant ``bias`` ``[bq bk bv]``,
 ``key_padding_mask`` (``(B, T)`` 0/1 or ``(B,)`` lengths: masked keys get ``mask_filter_value`` added),
-``attention_bias`` and ``unidirectional``. Refused: packed QKV/KV layouts, past/present caches.
+``attention_bias``, ``unidirectional`` and empty ``past_key``/``past_value``. Refused: packed QKV/KV layouts, a
+non-empty past, relevance at the ``present`` outputs.
 """
 from __future__ import annotations
 
@@ -161,9 +162,10 @@ def group_query_attention(ctx: OpContext):
 def multi_head_attention(ctx: OpContext):
     check_domain(ctx)
     xp = ctx.xp
-    for k, what in ((6, "past_key"), (7, "past_value"), (8, "past_sequence_length"), (9, "cache_indirection")):
+    for k, what in ((8, "past_sequence_length"), (9, "cache_indirection")):
         if ctx.input(k) is not None:
             raise ctx.fail(f"input {what!r} is not supported (explain with an empty cache)")
+    past = [ctx.shape(ctx.input(k)) for k in (6, 7) if ctx.input(k)]
     if ctx.input(1) is None or ctx.input(2) is None:
         raise ctx.fail("packed QKV / KV layouts (no separate key and value) are not supported")
     for k in (3, 4, 5):
@@ -186,6 +188,7 @@ def multi_head_attention(ctx: OpContext):
     key = f"mha:{ctx.node.name}"
 
     def forward(env):
+        _past_is_empty(ctx, env, past)
         q, k, v = (env[n] for n in names)
         if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
             raise ctx.fail(f"query/key/value of shapes {q.shape}, {k.shape}, {v.shape}: only (B, S, D) is supported")
