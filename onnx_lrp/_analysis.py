@@ -1,8 +1,9 @@
 """Graph analysis, once per model and composite.
 
-1. *Sources*: float graph inputs (except ``past_*`` caches), and embedding lookups ``Gather(table, ids)`` of a
-   constant table by an integer graph input that enter the model additively (:func:`is_additive_lookup`);
-   lookups used only as factors (RoPE cos/sin caches indexed by position ids) are constants.
+1. *Sources*: float graph inputs (except ``past_*`` caches), and embedding lookups ``Gather(table, ids)`` (or
+   com.microsoft ``GatherBlockQuantized`` of an int4 table) of a constant table by an integer graph input that
+   enter the model additively (:func:`is_additive_lookup`); lookups used only as factors (RoPE cos/sin caches
+   indexed by position ids) are constants.
 2. *Carrying* tensors: those that depend on a source through ops that pass relevance. Everything else (masks,
    position ids, RoPE tables, shapes) is a constant for the rules.
 3. *Kinds*: each carrying node is ``linear``, ``add``, ``product``, ``unary``, ``softmax``, ``norm``,
@@ -45,19 +46,21 @@ NONLINEAR = {
     "BiasGelu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish", "Sqrt", "Reciprocal", "Exp", "Log",
     "Abs", "Sin", "Cos", "Clip", "PRelu", "ThresholdedRelu",
 }
-LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
+LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulNBits"}
 NORM_OPS = {
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization",
 }
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
-FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
+FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 # ops that move or copy a looked-up row without combining it with anything else
 ROW_MOVEMENT_OPS = ID_CHAIN_OPS | {"Transpose", "Slice", "Split", "Concat", "Expand", "Tile", "Gather", "Dropout"}
 # ops whose result is a product of their operands
 PRODUCT_OPS = {"Mul", "Div", "MatMul", "Gemm", "Einsum"}
+# embedding lookups (table, ids): Gather, and onnxruntime's lookup in an int4 table (onnxruntime-genai)
+EMBEDDING_LOOKUPS = {("Gather", "ai.onnx"), ("GatherBlockQuantized", "com.microsoft")}
 
 
 @dataclass
@@ -114,7 +117,8 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
             sources[i.name] = i.name
     lookups: list[tuple[str, str]] = []  # (lookup output, integer graph input)
     for n in graph.nodes:
-        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx") or n.inputs[0] not in graph.static:
+        if ((n.op_type, n.domain or "ai.onnx") not in EMBEDDING_LOOKUPS or int(n.attr("gather_axis", 0)) != 0
+                or n.inputs[0] not in graph.static):
             continue
         origin = _id_origin(graph, n.inputs[1])
         if origin is not None:

@@ -37,6 +37,18 @@ def is_weight(t: onnx.TensorProto) -> bool:
     return t.data_type in WEIGHT_TYPES and int(np.prod(t.dims, dtype=np.int64)) >= WEIGHT_MIN_ELEMENTS
 
 
+# com.microsoft ops that pre-pack their constant inputs when the session is created
+_PREPACKING_OPS = {"MatMulNBits", "GatherBlockQuantized"}
+
+
+def prepacked_constants(graph: Any) -> set[str]:
+    """Initializers that quantised ops read after their first input (scales, zero points, bias): they stay
+    initializers of the session, never bound at run time (onnxruntime 1.32's MatMulNBits at accuracy_level 4
+    returns zeros when its scales come in as a graph input)."""
+    return {i for n in graph.nodes if n.op_type in _PREPACKING_OPS and n.domain == "com.microsoft"
+            for i in n.inputs[1:] if i and graph.is_initializer(i)}
+
+
 def split_weights(model: onnx.ModelProto, held: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A copy of ``model`` whose weights are data-less stubs (name, type, shape), and the weights as arrays.
 
@@ -106,7 +118,8 @@ class ForwardCapture:
         self.shape_exposed: set[str] = set()
         self.session: ort.InferenceSession | None = None
         init = graph.model.graph.initializer
-        self.weight_names = [t.name for t in init if is_weight(t)]
+        self._prepacked = prepacked_constants(graph)
+        self.weight_names = [t.name for t in init if is_weight(t) and t.name not in self._prepacked]
         self._weights = {n: device.to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
         device.synchronize()  # uploads finish before onnxruntime's stream reads them
         self._float_outputs: set[str] = set()
@@ -131,7 +144,9 @@ class ForwardCapture:
         src = self.graph.model
         model = _copy_without_initializers(src)
         weights = set(self.weight_names)
-        model.graph.initializer.extend(t for t in src.graph.initializer if t.name not in weights)
+        model.graph.initializer.extend(
+            numpy_helper.from_array(self.graph.constant(t.name), t.name) if t.name in self._prepacked else t
+            for t in src.graph.initializer if t.name not in weights)
         for t in src.graph.initializer:
             if t.name in weights:
                 model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

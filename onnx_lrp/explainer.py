@@ -17,6 +17,7 @@ from ._graph import Graph, load_split
 from .composites import Composite, get_composite
 from .errors import InputError, TargetError
 from .ops import REGISTRY
+from .ops.contrib_attention import cache_head_size
 from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
 
@@ -292,7 +293,8 @@ class Explainer:
 
     def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
         """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),
-        token_type_ids (zeros), empty past key/values caches."""
+        token_type_ids (zeros), empty past key/values caches; and GroupQueryAttention's ``seqlens_k``
+        (valid lengths - 1, from the mask) and ``total_sequence_length`` where a graph takes them as inputs."""
         ids = next((feeds[n] for n in ("input_ids", "decoder_input_ids") if n in feeds), None)
         ref = ids if ids is not None else next((v for v in feeds.values() if v.ndim >= 2), None)
         if ref is None:
@@ -310,9 +312,17 @@ class Explainer:
                 feeds[name] = np.zeros(lead + (s,), dtype=spec.numpy_dtype)
             elif name.startswith("past") and spec.is_float:
                 dims = [b if k == 0 else (d if isinstance(d, int) and d > 0 else 0) for k, d in enumerate(spec.shape)]
+                if len(dims) == 4 and not dims[3]:  # head size left symbolic (onnxruntime-genai graphs)
+                    dims[3] = cache_head_size(self.graph, name) or 0
                 feeds[name] = np.zeros(dims, dtype=spec.numpy_dtype)
+        past = self._past_length(feeds)
+        mask = feeds.get("attention_mask")
+        if "seqlens_k" in expected and "seqlens_k" not in feeds:  # GroupQueryAttention: valid length - 1
+            lengths = mask.sum(-1) if mask is not None else np.full(b, s + past)
+            feeds["seqlens_k"] = (lengths - 1).astype(expected["seqlens_k"].numpy_dtype)
+        if "total_sequence_length" in expected and "total_sequence_length" not in feeds:
+            feeds["total_sequence_length"] = np.array(s + past, dtype=expected["total_sequence_length"].numpy_dtype)
         if "position_ids" in expected and "position_ids" not in feeds:
-            mask = feeds.get("attention_mask")
             if mask is not None:
                 pos = np.cumsum(mask, axis=-1) - 1
                 pos = np.where(mask == 0, 1, pos)[..., -s:]

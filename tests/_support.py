@@ -239,3 +239,42 @@ def _close_workers() -> None:
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     """max |a - ref| / max |ref| (the parity measure of the issues)."""
     return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
+
+
+# head_dim 16: onnxruntime's CPU GroupQueryAttention kernel requires a multiple of 16
+GENAI_CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+
+def genai_model(family: str, precision: str = "fp32", *, config: dict | None = None,
+                extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """The tiny model of ``family`` (:func:`tiny_model`, with :data:`GENAI_CONFIG` + ``config``) built by
+    onnxruntime-genai's model builder (``-p precision -e cpu``, ``--extra_options *extra``), cached; returns
+    (pytorch folder, onnx file).
+
+    The builder wants a tokenizer: it reads a staging folder with the weights and a word-level tokenizer over the
+    model's vocabulary (tests/_genai_builder.py runs it under transformers 4.x).
+    """
+    cfg = dict(GENAI_CONFIG, **(config or {}))
+    pt_dir, _ = tiny_model(family, config=cfg)
+    root = pt_dir.parent / ("-".join(("genai", precision) + tuple(extra)).replace("/", "_").replace("=", "_"))
+    onnx_path = root / "model.onnx"
+    if onnx_path.exists():
+        return pt_dir, onnx_path
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    stage = pt_dir.parent / "genai-input"
+    stage.mkdir(exist_ok=True)
+    for f in pt_dir.iterdir():
+        if not (stage / f.name).exists():
+            (stage / f.name).symlink_to(f)
+    vocab = {f"t{i}": i for i in range(json.loads((pt_dir / "config.json").read_text())["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(stage)
+    args = ["-i", str(stage), "-o", str(root), "-p", precision, "-e", "cpu", "-c", str(root.parent / "genai-cache")]
+    args += ["--extra_options", *extra] if extra else []
+    done = subprocess.run([sys.executable, str(HERE / "_genai_builder.py"), *args], capture_output=True, text=True)
+    if done.returncode != 0 or not onnx_path.exists():
+        raise RuntimeError(f"onnxruntime-genai's builder failed on {stage}:\n{done.stderr[-4000:]}")
+    return pt_dir, onnx_path

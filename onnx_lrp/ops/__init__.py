@@ -12,11 +12,15 @@ module                 op types
 ``reduction``          ReduceSum, ReduceMean, GlobalAveragePool
 ``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
 ``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)
+``contrib_attention``  com.microsoft GroupQueryAttention, MultiHeadAttention
+``quantized``          com.microsoft MatMulNBits (weights dequantised once)
 =====================  =========================================================================
 
 Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).
 """
 from ._base import REGISTRY, OpContext, register
-from . import activation, elementwise, fused, linear, movement, normalization, reduction, softmax  # noqa: F401
+from . import (  # noqa: F401
+    activation, contrib_attention, elementwise, fused, linear, movement, normalization, quantized, reduction, softmax,
+)
 
 __all__ = ["REGISTRY", "OpContext", "register"]

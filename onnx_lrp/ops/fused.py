@@ -32,12 +32,12 @@ from ._base import OpContext, register, stabilise
 MS_DOMAIN = "com.microsoft"
 
 
-def _check_domain(ctx: OpContext) -> None:
+def check_domain(ctx: OpContext) -> None:
     if ctx.node.domain != MS_DOMAIN:
         raise ctx.fail(f"only the {MS_DOMAIN} op is supported here, got domain {ctx.node.domain or 'ai.onnx'!r}")
 
 
-def _attention_weights(ctx: OpContext) -> tuple[float, float, float]:
+def attention_weights(ctx: OpContext) -> tuple[float, float, float]:
     """(wP, wV, wQK): weights of the A·V factors and of each Q K^T factor under the node's product rule."""
     rule = ctx.rule
     if isinstance(rule, Uniform):
@@ -47,6 +47,59 @@ def _attention_weights(ctx: OpContext) -> tuple[float, float, float]:
     if isinstance(rule, Gradient):
         return 1.0, 1.0, 1.0
     raise ctx.fail(f"rule {rule.name} does not apply to fused attention (use Uniform, ConstantGate or Gradient)")
+
+
+def softmax_rows(xp, S):
+    """``softmax(S)`` over the last axis (``-inf`` entries are excluded keys)."""
+    P = xp.exp(S - S.max(axis=-1, keepdims=True))
+    return P / P.sum(axis=-1, keepdims=True)
+
+
+def linear_epsilon(ctx: OpContext) -> float:
+    """The stabiliser ``eps`` of the composite's rule for linear maps (0 for the plain gradient)."""
+    lin = ctx.rule_of("linear", "MatMul")
+    return lin.epsilon if isinstance(lin, (Gamma, Epsilon)) else 0.0
+
+
+def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float, float], score_factor=None,
+                  eps: float = 0.0):
+    """``(G_Q, G_K, G_V)`` of ``O = softmax(scale Q K^T + mask) V`` (heads first, ``(.., N, S, d)``) with the
+    product weights of :func:`attention_weights`: ``G_V = wV P^T G_O``, ``G_P = wP G_O V^T``, softmax VJP
+    ``G_S = P (G_P - sum(P G_P))``, ``G_Q = wQK scale G_S K``, ``G_K = wQK scale G_S^T Q``. ``score_factor``:
+    an element-wise map between ``scale Q K^T`` and the softmax input (a soft-cap) multiplies ``G_S`` by it.
+    ``eps`` (eps-LRP of the composite's linear rule): with ``P`` constant (``wP = 0``), ``O = P V`` is a linear
+    map of ``V`` and ``G_O`` is first scaled by ``O / stab(O)``, as on the unfused ``MatMul``."""
+    wP, wV, wQK = weights
+    if eps and not wP:
+        O = P @ V
+        GO = GO * (O / stabilise(xp, O, eps))
+    GV = (P.swapaxes(-1, -2) @ GO) * wV
+    if not wP:
+        zeros = xp.zeros(GV.shape[:-2] + (P.shape[-2], Q.shape[-1]), dtype=GO.dtype)
+        return zeros, xp.zeros(GV.shape[:-1] + (K.shape[-1],), dtype=GO.dtype), GV
+    GP = (GO @ V.swapaxes(-1, -2)) * wP
+    GS = P * (GP - (P * GP).sum(axis=-1, keepdims=True)) * (scale * wQK)
+    if score_factor is not None:
+        GS = GS * score_factor
+    return GS @ K, GS.swapaxes(-1, -2) @ Q, GV
+
+
+def rotate(x, c, s, rd: int, interleaved: bool, inverse: bool = False):
+    """Rotary embedding of the first ``rd`` features of ``x`` (pairs ``(x1, x2)``: halves, or even/odd features
+    when ``interleaved``) by the angles with cosines ``c`` and sines ``s`` (broadcast to ``(.., rd/2)``):
+    ``y1 = x1 c - x2 s``, ``y2 = x2 c + x1 s``. ``inverse``: by the opposite angle (its VJP)."""
+    if inverse:
+        s = -s
+    out = x.copy()
+    if interleaved:
+        x1, x2 = x[..., 0:rd:2], x[..., 1:rd:2]
+        out[..., 0:rd:2] = x1 * c - x2 * s
+        out[..., 1:rd:2] = x2 * c + x1 * s
+    else:
+        x1, x2 = x[..., : rd // 2], x[..., rd // 2: rd]
+        out[..., : rd // 2] = x1 * c - x2 * s
+        out[..., rd // 2: rd] = x2 * c + x1 * s
+    return out
 
 
 def _key_mask(xp, mask, B: int, S: int, T: int):
@@ -70,7 +123,7 @@ def _key_mask(xp, mask, B: int, S: int, T: int):
 
 @register("Attention")
 def attention(ctx: OpContext):
-    _check_domain(ctx)
+    check_domain(ctx)
     node, xp = ctx.node, ctx.xp
     for k, what in ((4, "past"), (6, "past_sequence_length")):
         if ctx.input(k) is not None:
@@ -92,10 +145,10 @@ def attention(ctx: OpContext):
     scale = float(ctx.attr("scale", 0.0)) or 1.0 / float(np.sqrt(hq // heads))
     causal = bool(int(ctx.attr("unidirectional", 0)))
     filt = float(ctx.attr("mask_filter_value", -10000.0))
-    wP, wV, wQK = _attention_weights(ctx)
+    weights = attention_weights(ctx)
     lin = ctx.rule_of("linear", "MatMul")
     gamma = lin.gamma if isinstance(lin, Gamma) else 0.0
-    eps = lin.epsilon if isinstance(lin, (Gamma, Epsilon)) else 0.0
+    eps = linear_epsilon(ctx)
     Wc = ctx.array(W)
     Wt = ctx.array(np.ascontiguousarray((W + gamma * np.maximum(W, 0)).T))
     Wpos = ctx.array(np.maximum(W, 0)) if gamma else None
@@ -132,10 +185,7 @@ def attention(ctx: OpContext):
         if causal:  # future keys are excluded outright, as onnxruntime does
             tri = xp.arange(T)[None, :] <= xp.arange(Sq)[:, None] + (T - Sq)
             S = xp.where(tri, S, -xp.inf)
-        S = S - S.max(axis=-1, keepdims=True)
-        P = xp.exp(S)
-        P = P / P.sum(axis=-1, keepdims=True)
-        return Q, K, V, P, projection_scale(X, qkv)
+        return Q, K, V, softmax_rows(xp, S), projection_scale(X, qkv)
 
     def back(env, gy):
         if len(gy) > 1 and any(g is not None for g in gy[1:]):
@@ -144,18 +194,7 @@ def attention(ctx: OpContext):
         g = gy[0]
         dv = hv // heads
         GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
-        if eps and not wP:  # P constant: O = P V is a linear map of V (eps-LRP on it, as on the unfused MatMul)
-            O = env.memo(key + ":O", lambda: P @ V)
-            GO = GO * (O / stabilise(xp, O, eps))
-        GV = (P.swapaxes(-1, -2) @ GO) * wV
-        parts = [None, None, GV]
-        if wP:
-            GP = (GO @ V.swapaxes(-1, -2)) * wP
-            GS = P * (GP - (P * GP).sum(axis=-1, keepdims=True)) * (scale * wQK)
-            parts[0], parts[1] = GS @ K, GS.swapaxes(-1, -2) @ Q
-        else:
-            parts[0] = xp.zeros(GV.shape[:-1] + (hq // heads,), dtype=g.dtype)
-            parts[1] = xp.zeros(GV.shape[:-1] + (hk // heads,), dtype=g.dtype)
+        parts = attention_vjp(xp, GO, Q, K, V, P, scale, weights, eps=eps)
         flat = [p.swapaxes(-2, -3) for p in parts]  # (.., B, S, N, d)
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
         if zscale is not None:
@@ -167,7 +206,7 @@ def attention(ctx: OpContext):
 
 @register("RotaryEmbedding")
 def rotary_embedding(ctx: OpContext):
-    _check_domain(ctx)
+    check_domain(ctx)
     xp = ctx.xp
     for k in (1, 2, 3):
         if ctx.carrying(k):
@@ -206,15 +245,7 @@ def rotary_embedding(ctx: OpContext):
             d = shape[2] // heads if heads else rd
             gg = g.reshape(lead + (B, S, shape[2] // d, d))
             c, s = c[:, :, None], s[:, :, None]
-        out = gg.copy()
-        if interleaved:
-            g1, g2 = gg[..., 0:rd:2], gg[..., 1:rd:2]
-            out[..., 0:rd:2] = g1 * c + g2 * s
-            out[..., 1:rd:2] = g2 * c - g1 * s
-        else:
-            g1, g2 = gg[..., : rd // 2], gg[..., rd // 2: rd]
-            out[..., : rd // 2] = g1 * c + g2 * s
-            out[..., rd // 2: rd] = g2 * c - g1 * s
+        out = rotate(gg, c, s, rd, interleaved, inverse=True)
         return [out.reshape(g.shape), None, None, None]
 
     return back

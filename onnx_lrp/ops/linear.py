@@ -53,6 +53,33 @@ def product_weights(ctx: OpContext, operands: list[int]) -> list[float]:
     raise ctx.fail(f"rule {rule.name} does not apply to a product of {n} carrying tensors")
 
 
+def const_weight_backward(ctx: OpContext, W, bias=None):
+    """Backward of ``z = x W`` (``x`` = input 0, ``z`` = output 0, constant ``W``): ``G_x = G_z W^T`` (eps rule,
+    gradient form); under Gamma ``G_z`` is first scaled by ``z / stab(z + gamma z+)`` (``bias``: the constant
+    added to ``z`` after the node, included in ``z`` and ``z+``). Other inputs get None."""
+    xp, a, n_in = ctx.xp, ctx.input(0), len(ctx.node.inputs)
+    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
+    Wp = ctx.array(np.maximum(W, 0)) if gamma else None
+    Wm = W + gamma * np.maximum(W, 0) if gamma else W
+    Wt = ctx.array(Wm) if W.ndim == 1 else _swap(ctx.array(Wm))  # a view: no copy of the weight
+    sa = ctx.shape(a)
+    bias = ctx.array(bias) if bias is not None else None
+
+    def back_const(env, gy):
+        g = gy[0]
+        if gamma:
+            g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon, bias)
+        if Wt.ndim == 1:
+            return [g[..., None] * Wt] + [None] * (n_in - 1)
+        in_shape = env.shape(sa)
+        return [unbroadcast(xp, matmul_const(xp, g, Wt), in_shape, max(len(in_shape), Wt.ndim))] + [None] * (n_in - 1)
+
+    if gamma:
+        ctx.value(a)
+        ctx.value(ctx.node.outputs[0])
+    return back_const
+
+
 @register("MatMul")
 def matmul(ctx: OpContext):
     a, b = ctx.input(0), ctx.input(1)
@@ -77,26 +104,7 @@ def matmul(ctx: OpContext):
     if ca:
         W = ctx.const(1)
         if W is not None:
-            Wp = ctx.array(np.maximum(W, 0)) if gamma else None
-            Wm = W + gamma * np.maximum(W, 0) if gamma else W
-            Wt = ctx.array(Wm) if W.ndim == 1 else _swap(ctx.array(Wm))  # a view: no copy of the weight
-            sa = ctx.shape(a)
-            bias = following_bias(ctx) if gamma else None
-            bias = ctx.array(bias) if bias is not None else None
-
-            def back_const(env, gy):
-                g = gy[0]
-                if gamma:
-                    g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon, bias)
-                if Wt.ndim == 1:
-                    return [g[..., None] * Wt, None]
-                in_shape = env.shape(sa)
-                return [unbroadcast(xp, matmul_const(xp, g, Wt), in_shape, max(len(in_shape), Wt.ndim)), None]
-
-            if gamma:
-                ctx.value(a)
-                ctx.value(ctx.node.outputs[0])
-            return back_const
+            return const_weight_backward(ctx, W, following_bias(ctx) if gamma else None)
         if gamma:
             raise ctx.fail("the gamma rule needs a constant weight")
         vb, sa = ctx.value(b), ctx.shape(a)
