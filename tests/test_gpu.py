@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort

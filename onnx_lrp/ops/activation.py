@@ -170,7 +170,6 @@ def _split_bias(xp, env, g, sx, bias, ctx):
 @register("Pow")
 def pow_(ctx: OpContext):
     """``x ** e`` with a constant exponent: identity rule, or ``e * x**(e-1)``."""
-    xp = ctx.xp
     if ctx.carrying(1):
         raise ctx.fail("a carrying exponent is not supported")
     x, y = ctx.input(0), ctx.node.outputs[0]
