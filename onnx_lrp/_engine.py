@@ -120,7 +120,8 @@ def compile_plan(
         step_values: set[str] = set()
         ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, step_values, plan.shapes, is_gate,
                         analysis.composite)
-        if region is not None and len(region.nodes) > 1:
+        # a region of several ops, or one op that is not itself a non-linearity (``Mul(x, x)``)
+        if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
             back = region_backward(ctx, region.x, region.y)
             step_values.update((region.x, region.y))
             plan.steps.append(Step(name, "region", rule, [region.x], [region.y], back))

@@ -89,6 +89,8 @@ def _derivative(node, xp, x, y):
         return xp.where((a * x + b > 0) & (a * x + b < 1), a, 0.0).astype(x.dtype)
     if op == "HardSwish":
         return xp.where(x < -3, 0.0, xp.where(x > 3, 1.0, (2 * x + 3) / 6)).astype(x.dtype)
+    if op == "Clip":  # 1 inside [min, max] (bounds included, as torch.clamp), where the output is the input
+        return (y == x).astype(x.dtype)
     if op == "Mish":
         sp = xp.log1p(xp.exp(x))
         t = xp.tanh(sp)
@@ -99,6 +101,7 @@ def _derivative(node, xp, x, y):
 UNARY_OPS = (
     "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "Softplus",
     "Sqrt", "Reciprocal", "Exp", "Log", "Abs", "Sin", "Cos", "Elu", "Softsign", "HardSigmoid", "HardSwish", "Mish",
+    "Clip",
 )
 
 
@@ -121,6 +124,8 @@ def unary(ctx: OpContext):
     node, xp = ctx.node, ctx.xp
     x, y = ctx.input(0), node.outputs[0]
     has_bias = node.op_type in ("BiasGelu", "FastGelu") and ctx.input(1) is not None
+    if not has_bias and any(ctx.carrying(k) for k in range(1, len(node.inputs))):
+        raise ctx.fail("only the first input may carry relevance (e.g. Clip bounds must not depend on a source)")
     bias = ctx.input(1) if has_bias else None
     sx = ctx.shape(x)
     if isinstance(ctx.rule, Identity):
