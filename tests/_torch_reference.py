@@ -9,7 +9,8 @@ instance (the module-level attention function is swapped only inside :func:`lrp_
 - norms: the statistic is a constant. RMSNorm-like ``y = f(x)`` (any weight convention, e.g. Gemma's ``1 + w``)
   is linear in ``x`` once ``1/rms`` is fixed, so ``grad_x = grad_y * f(x) / x``; LayerNorm keeps its mean:
   ``y = w * (x - mean(x)) / std(x).detach() + b``;
-- element-wise activations (incl. soft-capping ``c * tanh(s / c)``): identity rule,
+- element-wise activations (incl. soft-capping ``c * tanh(s / c)``, and every activation module: ``ACT2FN``
+  entries, ``nn.GELU``, ``nn.Tanh``, ...): identity rule,
   ``grad_x = grad_y * f(x) / (x + 1e-10)``;
 - products of two relevance-carrying tensors (``Q K^T``, ``A V``, ``act(gate) * up``, expert output * routing
   weight, ``w / sum(w)`` as ``w * (1/sum)``): the product's gradient is halved (uniform rule);
@@ -29,6 +30,7 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 IDENTITY_EPS = 1e-10
 
@@ -63,6 +65,35 @@ def _layer_norm_forward(self, x):
     if self.bias is not None:
         y = y + self.bias
     return y
+
+
+def _custom_layer_norm_forward(self, x):
+    """A LayerNorm written out by a modeling file (Cohere, OLMo, ConvNeXt's channels-first): ``std`` detached; checked
+    against the module's own output, so a norm of another form fails loudly instead of giving a wrong reference."""
+    eps = getattr(self, "eps", getattr(self, "variance_epsilon", 1e-5))
+    axis = 1 if getattr(self, "data_format", None) == "channels_first" else -1
+    y = _layer_norm_forward(types.SimpleNamespace(eps=eps, weight=getattr(self, "weight", None),
+                                                  bias=getattr(self, "bias", None)), x.movedim(axis, -1))
+    y = y.movedim(-1, axis)
+    ref = self._lrp_orig(x)
+    if not torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
+        raise NotImplementedError(f"{type(self).__name__} is not a LayerNorm w * (x - mean) / std + b")
+    return y
+
+
+def _activation_forward(self, x):
+    """An activation module (``ACT2FN`` entries, ``nn.GELU``, ``nn.Tanh``, ...): identity rule."""
+    return identity_rule(self._lrp_orig, x)
+
+
+_ACTIVATIONS = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Mish)
+
+
+def _is_activation(m) -> bool:
+    """Activation modules: torch's, ``transformers.activations`` (``ACT2FN``), and a modeling file's own
+    ``*Gelu`` (BLOOM)."""
+    return (isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
+            or type(m).__name__.lower().endswith("gelu"))
 
 
 def _gated_mlp_forward(self, x):
@@ -104,17 +135,68 @@ def _t5_gated_forward(self, x):
     return self.wo(half(identity_rule(self.act, self.wi_0(x)) * self.wi_1(x)))
 
 
-class _HalvedMatmul:
-    """Stands in for the ``torch`` module inside a modeling file whose attention calls ``torch.matmul``
-    directly (T5): a product of two tensors that both carry gradient gets half of it (uniform rule)."""
+class _InlineRules(TorchFunctionMode):
+    """The rules on torch functions, for what module patches cannot reach.
 
-    def __getattr__(self, name):
-        return getattr(torch, name)
+    Always: ``F.layer_norm`` keeps its mean with ``std`` detached (norms written with it inside a modeling
+    file's own module, e.g. OLMo's, Nemotron's ``1 + w``). With ``products`` (modeling files that write attention
+    inline instead of through ``eager_attention_forward``: T5, Falcon, BLOOM, RoBERTa, ...): every matrix product
+    of two tensors that both carry gradient (``matmul``, ``@``, ``bmm``, the product in ``baddbmm``, and
+    ``F.scaled_dot_product_attention`` written out) gets half of it, and ``torch.tanh`` the identity rule.
+    Parameters must not require grad (``lrp_patched`` turns it off), so "carries gradient" means "depends on
+    the input".
+    """
 
-    @staticmethod
-    def matmul(a, b):
-        y = torch.matmul(a, b)
-        return half(y) if a.requires_grad and b.requires_grad else y
+    _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+
+    def __init__(self, products: bool):
+        super().__init__()
+        self.products = products
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm and args[0].requires_grad:
+            return _layer_norm_detached(*args, **kwargs)
+        if not self.products:
+            return func(*args, **kwargs)
+        if func in self._MATMULS:
+            y = func(*args, **kwargs)
+            return half(y) if args[0].requires_grad and args[1].requires_grad else y
+        if func in (torch.baddbmm, torch.Tensor.baddbmm):
+            inp = args[0]
+            b1, b2 = (args[1], args[2]) if len(args) > 2 else (kwargs["batch1"], kwargs["batch2"])
+            if not (b1.requires_grad and b2.requires_grad):
+                return func(*args, **kwargs)
+            return kwargs.get("beta", 1) * inp + kwargs.get("alpha", 1) * half(torch.bmm(b1, b2))
+        if func in (torch.tanh, torch.Tensor.tanh) and args[0].requires_grad:
+            return identity_rule(torch.tanh, args[0])
+        if func is F.scaled_dot_product_attention:
+            return _sdpa_halved(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm_detached(x, shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    std = ((x - mean).pow(2).mean(dims, keepdim=True) + eps).sqrt()
+    y = (x - mean) / std.detach()
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+def _sdpa_halved(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``softmax(q k^T * scale + mask) v`` with both products halved (eval: no dropout)."""
+    if enable_gqa or k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scores = half(torch.matmul(q, k.transpose(-2, -1))) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        L, S = q.shape[-2], k.shape[-2]
+        attn_mask = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return half(torch.matmul(F.softmax(scores, dim=-1), v))
 
 
 def _moe_forward(self, hidden):
@@ -165,19 +247,23 @@ def lrp_patched(model, composite: str = "attnlrp"):
     gammas = {torch.nn.Linear: 0.05, torch.nn.Conv2d: 0.25} if composite == "vit-lrp" else {}
     modeling = importlib.import_module(type(model).__module__)
     saved_attention = getattr(modeling, "eager_attention_forward", None)
-    saved_torch = modeling.torch
     if saved_attention is not None:
         modeling.eager_attention_forward = _make_attention(cp)
-    elif not cp:
-        modeling.torch = _HalvedMatmul()
+    grads = {p: p.requires_grad for p in model.parameters()}
+    for p in grads:
+        p.requires_grad_(False)
     for m in model.modules():
         name = type(m).__name__
         m._lrp_cp = cp
         if name.endswith("RMSNorm") or name == "T5LayerNorm":
             m._lrp_orig = m.forward
             m.forward = types.MethodType(_rms_forward, m)
-        elif isinstance(m, torch.nn.LayerNorm):
+        elif type(m).forward is torch.nn.LayerNorm.forward:
             m.forward = types.MethodType(_layer_norm_forward, m)
+        elif name.endswith("LayerNorm") and (not isinstance(m, torch.nn.LayerNorm)
+                                             or getattr(m, "data_format", None) == "channels_first"):
+            m._lrp_orig = m.forward
+            m.forward = types.MethodType(_custom_layer_norm_forward, m)
         elif hasattr(m, "down_proj") and (hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj")):
             m.forward = types.MethodType(_gated_mlp_forward, m)
         elif hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m, "top_k"):
@@ -191,10 +277,15 @@ def lrp_patched(model, composite: str = "attnlrp"):
         elif type(m) in gammas:
             m._lrp_orig, m._lrp_gamma = m.forward, gammas[type(m)]
             m.forward = types.MethodType(_gamma_forward, m)
+        elif _is_activation(m):
+            m._lrp_orig = m.forward
+            m.forward = types.MethodType(_activation_forward, m)
     try:
-        yield model
+        with _InlineRules(products=saved_attention is None and not cp):
+            yield model
     finally:
-        modeling.torch = saved_torch
+        for p, g in grads.items():
+            p.requires_grad_(g)
         if saved_attention is not None:
             modeling.eager_attention_forward = saved_attention
 
