@@ -74,6 +74,84 @@ FAMILIES: dict[str, tuple[str, str, str, dict]] = {
 }
 
 
+# More families (tests/test_coverage_more.py, docs/coverage-more.md): encoders with other heads and position
+# schemes, decoders with ALiBi / partial rotary / parallel residual / MQA / clipping / ReLU^2, vision backbones.
+_D = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+_DEC = dict(_D, intermediate_size=64, max_position_embeddings=64)
+_ENC = dict(_D, intermediate_size=64, max_position_embeddings=64, num_labels=3)
+_VIS = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_labels=3)
+FAMILIES.update({
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", "text-classification", dict(_ENC, pad_token_id=1)),
+    "xlm_roberta": ("XLMRobertaConfig", "XLMRobertaForTokenClassification", "token-classification",
+                    dict(_ENC, pad_token_id=1)),
+    "camembert": ("CamembertConfig", "CamembertForQuestionAnswering", "question-answering",
+                  dict(_ENC, pad_token_id=1, num_labels=2)),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", "text-classification", dict(
+        vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=3)),
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification", "text-classification", dict(_ENC, embedding_size=16)),
+    "electra": ("ElectraConfig", "ElectraForMaskedLM", "fill-mask", dict(_ENC, embedding_size=16)),
+    "mpnet": ("MPNetConfig", "MPNetForSequenceClassification", "text-classification", dict(_ENC)),
+    "deberta_v2": ("DebertaV2Config", "DebertaV2Model", "feature-extraction", dict(
+        _ENC, relative_attention=True, position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False)),
+    "opt": ("OPTConfig", "OPTForCausalLM", "text-generation", dict(
+        _D, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", "text-generation", dict(vocab_size=128, hidden_size=32, n_layer=2,
+                                                                         n_head=4)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", "text-generation", dict(
+        _D, new_decoder_architecture=True, num_kv_heads=2, alibi=False, parallel_attn=True, bias=True)),
+    "falcon_mqa": ("FalconConfig", "FalconForCausalLM", "text-generation", dict(
+        _D, new_decoder_architecture=False, multi_query=True, alibi=False, parallel_attn=True, bias=False)),
+    "falcon_alibi": ("FalconConfig", "FalconForCausalLM", "text-generation", dict(
+        _D, new_decoder_architecture=False, multi_query=False, alibi=True, parallel_attn=False, bias=True)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "text-generation", dict(
+        _DEC, rotary_pct=0.5, use_parallel_residual=True)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", "text-generation", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", "text-generation", dict(
+        vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, max_position_embeddings=64)),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", "text-generation", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)),
+    "phi": ("PhiConfig", "PhiForCausalLM", "text-generation", dict(_DEC, partial_rotary_factor=0.5)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=2, partial_rotary_factor=0.25, use_qkv_bias=True)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=2, embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5,
+        attention_multiplier=0.3)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", "text-generation", dict(_DEC, num_key_value_heads=2, clip_qkv=0.05)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "text-generation", dict(_DEC, num_key_value_heads=2)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "text-generation", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=2, logit_scale=0.5)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", "text-generation", dict(_DEC, num_key_value_heads=2, head_dim=8)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", "text-generation", dict(_DEC, num_key_value_heads=2)),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=2, partial_rotary_factor=0.5)),
+    "glm": ("GlmConfig", "GlmForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=2, head_dim=8, pad_token_id=0)),
+    "mpt": ("MptConfig", "MptForCausalLM", "text-generation", dict(
+        vocab_size=128, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.1)),
+    "deit": ("DeiTConfig", "DeiTForImageClassification", "image-classification", dict(_VIS)),
+    "beit": ("BeitConfig", "BeitForImageClassification", "image-classification", dict(
+        _VIS, use_relative_position_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True)),
+    "swin": ("SwinConfig", "SwinForImageClassification", "image-classification", dict(
+        image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=3)),
+    "convnext": ("ConvNextConfig", "ConvNextForImageClassification", "image-classification", dict(
+        image_size=16, num_channels=3, patch_size=2, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+        num_labels=3)),
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModelWithProjection", "feature-extraction", dict(
+        _VIS, projection_dim=8)),
+    "siglip_vision": ("SiglipVisionConfig", "SiglipVisionModel", "feature-extraction", dict(_VIS)),
+})
+
 def _key(family: str, config: dict, export: dict) -> str:
     blob = json.dumps([family, config, export], sort_keys=True, default=str)
     return f"{family}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"

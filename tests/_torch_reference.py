@@ -139,7 +139,7 @@ class _InlineRules(TorchFunctionMode):
     """The rules on torch functions, for what module patches cannot reach.
 
     Always: ``F.layer_norm`` keeps its mean with ``std`` detached (norms written with it inside a modeling
-    file's own module, e.g. OLMo's, Nemotron's ``1 + w``). With ``products`` (modeling files that write attention
+    file's own module, e.g. OLMo's, Nemotron's ``1 + w``); ``clamp`` (OLMo's ``clip_qkv``) takes the identity rule. With ``products`` (modeling files that write attention
     inline instead of through ``eager_attention_forward``: T5, Falcon, BLOOM, RoBERTa, ...): every matrix product
     of two tensors that both carry gradient (``matmul``, ``@``, ``bmm``, the product in ``baddbmm``, and
     ``F.scaled_dot_product_attention`` written out) gets half of it, and ``torch.tanh`` the identity rule.
@@ -148,6 +148,7 @@ class _InlineRules(TorchFunctionMode):
     """
 
     _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+    _CLAMPS = (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_)
 
     def __init__(self, products: bool):
         super().__init__()
@@ -157,6 +158,9 @@ class _InlineRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.layer_norm and args[0].requires_grad:
             return _layer_norm_detached(*args, **kwargs)
+        if func in self._CLAMPS and args[0].requires_grad:
+            y = identity_rule(lambda t: torch.clamp(t, *args[1:], **kwargs), args[0])
+            return args[0].copy_(y) if func is torch.Tensor.clamp_ else y  # in place: the new value's grad is y's
         if not self.products:
             return func(*args, **kwargs)
         if func in self._MATMULS:
@@ -354,3 +358,40 @@ def torch_seq2seq_relevance(model_cls: str, pt_dir, input_ids, attention_mask, d
     return {"encoder": (enc * enc.grad).sum(-1).detach().double().numpy(),
             "decoder": (dec * dec.grad).sum(-1).detach().double().numpy(),
             "logits": rows.detach().double().numpy()}
+
+
+def torch_output_relevance(model_cls: str, pt_dir, feeds: dict, output: str, positions=None, targets=None,
+                           composite: str = "attnlrp", attn: str = "eager") -> dict:
+    """Relevance of ``output[b, (positions[b],) targets[b]]`` for any model and graph-style ``feeds``: token
+    relevance ``(embedding output * grad).sum(-1)`` read at the input embedding module (hooked), or
+    ``pixel_values * grad``. ``composite="gradient-x-input"``: plain autograd on the unpatched model."""
+    import transformers
+
+    model = getattr(transformers, model_cls).from_pretrained(
+        str(pt_dir), dtype=torch.float32, attn_implementation=attn).eval()
+    kw = {k: torch.as_tensor(np.array(v)) for k, v in feeds.items()}
+    if "pixel_values" in kw:
+        kw["pixel_values"].requires_grad_()
+    held = {}
+
+    def hook(module, args, out):
+        held["x"] = out.detach().requires_grad_()
+        return held["x"]
+
+    handle = None if "pixel_values" in kw else model.get_input_embeddings().register_forward_hook(hook)
+    patch = contextlib.nullcontext() if composite == "gradient-x-input" else lrp_patched(model, composite)
+    try:
+        with patch:
+            extra = {"use_cache": False} if "CausalLM" in model_cls else {}
+            y = model(**kw, **extra)[output]
+            B = y.shape[0]
+            tgt = torch.as_tensor(np.asarray(targets))
+            rows = y[torch.arange(B), torch.as_tensor(np.asarray(positions))] if y.ndim == 3 else y
+            sel = rows[torch.arange(B), tgt]
+            sel.sum().backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+    x = kw["pixel_values"] if "pixel_values" in kw else held["x"]
+    rel = x * x.grad if "pixel_values" in kw else (x * x.grad).sum(-1)
+    return {"relevance": rel.detach().double().numpy(), "score": sel.detach().double().numpy()}
