@@ -81,6 +81,9 @@ _DEC = dict(_D, intermediate_size=64, max_position_embeddings=64)
 _ENC = dict(_D, intermediate_size=64, max_position_embeddings=64, num_labels=3)
 _VIS = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_labels=3)
+_S2S = dict(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, init_std=0.2)
 FAMILIES.update({
     "roberta": ("RobertaConfig", "RobertaForSequenceClassification", "text-classification", dict(_ENC, pad_token_id=1)),
     "xlm_roberta": ("XLMRobertaConfig", "XLMRobertaForTokenClassification", "token-classification",
@@ -150,6 +153,16 @@ FAMILIES.update({
     "clip_vision": ("CLIPVisionConfig", "CLIPVisionModelWithProjection", "feature-extraction", dict(
         _VIS, projection_dim=8)),
     "siglip_vision": ("SiglipVisionConfig", "SiglipVisionModel", "feature-extraction", dict(_VIS)),
+    # encoder-decoder (tests/_variants.py: seq2seq_model)
+    "bart": ("BartConfig", "BartForConditionalGeneration", "text2text-generation", dict(_S2S)),
+    "marian": ("MarianConfig", "MarianMTModel", "text2text-generation", dict(_S2S, scale_embedding=True)),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", "text2text-generation", dict(_S2S, scale_embedding=True)),
+    "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", "text2text-generation", dict(_S2S)),
+    "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", "text2text-generation", dict(_S2S)),
+    "blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration", "text2text-generation", dict(_S2S)),
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", "automatic-speech-recognition", dict(
+        _S2S, num_mel_bins=8, max_source_positions=1500, max_target_positions=32, suppress_tokens=[],
+        begin_suppress_tokens=[])),
 })
 
 def _key(family: str, config: dict, export: dict) -> str:

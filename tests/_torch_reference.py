@@ -139,7 +139,8 @@ class _InlineRules(TorchFunctionMode):
     """The rules on torch functions, for what module patches cannot reach.
 
     Always: ``F.layer_norm`` keeps its mean with ``std`` detached (norms written with it inside a modeling
-    file's own module, e.g. OLMo's, Nemotron's ``1 + w``); ``clamp`` (OLMo's ``clip_qkv``) takes the identity rule. With ``products`` (modeling files that write attention
+    file's own module, e.g. OLMo's, Nemotron's ``1 + w``); ``clamp`` (OLMo's ``clip_qkv``) and activations
+    called as functions (Whisper's ``F.gelu``) take the identity rule. With ``products`` (modeling files that write attention
     inline instead of through ``eager_attention_forward``: T5, Falcon, BLOOM, RoBERTa, ...): every matrix product
     of two tensors that both carry gradient (``matmul``, ``@``, ``bmm``, the product in ``baddbmm``, and
     ``F.scaled_dot_product_attention`` written out) gets half of it, and ``torch.tanh`` the identity rule.
@@ -148,6 +149,7 @@ class _InlineRules(TorchFunctionMode):
     """
 
     _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+    _ACTIVATION_FUNCTIONS = (F.gelu, F.silu, F.relu, F.mish)
     _CLAMPS = (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_)
 
     def __init__(self, products: bool):
@@ -158,6 +160,8 @@ class _InlineRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.layer_norm and args[0].requires_grad:
             return _layer_norm_detached(*args, **kwargs)
+        if func in self._ACTIVATION_FUNCTIONS and args[0].requires_grad:
+            return identity_rule(lambda t: func(t, *args[1:], **kwargs), args[0])
         if func in self._CLAMPS and args[0].requires_grad:
             y = identity_rule(lambda t: torch.clamp(t, *args[1:], **kwargs), args[0])
             return args[0].copy_(y) if func is torch.Tensor.clamp_ else y  # in place: the new value's grad is y's
@@ -341,22 +345,41 @@ def torch_image_relevance(model_cls: str, pt_dir, pixel_values, targets=None, co
 
 
 def torch_seq2seq_relevance(model_cls: str, pt_dir, input_ids, attention_mask, decoder_input_ids, positions,
-                            targets) -> dict:
-    """Encoder and decoder token relevance (``(embeds * grad).sum(-1)`` of both embedding inputs)."""
+                            targets, encoder_input: str = "input_ids") -> dict:
+    """Encoder and decoder token relevance: ``(embedding output * grad).sum(-1)`` at both embedding lookups
+    (hooked, so scales applied after the lookup stay in the model), or ``input_features * grad`` when
+    ``encoder_input`` is a float input (Whisper)."""
     import transformers
 
-    model = getattr(transformers, model_cls).from_pretrained(str(pt_dir), dtype=torch.float32).eval()
-    emb_layer = model.get_input_embeddings()
-    with lrp_patched(model):
-        enc = emb_layer(torch.as_tensor(np.asarray(input_ids))).detach().requires_grad_()
-        dec = emb_layer(torch.as_tensor(np.asarray(decoder_input_ids))).detach().requires_grad_()
-        logits = model(inputs_embeds=enc, attention_mask=torch.as_tensor(np.asarray(attention_mask)),
-                       decoder_inputs_embeds=dec, use_cache=False).logits
-        B = enc.shape[0]
-        rows = logits[torch.arange(B), torch.as_tensor(np.asarray(positions))]
-        rows[torch.arange(B), torch.as_tensor(np.asarray(targets))].sum().backward()
-    return {"encoder": (enc * enc.grad).sum(-1).detach().double().numpy(),
-            "decoder": (dec * dec.grad).sum(-1).detach().double().numpy(),
+    model = getattr(transformers, model_cls).from_pretrained(
+        str(pt_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    held = []
+
+    def hook(module, args, out):
+        held.append(out.detach().requires_grad_())
+        return held[-1]
+
+    text = encoder_input == "input_ids"
+    src = torch.as_tensor(np.array(input_ids))
+    if not text:
+        src.requires_grad_()
+    embs = {id(m): m for m in ([model.get_encoder().get_input_embeddings()] if text else [])
+            + [model.get_decoder().get_input_embeddings()]}
+    handles = [m.register_forward_hook(hook) for m in embs.values()]
+    kw = {} if attention_mask is None else {"attention_mask": torch.as_tensor(np.asarray(attention_mask))}
+    try:
+        with lrp_patched(model):
+            logits = model(**{encoder_input: src}, **kw, decoder_input_ids=torch.as_tensor(np.asarray(decoder_input_ids)),
+                           use_cache=False).logits
+            B = logits.shape[0]
+            rows = logits[torch.arange(B), torch.as_tensor(np.asarray(positions))]
+            rows[torch.arange(B), torch.as_tensor(np.asarray(targets))].sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    enc = (held[0] * held[0].grad).sum(-1) if text else src * src.grad  # the encoder runs first
+    dec = held[-1]
+    return {"encoder": enc.detach().double().numpy(), "decoder": (dec * dec.grad).sum(-1).detach().double().numpy(),
             "logits": rows.detach().double().numpy()}
 
 

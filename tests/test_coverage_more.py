@@ -82,3 +82,38 @@ def test_family(family):
     ref = _reference(family, "attnlrp")
     assert rel_err(res.relevance[src], ref["relevance"]) <= TOL
     assert rel_err(gxi.relevance[src], ref["relevance"]) > 30 * TOL  # the rules matter on this model
+
+
+SEQ2SEQ = ["bart", "marian", "mbart", "pegasus", "m2m_100", "blenderbot", "whisper"]
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_encoder_decoder(family):
+    """A decoder logit over encoder and decoder inputs (onnx_lrp.seq2seq) equals the torch reference on the whole
+    model; Whisper's encoder input is the float ``input_features`` (relevance per feature)."""
+    from _torch_reference import torch_seq2seq_relevance
+    from _variants import seq2seq_model
+    from onnx_lrp.seq2seq import explain_seq2seq
+
+    pt_dir, enc_path, dec_path = seq2seq_model(family)
+    enc, dec = Explainer(enc_path), Explainer(dec_path)
+    rng = np.random.RandomState(0)
+    dec_ids = rng.randint(3, 120, (2, 5))
+    if "input_features" in enc.input_names:
+        name, x, mask = "input_features", rng.randn(2, 8, 3000).astype(np.float32), None
+        inputs = {name: x}
+    else:
+        name, x = "input_ids", rng.randint(3, 120, (2, 7))
+        mask = np.ones_like(x)
+        mask[1, -2:] = 0
+        inputs = {name: x, "attention_mask": mask}
+    res = explain_seq2seq(enc, dec, inputs, dec_ids, position=[4, 2])
+    ref = torch_seq2seq_relevance(FAMILIES[family][1], pt_dir, x, mask, dec_ids, res.position, res.target,
+                                  encoder_input=name)
+    np.testing.assert_allclose(res.score, ref["logits"][np.arange(2), res.target], rtol=1e-4, atol=1e-5)
+    assert res.encoder_relevance.shape == x.shape
+    assert rel_err(res.encoder_relevance, ref["encoder"]) <= TOL
+    assert rel_err(res.decoder_relevance, ref["decoder"]) <= TOL
+    if mask is not None:
+        assert np.all(res.encoder_relevance[mask == 0] == 0)
+    assert np.abs(res.encoder_relevance).sum() > 0.05 * np.abs(res.decoder_relevance).sum()  # both sides matter
