@@ -45,7 +45,8 @@ NONLINEAR = {
 LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 NORM_OPS = {
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization", "InstanceNormalization",
+    "GroupNormalization",
 }
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule

@@ -8,8 +8,10 @@ module                 op types
 ``activation``         Erf, Tanh, Sigmoid, Relu, Gelu, FastGelu, BiasGelu, QuickGelu, Pow, ... and
                        unary regions (non-linearities written out as several ops)
 ``softmax``            Softmax, LogSoftmax
-``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms
-``reduction``          ReduceSum, ReduceMean, GlobalAveragePool
+``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms,
+                       InstanceNormalization, GroupNormalization
+``reduction``          ReduceSum, ReduceMean, GlobalAveragePool, ReduceL2, ReduceSumSquare
+``pooling``            AveragePool, MaxPool
 ``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
 ``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)
 =====================  =========================================================================
@@ -17,6 +19,6 @@ module                 op types
 Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).
 """
 from ._base import REGISTRY, OpContext, register
-from . import activation, elementwise, fused, linear, movement, normalization, reduction, softmax  # noqa: F401
+from . import activation, elementwise, fused, linear, movement, normalization, pooling, reduction, softmax  # noqa: F401
 
 __all__ = ["REGISTRY", "OpContext", "register"]

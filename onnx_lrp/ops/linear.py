@@ -231,19 +231,35 @@ def conv(ctx: OpContext):
     if ctx.carrying(1):
         raise ctx.fail("Conv with a carrying kernel is not supported")
     W = ctx.const(1)
-    if W is None:
-        raise ctx.fail("Conv needs its kernel as an initializer")
+    vw = None
+    if W is None:  # computed from constants at run time (e.g. weight normalisation): read it then
+        if ctx.attr("kernel_shape") is None:
+            raise ctx.fail("Conv with a computed kernel needs the kernel_shape attribute")
+        vw = ctx.value(ctx.input(1))
+    nd = W.ndim - 2 if W is not None else len(ctx.attr("kernel_shape"))
     group = int(ctx.attr("group", 1))
-    strides = list(ctx.attr("strides", [1] * (W.ndim - 2)))
-    dil = list(ctx.attr("dilations", [1] * (W.ndim - 2)))
-    pads = list(ctx.attr("pads", [0] * (2 * (W.ndim - 2))))
+    strides = list(ctx.attr("strides", [1] * nd))
+    dil = list(ctx.attr("dilations", [1] * nd))
+    pads = list(ctx.attr("pads", [0] * (2 * nd)))
     if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         raise ctx.fail("Conv with auto_pad SAME_* is not supported")
     gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
-    Wc = ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W)
-    Wpos = ctx.array(np.maximum(W, 0)) if gamma else None
     Bc = ctx.const(2)
+    if gamma and Bc is None and ctx.input(2) is not None:
+        raise ctx.fail("the gamma rule needs the Conv bias as an initializer")
     bias_p = ctx.array(np.maximum(Bc, 0)) if (gamma and Bc is not None) else None
+    fixed = None
+    if W is not None:
+        fixed = (ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W),
+                 ctx.array(np.maximum(W, 0)) if gamma else None)
+
+    def kernels(env):
+        """(W + gamma W+, W+)."""
+        if fixed is not None:
+            return fixed
+        Wr = env[vw]
+        return (Wr + gamma * xp.maximum(Wr, 0) if gamma else Wr), (xp.maximum(Wr, 0) if gamma else None)
+
     x_name, z_name = ctx.input(0), ctx.node.outputs[0]
     sx = ctx.shape(x_name)
     if gamma:
@@ -252,6 +268,7 @@ def conv(ctx: OpContext):
     def back(env, gy):
         g = gy[0]
         x_shape = env.shape(sx)
+        Wc, Wpos = kernels(env)
         if gamma:
             z = env[z_name]
             zp = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
