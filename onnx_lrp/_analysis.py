@@ -340,6 +340,8 @@ def find_unary_regions(
     regions: dict[str, Region] = {}
     singles = {s.name for s, _, names in seeds if len(names) == 1}
     for g in groups:
+        if not any(kinds.get(x) in ("unary", "product") for x in g):
+            continue  # only linear maps and sums (``w * (x * c) + x``): no non-linearity, each op keeps its rule
         region = _make_region(graph, [by_name[x] for x in g], carrying)
         if region is None:  # not unary after all: keep the single non-linearities inside it
             for x in g:

@@ -291,20 +291,20 @@ class Explainer:
 
     def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
         """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),
-        token_type_ids (zeros), empty past key/values caches."""
+        token_type_ids and global_attention_mask (zeros; Longformer), empty past key/values caches."""
         ids = next((feeds[n] for n in ("input_ids", "decoder_input_ids") if n in feeds), None)
         ref = ids if ids is not None else next((v for v in feeds.values() if v.ndim >= 2), None)
         if ref is None:
             return
-        b, s = ref.shape[0], ref.shape[1]
+        b, s = ref.shape[0], ref.shape[-1]
         for name, spec in expected.items():
             if name in feeds:
                 continue
             if name == "attention_mask":
                 past = self._past_length(feeds)
-                feeds[name] = np.ones((b, s + past), dtype=spec.numpy_dtype)
-            elif name == "token_type_ids":
-                feeds[name] = np.zeros((b, s), dtype=spec.numpy_dtype)
+                feeds[name] = np.ones(ref.shape[:-1] + (s + past,), dtype=spec.numpy_dtype)
+            elif name in ("token_type_ids", "global_attention_mask"):
+                feeds[name] = np.zeros(ref.shape, dtype=spec.numpy_dtype)
             elif name.startswith("past") and spec.is_float:
                 dims = [b if k == 0 else (d if isinstance(d, int) and d > 0 else 0) for k, d in enumerate(spec.shape)]
                 feeds[name] = np.zeros(dims, dtype=spec.numpy_dtype)

@@ -138,8 +138,9 @@ def _t5_gated_forward(self, x):
 class _InlineRules(TorchFunctionMode):
     """The rules on torch functions, for what module patches cannot reach.
 
-    Always: ``F.layer_norm`` keeps its mean with ``std`` detached (norms written with it inside a modeling
-    file's own module, e.g. OLMo's, Nemotron's ``1 + w``); ``clamp`` (OLMo's ``clip_qkv``) and activations
+    Always: ``F.layer_norm`` and ``F.group_norm`` keep their mean with ``std`` detached (norms written with it
+    inside a modeling file's own module, e.g. OLMo's, Nemotron's ``1 + w``; ``nn.GroupNorm``); vector norms
+    (``torch.norm``, ``linalg.vector_norm``: ``F.normalize``, ConvNeXt-V2's GRN) are constants; ``clamp`` (OLMo's ``clip_qkv``) and activations
     called as functions (Whisper's ``F.gelu``) take the identity rule. With ``products`` (modeling files that write attention
     inline instead of through ``eager_attention_forward``: T5, Falcon, BLOOM, RoBERTa, ...): every matrix product
     of two tensors that both carry gradient (``matmul``, ``@``, ``bmm``, the product in ``baddbmm``, and
@@ -149,6 +150,7 @@ class _InlineRules(TorchFunctionMode):
     """
 
     _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+    _NORMS = (torch.norm, torch.Tensor.norm, torch.linalg.vector_norm)
     _ACTIVATION_FUNCTIONS = (F.gelu, F.silu, F.relu, F.mish)
     _CLAMPS = (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_)
 
@@ -160,6 +162,14 @@ class _InlineRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.layer_norm and args[0].requires_grad:
             return _layer_norm_detached(*args, **kwargs)
+        if func is F.group_norm and args[0].requires_grad:
+            return _group_norm_detached(*args, **kwargs)
+        if func is F.normalize and args[0].requires_grad:
+            p, dim, eps = (list(args[1:]) + [kwargs.get("p", 2.0), kwargs.get("dim", 1), kwargs.get("eps", 1e-12)][len(args) - 1:])[:3]
+            return args[0] / args[0].detach().norm(p, dim, keepdim=True).clamp_min(eps)
+        if func in self._NORMS and args[0].requires_grad:  # a norm statistic (ConvNeXt-V2's GRN)
+            with torch.no_grad():
+                return func(*args, **kwargs)
         if func in self._ACTIVATION_FUNCTIONS and args[0].requires_grad:
             return identity_rule(lambda t: func(t, *args[1:], **kwargs), args[0])
         if func in self._CLAMPS and args[0].requires_grad:
@@ -191,6 +201,17 @@ def _layer_norm_detached(x, shape, weight=None, bias=None, eps=1e-5):
     if weight is not None:
         y = y * weight
     return y + bias if bias is not None else y
+
+
+def _group_norm_detached(x, groups, weight=None, bias=None, eps=1e-5):
+    xg = x.reshape(x.shape[0], groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    std = ((xg - mean).pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    y = ((xg - mean) / std.detach()).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    return y + bias.reshape(shape) if bias is not None else y
 
 
 def _sdpa_halved(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -268,8 +289,8 @@ def lrp_patched(model, composite: str = "attnlrp"):
             m.forward = types.MethodType(_rms_forward, m)
         elif type(m).forward is torch.nn.LayerNorm.forward:
             m.forward = types.MethodType(_layer_norm_forward, m)
-        elif name.endswith("LayerNorm") and (not isinstance(m, torch.nn.LayerNorm)
-                                             or getattr(m, "data_format", None) == "channels_first"):
+        elif name.endswith("LayerNorm") and not any(m.children()) and (
+                not isinstance(m, torch.nn.LayerNorm) or getattr(m, "data_format", None) == "channels_first"):
             m._lrp_orig = m.forward
             m.forward = types.MethodType(_custom_layer_norm_forward, m)
         elif hasattr(m, "down_proj") and (hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj")):
