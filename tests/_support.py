@@ -153,6 +153,65 @@ FAMILIES.update({
     "clip_vision": ("CLIPVisionConfig", "CLIPVisionModelWithProjection", "feature-extraction", dict(
         _VIS, projection_dim=8)),
     "siglip_vision": ("SiglipVisionConfig", "SiglipVisionModel", "feature-extraction", dict(_VIS)),
+    "modernbert": ("ModernBertConfig", "ModernBertForTokenClassification", "token-classification", dict(
+        _ENC, num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    "esm": ("EsmConfig", "EsmForTokenClassification", "token-classification", dict(
+        _ENC, pad_token_id=1, position_embedding_type="rotary", mask_token_id=4, token_dropout=True)),
+    "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", "text-classification", dict(
+        _ENC, embedding_size=32)),
+    "rembert": ("RemBertConfig", "RemBertForSequenceClassification", "text-classification", dict(
+        _ENC, input_embedding_size=16, output_embedding_size=16)),
+    "convbert": ("ConvBertConfig", "ConvBertForSequenceClassification", "text-classification", dict(
+        _ENC, embedding_size=32, head_ratio=2, conv_kernel_size=3)),
+    "squeezebert": ("SqueezeBertConfig", "SqueezeBertForSequenceClassification", "text-classification", dict(
+        _ENC, embedding_size=32, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=2,
+        output_groups=2)),
+    "mobilebert": ("MobileBertConfig", "MobileBertForSequenceClassification", "text-classification", dict(
+        _ENC, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16, num_feedforward_networks=2)),
+    "big_bird": ("BigBirdConfig", "BigBirdForSequenceClassification", "text-classification", dict(
+        _ENC, attention_type="original_full", hidden_act="gelu")),  # its head calls ACT2FN inline: unpatchable
+    "longformer": ("LongformerConfig", "LongformerForSequenceClassification", "text-classification", dict(
+        _ENC, attention_window=4, pad_token_id=1)),
+    "data2vec_text": ("Data2VecTextConfig", "Data2VecTextForSequenceClassification", "text-classification", dict(
+        _ENC, pad_token_id=1)),
+    "megatron_bert": ("MegatronBertConfig", "MegatronBertForSequenceClassification", "text-classification",
+                      dict(_ENC)),
+    "roberta_mc": ("RobertaConfig", "RobertaForMultipleChoice", "multiple-choice", dict(_ENC, pad_token_id=1)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "text-generation", dict(
+        _DEC, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8, n_shared_experts=1, pad_token_id=0)),
+    "segformer": ("SegformerConfig", "SegformerForImageClassification", "image-classification", dict(
+        image_size=16, num_labels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+        patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2])),
+    "poolformer": ("PoolFormerConfig", "PoolFormerForImageClassification", "image-classification", dict(
+        image_size=16, num_labels=3, num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16], patch_sizes=[3, 3],
+        strides=[2, 2], padding=[1, 1])),
+    "resnet": ("ResNetConfig", "ResNetForImageClassification", "image-classification", dict(
+        image_size=16, num_labels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")),
+    "mobilenet_v2": ("MobileNetV2Config", "MobileNetV2ForImageClassification", "image-classification", dict(
+        image_size=32, num_labels=3, depth_multiplier=0.25)),
+    "swinv2": ("Swinv2Config", "Swinv2ForImageClassification", "image-classification", dict(
+        image_size=16, num_labels=3, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)),
+    "convnextv2": ("ConvNextV2Config", "ConvNextV2ForImageClassification", "image-classification", dict(
+        image_size=16, num_labels=3, patch_size=2, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
+    "data2vec_vision": ("Data2VecVisionConfig", "Data2VecVisionForImageClassification", "image-classification",
+                        dict(_VIS, use_relative_position_bias=True)),
+    "vit_msn": ("ViTMSNConfig", "ViTMSNForImageClassification", "image-classification", dict(_VIS)),
+    "clip": ("CLIPConfig", "CLIPModel", "zero-shot-image-classification", dict(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64),
+        vision_config=dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4), projection_dim=8)),
+    # audio: waveform (GroupNorm feature extractor, weight-normed conv positions) and spectrogram patches
+    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", "audio-classification", dict(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=[8, 8], conv_stride=[5, 2], conv_kernel=[10, 3], num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, num_labels=3, classifier_proj_size=8, feat_extract_norm="group")),
+    "ast": ("ASTConfig", "ASTForAudioClassification", "audio-classification", dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=4,
+        frequency_stride=4, time_stride=4, max_length=16, num_mel_bins=8, num_labels=3)),
     # encoder-decoder (tests/_variants.py: seq2seq_model)
     "bart": ("BartConfig", "BartForConditionalGeneration", "text2text-generation", dict(_S2S)),
     "marian": ("MarianConfig", "MarianMTModel", "text2text-generation", dict(_S2S, scale_embedding=True)),

@@ -138,13 +138,15 @@ def _t5_gated_forward(self, x):
 class _InlineRules(TorchFunctionMode):
     """The rules on torch functions, for what module patches cannot reach.
 
-    Always: ``F.layer_norm`` and ``F.group_norm`` keep their mean with ``std`` detached (norms written with it
-    inside a modeling file's own module, e.g. OLMo's, Nemotron's ``1 + w``; ``nn.GroupNorm``); vector norms
-    (``torch.norm``, ``linalg.vector_norm``: ``F.normalize``, ConvNeXt-V2's GRN) are constants; ``clamp`` (OLMo's ``clip_qkv``) and activations
-    called as functions (Whisper's ``F.gelu``) take the identity rule. With ``products`` (modeling files that write attention
-    inline instead of through ``eager_attention_forward``: T5, Falcon, BLOOM, RoBERTa, ...): every matrix product
-    of two tensors that both carry gradient (``matmul``, ``@``, ``bmm``, the product in ``baddbmm``, and
-    ``F.scaled_dot_product_attention`` written out) gets half of it, and ``torch.tanh`` the identity rule.
+    Always: ``F.layer_norm`` and ``F.group_norm`` keep their mean with ``std`` detached (norms inside a modeling
+    file's own module, e.g. OLMo's, Nemotron's ``1 + w``; ``nn.GroupNorm``); vector norms (``torch.norm``,
+    ``linalg.vector_norm``, ``F.normalize``: Swin-V2's cosine attention, ConvNeXt-V2's GRN) are constants;
+    ``clamp`` (OLMo's ``clip_qkv``) and activations called as functions (Whisper's ``F.gelu``) take the identity
+    rule. With ``products`` (not under CP-LRP): every matrix product of two tensors that both carry gradient
+    (``matmul``, ``@``, ``bmm``, the product in ``baddbmm``, ``F.scaled_dot_product_attention`` written out:
+    attention written inline by T5, Falcon, BLOOM, RoBERTa, ..., and products outside attention such as CLIP's
+    text x image logits) gets half of it, and ``torch.tanh`` the identity rule. ``eager_attention_forward``
+    (replaced by :func:`_make_attention`) halves its own products.
     Parameters must not require grad (``lrp_patched`` turns it off), so "carries gradient" means "depends on
     the input".
     """
@@ -255,14 +257,16 @@ def _make_attention(cp: bool):
             scaling = query.shape[-1] ** -0.5
         if cp:
             query, key = query.detach(), key.detach()
-        scores = torch.matmul(query, key.transpose(2, 3))
+        with torch._C.DisableTorchFunction():  # halved here, not again by _InlineRules
+            scores = torch.matmul(query, key.transpose(2, 3))
         scores = (scores if cp else half(scores)) * scaling
         if softcap is not None:
             scores = identity_rule(lambda s: torch.tanh(s / softcap) * softcap, scores)
         if attention_mask is not None:
             scores = scores + attention_mask[:, :, :, : key.shape[-2]]
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = torch.matmul(probs, value)
+        with torch._C.DisableTorchFunction():
+            out = torch.matmul(probs, value)
         out = out if cp else half(out)
         return out.transpose(1, 2).contiguous(), probs
 
@@ -278,6 +282,9 @@ def lrp_patched(model, composite: str = "attnlrp"):
     saved_attention = getattr(modeling, "eager_attention_forward", None)
     if saved_attention is not None:
         modeling.eager_attention_forward = _make_attention(cp)
+    saved_norm = getattr(modeling, "_get_vector_norm", None)
+    if saved_norm is not None:  # CLIP: L2 norm of the embeddings written with pow/sum: a norm statistic
+        modeling._get_vector_norm = lambda t: saved_norm(t.detach())
     grads = {p: p.requires_grad for p in model.parameters()}
     for p in grads:
         p.requires_grad_(False)
@@ -310,13 +317,15 @@ def lrp_patched(model, composite: str = "attnlrp"):
             m._lrp_orig = m.forward
             m.forward = types.MethodType(_activation_forward, m)
     try:
-        with _InlineRules(products=saved_attention is None and not cp):
+        with _InlineRules(products=not cp):
             yield model
     finally:
         for p, g in grads.items():
             p.requires_grad_(g)
         if saved_attention is not None:
             modeling.eager_attention_forward = saved_attention
+        if saved_norm is not None:
+            modeling._get_vector_norm = saved_norm
 
 
 def torch_relevance(model_cls: str, pt_dir, input_ids, attention_mask=None, position_ids=None, positions=None,
@@ -406,23 +415,24 @@ def torch_seq2seq_relevance(model_cls: str, pt_dir, input_ids, attention_mask, d
 
 def torch_output_relevance(model_cls: str, pt_dir, feeds: dict, output: str, positions=None, targets=None,
                            composite: str = "attnlrp", attn: str = "eager") -> dict:
-    """Relevance of ``output[b, (positions[b],) targets[b]]`` for any model and graph-style ``feeds``: token
-    relevance ``(embedding output * grad).sum(-1)`` read at the input embedding module (hooked), or
-    ``pixel_values * grad``. ``composite="gradient-x-input"``: plain autograd on the unpatched model."""
+    """Relevance of ``output[b, (positions[b],) targets[b]]`` for any model and graph-style ``feeds``, per input:
+    ``input_ids``: ``(embedding output * grad).sum(-1)`` read at the input embedding module (hooked); float
+    inputs (pixels, audio): ``x * grad``. ``composite="gradient-x-input"``: plain autograd on the unpatched model."""
     import transformers
 
     model = getattr(transformers, model_cls).from_pretrained(
         str(pt_dir), dtype=torch.float32, attn_implementation=attn).eval()
     kw = {k: torch.as_tensor(np.array(v)) for k, v in feeds.items()}
-    if "pixel_values" in kw:
-        kw["pixel_values"].requires_grad_()
+    for v in kw.values():
+        if v.is_floating_point():
+            v.requires_grad_()
     held = {}
 
     def hook(module, args, out):
         held["x"] = out.detach().requires_grad_()
         return held["x"]
 
-    handle = None if "pixel_values" in kw else model.get_input_embeddings().register_forward_hook(hook)
+    handle = None if "input_ids" not in kw else _input_embeddings(model).register_forward_hook(hook)
     patch = contextlib.nullcontext() if composite == "gradient-x-input" else lrp_patched(model, composite)
     try:
         with patch:
@@ -436,6 +446,16 @@ def torch_output_relevance(model_cls: str, pt_dir, feeds: dict, output: str, pos
     finally:
         if handle is not None:
             handle.remove()
-    x = kw["pixel_values"] if "pixel_values" in kw else held["x"]
-    rel = x * x.grad if "pixel_values" in kw else (x * x.grad).sum(-1)
-    return {"relevance": rel.detach().double().numpy(), "score": sel.detach().double().numpy()}
+    rel = {k: (v * v.grad).detach().double().numpy() for k, v in kw.items() if v.is_floating_point()}
+    if "x" in held:
+        rel["input_ids"] = (held["x"] * held["x"].grad).sum(-1).detach().double().numpy()
+    return {"relevance": rel, "score": sel.detach().double().numpy()}
+
+
+def _input_embeddings(model):
+    """The token embedding module (for a dual-encoder such as CLIP: the text tower's)."""
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return next(m for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Embedding) and ("token" in n or "word" in n))
