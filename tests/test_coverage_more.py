@@ -142,3 +142,15 @@ def test_encoder_decoder(family):
     if mask is not None:
         assert np.all(res.encoder_relevance[mask == 0] == 0)
     assert np.abs(res.encoder_relevance).sum() > 0.05 * np.abs(res.decoder_relevance).sum()  # both sides matter
+
+
+@pytest.mark.parametrize("family", ["convbert", "olmo", "poolformer", "wav2vec2", "swinv2"])
+@pytest.mark.parametrize("composite", ["cp-lrp", "vit-lrp", "gradient"])
+def test_other_composites_run(family, composite):
+    """The other presets run on the op mixes found here (dynamic-convolution MatMul under the gamma rule, Clip,
+    pooling, GroupNorm, computed Conv kernels, ReduceL2) and give finite, non-zero relevance."""
+    _, path = tiny_model(family)
+    _, feeds, res, _ = _case(family)
+    out = Explainer(path, composite=composite).explain(feeds, target=res.target, position=res.position)
+    for r in out.relevance.values():
+        assert np.all(np.isfinite(r)) and np.abs(r).max() > 0

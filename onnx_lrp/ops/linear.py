@@ -97,8 +97,8 @@ def matmul(ctx: OpContext):
                 ctx.value(a)
                 ctx.value(ctx.node.outputs[0])
             return back_const
-        if gamma:
-            raise ctx.fail("the gamma rule needs a constant weight")
+        # a run-time "weight" (a detached attention or dynamic-convolution kernel under CP-LRP) is no layer: the
+        # gamma rule, like LXT's, applies to parameters only; the product passes the plain gradient, as below
         vb, sa = ctx.value(b), ctx.shape(a)
 
         def back_dyn_weight(env, gy):
