@@ -154,3 +154,108 @@ def test_other_composites_run(family, composite):
     out = Explainer(path, composite=composite).explain(feeds, target=res.target, position=res.position)
     for r in out.relevance.values():
         assert np.all(np.isfinite(r)) and np.abs(r).max() > 0
+
+
+# ------------------------------------------------------------------ single ops found on the way (exact references)
+def _op_relevance(op_node, x: np.ndarray, composite="gradient-x-input", inits=None):
+    """(relevance of x, start weights w, model) for a one-node graph ``x -> y`` explained with ``R_y = w * y``."""
+    from _graphs import model
+
+    m = model([op_node], {"x": x.shape}, {"y": tuple(f"d{i}" for i in range(x.ndim))}, inits)
+    y = Explainer(m).forward({"x": x})["y"]
+    w = np.random.RandomState(3).randn(*y.shape).astype(np.float32)
+    res = Explainer(m, composite=composite).explain({"x": x}, output="y", output_relevance=w)
+    return res.relevance["x"], w, m
+
+
+def _probe_vjp(m, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``J^T w`` of a LINEAR op, by running onnxruntime on every one-hot input (independent of the rule)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = np.zeros(x.size)
+    for k in range(x.size):
+        e = np.zeros(x.size, np.float32)
+        e[k] = 1
+        out[k] = (sess.run(None, {"x": e.reshape(x.shape)})[0] * w).sum()
+    return out.reshape(x.shape)
+
+
+RESIZES = {
+    "nearest-x2": (dict(mode="nearest"), [1, 1, 2, 2], None),
+    "nearest-floor-asym-1.7": (dict(mode="nearest", nearest_mode="floor",
+                                    coordinate_transformation_mode="asymmetric"), [1, 1, 1.7, 1.7], None),
+    "linear-half-pixel-x2": (dict(mode="linear"), [1, 1, 2, 2], None),
+    "linear-align-corners-sizes": (dict(mode="linear", coordinate_transformation_mode="align_corners"), None,
+                                   [1, 2, 9, 4]),
+    "linear-down-0.5": (dict(mode="linear"), [1, 1, 0.5, 0.5], None),
+    "cubic-x2": (dict(mode="cubic"), [1, 1, 2, 2], None),
+}
+
+
+@pytest.mark.parametrize("case", list(RESIZES))
+def test_resize_is_its_vjp(case):
+    """Resize rule (MobileViT, segmentation heads): ``x * J^T w`` with ``J`` probed from onnxruntime."""
+    from _graphs import f32, node
+
+    attrs, scales, sizes = RESIZES[case]
+    x = f32(1, 2, 5, 6, seed=1)
+    inits = {"scales": np.asarray(scales, np.float32)} if scales else {"sizes": np.asarray(sizes, np.int64)}
+    ins = ["x", "", "scales"] if scales else ["x", "", "", "sizes"]
+    rel, w, m = _op_relevance(node("Resize", ins, ["y"], **attrs), x, inits=inits)
+    np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0),  # PoolFormer
+    dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1], count_include_pad=1),
+    dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+])
+def test_average_pool_is_its_vjp(attrs):
+    from _graphs import f32, node
+
+    x = f32(1, 2, 5, 7, seed=2)
+    rel, w, m = _op_relevance(node("AveragePool", ["x"], ["y"], **attrs), x)
+    np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),  # ResNet stem
+    dict(kernel_shape=[2, 3], strides=[1, 1], dilations=[2, 1]),
+    dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+])
+def test_max_pool_matches_torch(attrs):
+    """MaxPool routes the gradient to the window maxima, as torch's max_pool2d does (overlapping windows add)."""
+    import torch
+    import torch.nn.functional as F
+    from _graphs import f32, node
+
+    x = f32(1, 2, 6, 7, seed=4)
+    rel, w, _ = _op_relevance(node("MaxPool", ["x"], ["y"], **attrs), x)
+    p = attrs.get("pads", [0, 0, 0, 0])
+    xt = torch.tensor(x, requires_grad=True)
+    y = F.max_pool2d(F.pad(xt, (p[1], p[3], p[0], p[2]), value=-float("inf")), attrs["kernel_shape"],
+                     attrs["strides"], dilation=attrs.get("dilations", 1), ceil_mode=bool(attrs.get("ceil_mode")))
+    (y * torch.tensor(w)).sum().backward()
+    np.testing.assert_allclose(rel, x * xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("composite", ["gradient-x-input", "attnlrp"])
+def test_instance_norm_as_group_norm(composite):
+    """torch's GroupNorm export (``InstanceNormalization`` over groups): the gradient, and under AttnLRP the
+    normalisation with its standard deviation constant (mean kept), written with torch autograd."""
+    import torch
+    from _graphs import f32, node
+    from _torch_reference import _group_norm_detached
+
+    x = f32(2, 3, 10, seed=5, scale=2.0) + 0.5  # (batch, groups, channels per group x positions)
+    scale, bias = f32(3, seed=6) + 1, f32(3, seed=7)
+    rel, w, _ = _op_relevance(node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=1e-5), x,
+                              composite=composite, inits={"s": scale, "b": bias})
+    xt = torch.tensor(x, requires_grad=True)
+    if composite == "attnlrp":
+        y = _group_norm_detached(xt, 3, torch.tensor(scale), torch.tensor(bias))
+    else:
+        y = torch.nn.functional.group_norm(xt, 3, torch.tensor(scale), torch.tensor(bias))
+    (y * torch.tensor(w)).sum().backward()
+    np.testing.assert_allclose(rel, x * xt.grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -12,6 +12,7 @@ module                 op types
                        InstanceNormalization, GroupNormalization
 ``reduction``          ReduceSum, ReduceMean, GlobalAveragePool, ReduceL2, ReduceSumSquare
 ``pooling``            AveragePool, MaxPool
+``resize``             Resize (the kernel's own interpolation matrices)
 ``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
 ``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)
 =====================  =========================================================================
@@ -19,6 +20,6 @@ module                 op types
 Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).
 """
 from ._base import REGISTRY, OpContext, register
-from . import activation, elementwise, fused, linear, movement, normalization, pooling, reduction, softmax  # noqa: F401
+from . import activation, elementwise, fused, linear, movement, normalization, pooling, reduction, resize, softmax  # noqa: F401
 
 __all__ = ["REGISTRY", "OpContext", "register"]
