@@ -204,6 +204,16 @@ FAMILIES.update({
                          num_attention_heads=4, max_position_embeddings=64),
         vision_config=dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4), projection_dim=8)),
+    "mobilevit": ("MobileViTConfig", "MobileViTForImageClassification", "image-classification", dict(
+        image_size=32, num_labels=3, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+        patch_size=2)),
+    "levit": ("LevitConfig", "LevitForImageClassification", "image-classification", dict(
+        image_size=64, num_labels=3, patch_size=16, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2],
+        depths=[1, 1, 1], key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2])),
+    "hiera": ("HieraConfig", "HieraForImageClassification", "image-classification", dict(
+        image_size=[32, 32], num_labels=3, patch_size=[3, 3], patch_stride=[2, 2], patch_padding=[1, 1], embed_dim=8,
+        num_heads=[1, 2], depths=[1, 1], query_stride=[2, 2], masked_unit_size=[4, 4],
+        masked_unit_attention=[True, False], num_query_pool=1)),
     # audio: waveform (GroupNorm feature extractor, weight-normed conv positions) and spectrogram patches
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", "audio-classification", dict(
         vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

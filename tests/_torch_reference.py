@@ -86,7 +86,8 @@ def _activation_forward(self, x):
     return identity_rule(self._lrp_orig, x)
 
 
-_ACTIVATIONS = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Mish)
+_ACTIVATIONS = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Mish,
+                torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.ELU)
 
 
 def _is_activation(m) -> bool:

@@ -26,7 +26,8 @@ DECODERS = ["opt", "bloom", "falcon", "falcon_mqa", "falcon_alibi", "gpt_neox", 
             "stablelm", "granite", "olmo", "olmo2", "gpt_bigcode", "cohere", "smollm3", "helium", "arcee",
             "nemotron", "glm", "mpt", "gpt_oss", "deepseek_v3"]
 VISION = ["deit", "beit", "swin", "convnext", "clip_vision", "siglip_vision", "segformer", "poolformer", "resnet",
-          "mobilenet_v2", "swinv2", "convnextv2", "data2vec_vision", "vit_msn", "clip", "wav2vec2", "ast"]
+          "mobilenet_v2", "swinv2", "convnextv2", "data2vec_vision", "vit_msn", "mobilevit", "levit", "hiera", "clip",
+          "wav2vec2", "ast"]
 # the export traces transformers' SDPA path; its eager Falcon-ALiBi path computes slightly different logits
 REFERENCE_ATTN = {"falcon_alibi": "sdpa"}
 # Gradient x Input of these tiny models is ill-conditioned in float32 (token relevance 1e-5 of the output, with
@@ -51,6 +52,7 @@ def _feeds(family: str, names: list[str], batch: int = 2, seq: int = 9) -> dict:
     feeds = {}
     if "pixel_values" in names:
         size = cfg.get("vision_config", cfg).get("image_size", 16)
+        size = size[0] if isinstance(size, list) else size
         feeds["pixel_values"] = rng.randn(batch, 3, size, size).astype(np.float32)
     if "input_values" in names:  # AST: (frames, mel bins); wav2vec2: a waveform
         shape = (cfg["max_length"], cfg["num_mel_bins"]) if "max_length" in cfg else (400,)
@@ -259,3 +261,22 @@ def test_instance_norm_as_group_norm(composite):
         y = torch.nn.functional.group_norm(xt, 3, torch.tensor(scale), torch.tensor(bias))
     (y * torch.tensor(w)).sum().backward()
     np.testing.assert_allclose(rel, x * xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_batch_norm_inference_is_affine():
+    """Inference BatchNormalization (LeViT): the gradient of torch's batch_norm with running statistics, under
+    AttnLRP too (an affine map per channel: no statistic of the input)."""
+    import torch
+    from _graphs import f32, node
+
+    x = f32(2, 4, 3, 5, seed=8)
+    s, b, mean, var = f32(4, seed=9), f32(4, seed=10), f32(4, seed=11), np.abs(f32(4, seed=12)) + 0.5
+    xt = torch.tensor(x, requires_grad=True)
+    y = torch.nn.functional.batch_norm(xt, torch.tensor(mean), torch.tensor(var), torch.tensor(s), torch.tensor(b),
+                                       training=False, eps=1e-5)
+    for composite in ("attnlrp", "gradient-x-input"):
+        rel, w, _ = _op_relevance(node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-5), x,
+                                  composite=composite, inits={"s": s, "b": b, "m": mean, "v": var})
+        if xt.grad is None:
+            (y * torch.tensor(w)).sum().backward()
+        np.testing.assert_allclose(rel, x * xt.grad.numpy(), rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ module                 op types
                        unary regions (non-linearities written out as several ops)
 ``softmax``            Softmax, LogSoftmax
 ``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms,
-                       InstanceNormalization, GroupNormalization
+                       InstanceNormalization, GroupNormalization, BatchNormalization (inference)
 ``reduction``          ReduceSum, ReduceMean, GlobalAveragePool, ReduceL2, ReduceSumSquare
 ``pooling``            AveragePool, MaxPool
 ``resize``             Resize (the kernel's own interpolation matrices)

@@ -147,3 +147,24 @@ def group_norm(ctx: OpContext):
         return [out.reshape(g.shape), None, None]
 
     return back
+
+
+@register("BatchNormalization")
+def batch_norm(ctx: OpContext):
+    """Inference BatchNormalization ``y = scale * (x - mean) / sqrt(var + eps) + B`` with the running statistics:
+    an affine map per channel (axis 1), so ``G_x = G_y * scale / sqrt(var + eps)`` under every rule."""
+    if int(ctx.attr("training_mode", 0)) or len([o for o in ctx.node.outputs if o]) > 1:
+        raise ctx.fail("training-mode BatchNormalization (batch statistics) is not supported")
+    if any(ctx.carrying(k) for k in range(1, 5)):
+        raise ctx.fail("scale, bias, mean and variance must not carry relevance")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    vs, vv = ctx.value(ctx.input(1)), ctx.value(ctx.input(4))
+    sx = ctx.shape(ctx.input(0))
+    xp = ctx.xp
+
+    def back(env, gy):
+        nd = len(env.shape(sx))
+        k = (env[vs] / xp.sqrt(env[vv] + eps)).reshape((-1,) + (1,) * (nd - 2))
+        return [gy[0] * k, None, None, None, None]
+
+    return back
