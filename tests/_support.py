@@ -142,6 +142,18 @@ FAMILIES.update({
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "text-generation", dict(
         _DEC, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
         layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.1)),
+    # decoders with other heads: pooled at the last token (no position_ids input), per token, hidden states
+    "llama_cls": ("LlamaConfig", "LlamaForSequenceClassification", "text-classification", dict(
+        _DEC, num_key_value_heads=2, num_labels=3, pad_token_id=0)),
+    "gpt2_cls": ("GPT2Config", "GPT2ForSequenceClassification", "text-classification", dict(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=3, pad_token_id=0)),
+    "bloom_cls": ("BloomConfig", "BloomForSequenceClassification", "text-classification", dict(
+        vocab_size=128, hidden_size=32, n_layer=2, n_head=4, num_labels=3, pad_token_id=0)),
+    "gpt_neox_cls": ("GPTNeoXConfig", "GPTNeoXForSequenceClassification", "text-classification", dict(
+        _DEC, rotary_pct=0.5, num_labels=3, pad_token_id=0)),
+    "qwen2_tok": ("Qwen2Config", "Qwen2ForTokenClassification", "token-classification", dict(
+        _DEC, num_key_value_heads=2, num_labels=3)),
+    "qwen3_fe": ("Qwen3Config", "Qwen3Model", "feature-extraction", dict(_DEC, num_key_value_heads=2, head_dim=8)),
     "deit": ("DeiTConfig", "DeiTForImageClassification", "image-classification", dict(_VIS)),
     "beit": ("BeitConfig", "BeitForImageClassification", "image-classification", dict(
         _VIS, use_relative_position_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True)),

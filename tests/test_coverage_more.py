@@ -24,7 +24,8 @@ ENCODERS = ["roberta", "xlm_roberta", "camembert", "distilbert", "albert", "elec
             "data2vec_text", "megatron_bert", "roberta_mc"]
 DECODERS = ["opt", "bloom", "falcon", "falcon_mqa", "falcon_alibi", "gpt_neox", "gptj", "gpt_neo", "codegen", "phi",
             "stablelm", "granite", "olmo", "olmo2", "gpt_bigcode", "cohere", "smollm3", "helium", "arcee",
-            "nemotron", "glm", "mpt", "gpt_oss", "deepseek_v3"]
+            "nemotron", "glm", "mpt", "gpt_oss", "deepseek_v3",
+            "llama_cls", "gpt2_cls", "bloom_cls", "gpt_neox_cls", "qwen2_tok", "qwen3_fe"]
 VISION = ["deit", "beit", "swin", "convnext", "clip_vision", "siglip_vision", "segformer", "poolformer", "resnet",
           "mobilenet_v2", "swinv2", "convnextv2", "data2vec_vision", "vit_msn", "mobilevit", "levit", "hiera", "clip",
           "wav2vec2", "ast"]
