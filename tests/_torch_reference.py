@@ -283,6 +283,9 @@ def lrp_patched(model, composite: str = "attnlrp"):
     saved_attention = getattr(modeling, "eager_attention_forward", None)
     if saved_attention is not None:
         modeling.eager_attention_forward = _make_attention(cp)
+    saved_gelu = getattr(modeling, "gelu", None)
+    if callable(saved_gelu) and not isinstance(saved_gelu, type):  # ESM: a module-level GELU function
+        modeling.gelu = lambda t: identity_rule(saved_gelu, t)
     saved_norm = getattr(modeling, "_get_vector_norm", None)
     if saved_norm is not None:  # CLIP: L2 norm of the embeddings written with pow/sum: a norm statistic
         modeling._get_vector_norm = lambda t: saved_norm(t.detach())
@@ -327,6 +330,8 @@ def lrp_patched(model, composite: str = "attnlrp"):
             modeling.eager_attention_forward = saved_attention
         if saved_norm is not None:
             modeling._get_vector_norm = saved_norm
+        if callable(saved_gelu) and not isinstance(saved_gelu, type):
+            modeling.gelu = saved_gelu
 
 
 def torch_relevance(model_cls: str, pt_dir, input_ids, attention_mask=None, position_ids=None, positions=None,
