@@ -226,6 +226,8 @@ FAMILIES.update({
         image_size=[32, 32], num_labels=3, patch_size=[3, 3], patch_stride=[2, 2], patch_padding=[1, 1], embed_dim=8,
         num_heads=[1, 2], depths=[1, 1], query_stride=[2, 2], masked_unit_size=[4, 4],
         masked_unit_attention=[True, False], num_query_pool=1)),
+    "yolos": ("YolosConfig", "YolosForObjectDetection", "object-detection", dict(
+        _VIS, image_size=[16, 16], num_detection_tokens=3)),
     # audio: waveform (GroupNorm feature extractor, weight-normed conv positions) and spectrogram patches
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", "audio-classification", dict(
         vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -27,7 +27,7 @@ DECODERS = ["opt", "bloom", "falcon", "falcon_mqa", "falcon_alibi", "gpt_neox", 
             "nemotron", "glm", "mpt", "gpt_oss", "deepseek_v3",
             "llama_cls", "gpt2_cls", "bloom_cls", "gpt_neox_cls", "qwen2_tok", "qwen3_fe"]
 VISION = ["deit", "beit", "swin", "convnext", "clip_vision", "siglip_vision", "segformer", "poolformer", "resnet",
-          "mobilenet_v2", "swinv2", "convnextv2", "data2vec_vision", "vit_msn", "mobilevit", "levit", "hiera", "clip",
+          "mobilenet_v2", "swinv2", "convnextv2", "data2vec_vision", "vit_msn", "mobilevit", "levit", "hiera", "yolos", "clip",
           "wav2vec2", "ast"]
 # the export traces transformers' SDPA path; its eager Falcon-ALiBi path computes slightly different logits
 REFERENCE_ATTN = {"falcon_alibi": "sdpa"}
