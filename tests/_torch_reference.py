@@ -131,6 +131,22 @@ def _mixtral_expert_forward(self, x):
     return self.w2(half(identity_rule(self.act_fn, self.w1(x)) * self.w3(x)))
 
 
+def _gpt_oss_experts_forward(self, hidden, router_indices=None, routing_weights=None):
+    """GPT-OSS experts: ``(clamp(up) + 1) * glu(clamp(gate))`` with ``glu(g) = g * sigmoid(alpha g)``, weighted by
+    the routing scores (0 for experts not selected): identity rule on the clamps and the GLU, products halved."""
+    x = hidden.reshape(-1, self.hidden_size)
+    out = torch.zeros_like(x)
+    for e in range(routing_weights.shape[1]):
+        gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        gate = identity_rule(lambda t: t.clamp(max=self.limit), gate_up[..., ::2])
+        up = identity_rule(lambda t: t.clamp(-self.limit, self.limit), gate_up[..., 1::2])
+        glu = identity_rule(lambda t: t * torch.sigmoid(t * self.alpha), gate)
+        y = half((up + 1) * glu) @ self.down_proj[e] + self.down_proj_bias[e]
+        w = routing_weights[:, e, None]
+        out = out + (y * w.detach() if self._lrp_cp else half(y * w))
+    return out.reshape(hidden.shape)
+
+
 def _t5_gated_forward(self, x):
     """T5 v1.1 ``DenseGatedActDense``: ``wo(act(wi_0 x) * wi_1 x)``."""
     return self.wo(half(identity_rule(self.act, self.wi_0(x)) * self.wi_1(x)))
@@ -265,7 +281,12 @@ def _make_attention(cp: bool):
             scores = identity_rule(lambda s: torch.tanh(s / softcap) * softcap, scores)
         if attention_mask is not None:
             scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        sinks = getattr(module, "sinks", None)  # GPT-OSS: one constant logit per head joins the softmax
+        if sinks is not None:
+            scores = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], dim=-1)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if sinks is not None:
+            probs = probs[..., :-1]
         with torch._C.DisableTorchFunction():
             out = torch.matmul(probs, value)
         out = out if cp else half(out)
@@ -304,6 +325,8 @@ def lrp_patched(model, composite: str = "attnlrp"):
                 not isinstance(m, torch.nn.LayerNorm) or getattr(m, "data_format", None) == "channels_first"):
             m._lrp_orig = m.forward
             m.forward = types.MethodType(_custom_layer_norm_forward, m)
+        elif hasattr(m, "gate_up_proj") and hasattr(m, "alpha") and hasattr(m, "limit"):
+            m.forward = types.MethodType(_gpt_oss_experts_forward, m)
         elif hasattr(m, "down_proj") and (hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj")):
             m.forward = types.MethodType(_gated_mlp_forward, m)
         elif hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m, "top_k"):
