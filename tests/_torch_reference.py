@@ -147,6 +147,27 @@ def _gpt_oss_experts_forward(self, hidden, router_indices=None, routing_weights=
     return out.reshape(hidden.shape)
 
 
+def _deepseek_router_forward(self, hidden):
+    """DeepSeek-V3 router: sigmoid scores (identity rule), grouped top-k (constant), renormalised top-k weights
+    ``w * (1 / sum w)`` (uniform rule, identity on the reciprocal), routed scaling factor."""
+    scores = identity_rule(torch.sigmoid, F.linear(hidden.reshape(-1, self.config.hidden_size), self.weight))
+    idx = self.get_topk_indices(scores)
+    w = scores.gather(1, idx)
+    if self.norm_topk_prob:
+        w = half(w * identity_rule(torch.reciprocal, w.sum(-1, keepdim=True) + 1e-20))
+    return idx, w * self.routed_scaling_factor
+
+
+def _deepseek_moe(self, hidden, topk_indices, topk_weights):
+    """DeepSeek-V3 routed experts: expert output x routing weight halved (detached weight under CP-LRP)."""
+    out = torch.zeros_like(hidden)
+    for e, expert in enumerate(self.experts):
+        we = (topk_weights * (topk_indices == e).to(topk_weights.dtype)).sum(-1, keepdim=True)
+        y = expert(hidden)
+        out = out + (y * we.detach() if self._lrp_cp else half(y * we))
+    return out
+
+
 def _t5_gated_forward(self, x):
     """T5 v1.1 ``DenseGatedActDense``: ``wo(act(wi_0 x) * wi_1 x)``."""
     return self.wo(half(identity_rule(self.act, self.wi_0(x)) * self.wi_1(x)))
@@ -325,6 +346,10 @@ def lrp_patched(model, composite: str = "attnlrp"):
                 not isinstance(m, torch.nn.LayerNorm) or getattr(m, "data_format", None) == "channels_first"):
             m._lrp_orig = m.forward
             m.forward = types.MethodType(_custom_layer_norm_forward, m)
+        elif hasattr(m, "get_topk_indices") and hasattr(m, "routed_scaling_factor"):
+            m.forward = types.MethodType(_deepseek_router_forward, m)
+        elif hasattr(m, "moe") and hasattr(m, "shared_experts"):
+            m.moe = types.MethodType(_deepseek_moe, m)
         elif hasattr(m, "gate_up_proj") and hasattr(m, "alpha") and hasattr(m, "limit"):
             m.forward = types.MethodType(_gpt_oss_experts_forward, m)
         elif hasattr(m, "down_proj") and (hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj")):
