@@ -276,3 +276,15 @@ def test_batch_norm_inference_is_affine():
         if xt.grad is None:
             (y * torch.tensor(w)).sum().backward()
         np.testing.assert_allclose(rel, x * xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_gather_nd_is_its_vjp(batch_dims):
+    """GatherND on the relevance path (the dynamo export of Falcon's fused QKV split), repeated and negative
+    addresses included: ``x * J^T w`` with ``J`` probed from onnxruntime."""
+    from _graphs import f32, node
+
+    x = f32(2, 4, 3, seed=13)
+    idx = np.array([[[1], [-1], [1]], [[0], [2], [3]]]) if batch_dims else np.array([[[1, 2], [0, 0]], [[1, 2], [-1, 1]]])
+    rel, w, m = _op_relevance(node("GatherND", ["x", "i"], ["y"], batch_dims=batch_dims), x, inits={"i": idx})
+    np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-5, atol=1e-6)

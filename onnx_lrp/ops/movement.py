@@ -1,7 +1,7 @@
 """Data movement: relevance is routed exactly backwards (inverse indexing; a broadcast sums).
 
 Reshape, Flatten, Squeeze, Unsqueeze, Identity, Cast, Dropout, Neg, Transpose, Expand, Slice, Gather,
-GatherElements, Concat, Split, Tile, Pad, ScatterND, ScatterElements, TopK (values).
+GatherElements, GatherND, Concat, Split, Tile, Pad, ScatterND, ScatterElements, TopK (values).
 All rules are the plain vector-Jacobian product of the op; ``env.lead`` counts leading target axes.
 """
 from __future__ import annotations
@@ -108,6 +108,31 @@ def gather(ctx: OpContext):
             gx[index] = g
         else:
             scatter_add(xp, gx, index, g)
+        return [gx, None]
+
+    return back
+
+
+@register("GatherND")
+def gather_nd(ctx: OpContext):
+    """``y[b.., i..] = data[b.., indices[b.., i.., :]]`` (``batch_dims`` leading axes shared): the gradient is
+    scattered back to the addressed entries (repeated addresses accumulate)."""
+    if ctx.carrying(1):
+        raise ctx.fail("carrying indices are not supported")
+    sx, vi = ctx.shape(ctx.input(0)), ctx.value(ctx.input(1))
+    nb = int(ctx.attr("batch_dims", 0))
+    xp = ctx.xp
+
+    def back(env, gy):
+        g = gy[0]
+        shape = env.shape(sx)
+        idx = xp.asarray(env[vi]).astype(np.int64)
+        k = idx.shape[-1]
+        grid = idx.shape[:-1]  # batch axes + gathered positions
+        batch = [xp.arange(shape[j]).reshape((-1,) + (1,) * (len(grid) - j - 1)) for j in range(nb)]
+        addr = [xp.where(idx[..., j] < 0, idx[..., j] + shape[nb + j], idx[..., j]) for j in range(k)]
+        gx = _zeros(env, g, shape)
+        scatter_add(xp, gx, (slice(None),) * env.lead + tuple(batch) + tuple(addr), g)
         return [gx, None]
 
     return back
