@@ -233,6 +233,15 @@ FAMILIES.update({
         vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         conv_dim=[8, 8], conv_stride=[5, 2], conv_kernel=[10, 3], num_conv_pos_embeddings=4,
         num_conv_pos_embedding_groups=2, num_labels=3, classifier_proj_size=8, feat_extract_norm="group")),
+    "sew": ("SEWConfig", "SEWForSequenceClassification", "audio-classification", dict(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=[8, 8], conv_stride=[5, 2], conv_kernel=[10, 3], num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, num_labels=3, classifier_proj_size=8, squeeze_factor=2)),
+    "wavlm": ("WavLMConfig", "WavLMForSequenceClassification", "audio-classification", dict(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=[8, 8], conv_stride=[5, 2], conv_kernel=[10, 3], num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, num_labels=3, classifier_proj_size=8, feat_extract_norm="layer",
+        num_buckets=16, max_bucket_distance=32)),
     "ast": ("ASTConfig", "ASTForAudioClassification", "audio-classification", dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=4,
         frequency_stride=4, time_stride=4, max_length=16, num_mel_bins=8, num_labels=3)),

@@ -28,13 +28,16 @@ DECODERS = ["opt", "bloom", "falcon", "falcon_mqa", "falcon_alibi", "gpt_neox", 
             "llama_cls", "gpt2_cls", "bloom_cls", "gpt_neox_cls", "qwen2_tok", "qwen3_fe"]
 VISION = ["deit", "beit", "swin", "convnext", "clip_vision", "siglip_vision", "segformer", "poolformer", "resnet",
           "mobilenet_v2", "swinv2", "convnextv2", "data2vec_vision", "vit_msn", "mobilevit", "levit", "hiera", "yolos", "clip",
-          "wav2vec2", "ast"]
+          "wav2vec2", "sew", "wavlm", "ast"]
 # the export traces transformers' SDPA path; its eager Falcon-ALiBi path computes slightly different logits
 REFERENCE_ATTN = {"falcon_alibi": "sdpa"}
 # Gradient x Input of these tiny models is ill-conditioned in float32 (token relevance 1e-5 of the output, with
 # cancellations): our own float64 result is 2.5e-3 (DeBERTa-v2) / 1.8e-3 (ModernBERT) from our float32 one, and
 # 1.7e-3 / 8.5e-4 from torch's float32 (measured); AttnLRP is not affected and keeps TOL
 GXI_TOL = {"deberta_v2": 1e-2, "modernbert": 1e-2}
+# no AttnLRP reference: WavLM's attention is torch's F.multi_head_attention_forward, which the reference cannot
+# patch (its input-dependent gated relative position bias is checked through Gradient x Input)
+GXI_ONLY = {"wavlm"}
 # ReLU networks without attention or norm statistics that matter: AttnLRP equals Gradient x Input
 RULES_ARE_GRADIENT = {"resnet", "mobilenet_v2"}
 # tokens mix their neighbours before attention (MobileBERT's trigram embedding, ConvBERT's span convolution):
@@ -99,6 +102,8 @@ def test_family(family):
         assert rel_err(gxi.relevance[src], r.reshape(gxi.relevance[src].shape)) <= GXI_TOL.get(family, TOL)
     if "attention_mask" in feeds and family not in MIXES_PADDING:
         assert np.all(res.relevance["input_ids"][feeds["attention_mask"] == 0] == 0)
+    if family in GXI_ONLY:
+        return
     ref = _reference(family, "attnlrp")
     for src, r in ref["relevance"].items():
         r = r.reshape(res.relevance[src].shape)
