@@ -252,6 +252,13 @@ FAMILIES.update({
     "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", "text2text-generation", dict(_S2S)),
     "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", "text2text-generation", dict(_S2S)),
     "blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration", "text2text-generation", dict(_S2S)),
+    "mt5": ("MT5Config", "MT5ForConditionalGeneration", "text2text-generation", dict(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0)),
+    "longt5": ("LongT5Config", "LongT5ForConditionalGeneration", "text2text-generation", dict(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, encoder_attention_type="transient-global",
+        local_radius=2, global_block_size=2)),
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", "automatic-speech-recognition", dict(
         _S2S, num_mel_bins=8, max_source_positions=1500, max_target_positions=32, suppress_tokens=[],
         begin_suppress_tokens=[])),

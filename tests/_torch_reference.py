@@ -53,7 +53,7 @@ def identity_rule(fn, x: torch.Tensor) -> torch.Tensor:
 
 def _rms_forward(self, x):
     y = self._lrp_orig(x)
-    return forward_of(y, x * (y / x).detach())
+    return forward_of(y, x * torch.where(x == 0, 0, y / torch.where(x == 0, 1, x)).detach())  # exact zeros: LongT5
 
 
 def _layer_norm_forward(self, x):
@@ -181,7 +181,7 @@ class _InlineRules(TorchFunctionMode):
     ``linalg.vector_norm``, ``F.normalize``: Swin-V2's cosine attention, ConvNeXt-V2's GRN) are constants;
     ``clamp`` (OLMo's ``clip_qkv``) and activations called as functions (Whisper's ``F.gelu``) take the identity
     rule. With ``products`` (not under CP-LRP): every matrix product of two tensors that both carry gradient
-    (``matmul``, ``@``, ``bmm``, the product in ``baddbmm``, ``F.scaled_dot_product_attention`` written out:
+    (``matmul``, ``@``, ``bmm``, two-operand ``einsum``, the product in ``baddbmm``, SDPA written out:
     attention written inline by T5, Falcon, BLOOM, RoBERTa, ..., and products outside attention such as CLIP's
     text x image logits) gets half of it, and ``torch.tanh`` the identity rule. ``eager_attention_forward``
     (replaced by :func:`_make_attention`) halves its own products.
@@ -226,6 +226,10 @@ class _InlineRules(TorchFunctionMode):
             if not (b1.requires_grad and b2.requires_grad):
                 return func(*args, **kwargs)
             return kwargs.get("beta", 1) * inp + kwargs.get("alpha", 1) * half(torch.bmm(b1, b2))
+        if func is torch.einsum:  # LongT5 attention: a product of n carrying operands, each gets 1/n
+            ops = args[1:] if len(args) > 2 else args[1]
+            y, n = func(*args, **kwargs), sum(o.requires_grad for o in ops)
+            return forward_of(y, y / n) if n >= 2 else y
         if func in (torch.tanh, torch.Tensor.tanh) and args[0].requires_grad:
             return identity_rule(torch.tanh, args[0])
         if func is F.scaled_dot_product_attention:
@@ -337,7 +341,7 @@ def lrp_patched(model, composite: str = "attnlrp"):
     for m in model.modules():
         name = type(m).__name__
         m._lrp_cp = cp
-        if name.endswith("RMSNorm") or name == "T5LayerNorm":
+        if name.endswith("RMSNorm") or name.endswith("T5LayerNorm"):  # T5, mT5, LongT5: RMS norms
             m._lrp_orig = m.forward
             m.forward = types.MethodType(_rms_forward, m)
         elif type(m).forward is torch.nn.LayerNorm.forward:

@@ -112,7 +112,7 @@ def test_family(family):
             assert rel_err(gxi.relevance[src], r) > 10 * TOL
 
 
-SEQ2SEQ = ["bart", "marian", "mbart", "pegasus", "m2m_100", "blenderbot", "whisper"]
+SEQ2SEQ = ["bart", "marian", "mbart", "pegasus", "m2m_100", "blenderbot", "mt5", "longt5", "whisper"]
 
 
 @pytest.mark.parametrize("family", SEQ2SEQ)
@@ -293,3 +293,14 @@ def test_gather_nd_is_its_vjp(batch_dims):
     idx = np.array([[[1], [-1], [1]], [[0], [2], [3]]]) if batch_dims else np.array([[[1, 2], [0, 0]], [[1, 2], [-1, 1]]])
     rel, w, m = _op_relevance(node("GatherND", ["x", "i"], ["y"], batch_dims=batch_dims), x, inits={"i": idx})
     np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-5, atol=1e-6)
+
+
+def test_einsum_with_ellipsis_is_its_vjp():
+    """Einsum with ``...`` (LongT5's local attention ``...hqk,...khd->...qhd``), one carrying operand."""
+    from _graphs import f32, node
+
+    x = f32(2, 3, 4, 5, 6, seed=14)  # (..., h, q, k)
+    v = f32(2, 3, 6, 4, 7, seed=15)  # (..., k, h, d)
+    rel, w, m = _op_relevance(node("Einsum", ["x", "v"], ["y"], equation="...hqk,...khd->...qhd"), x,
+                              inits={"v": v})
+    np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-4, atol=1e-6)

@@ -337,14 +337,15 @@ def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
 @register("Einsum")
 def einsum(ctx: OpContext):
     """Einsum: linear in each operand. One carrying operand: plain VJP (eps-LRP, eps=0); several: the uniform
-    rule (each gets its gradient / N). Leading target axes ride along as an extra index of ``G``."""
+    rule (each gets its gradient / N). Leading target axes ride along as an extra index of ``G``; an ellipsis
+    is spelled out with spare letters once the operand ranks are known."""
     eq = ctx.attr("equation")
     eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
     lhs, out_spec = eq.split("->") if "->" in eq else (eq, None)
     specs = lhs.split(",")
-    if out_spec is None or any("..." in s for s in specs + [out_spec]):
-        raise ctx.fail(f"Einsum {eq!r}: implicit output or ellipsis is not supported")
-    if any(len(set(s)) != len(s) for s in specs):
+    if out_spec is None:
+        raise ctx.fail(f"Einsum {eq!r}: implicit output is not supported")
+    if any(len(set(s.replace("...", ""))) != len(s.replace("...", "")) for s in specs):
         raise ctx.fail(f"Einsum {eq!r}: repeated indices within an operand (diagonals) are not supported")
     carry = [ctx.carrying(k) for k in range(len(specs))]
     n = sum(carry)
@@ -353,19 +354,30 @@ def einsum(ctx: OpContext):
     names = [ctx.value(i) if not carry[k] or n > 1 else None for k, i in enumerate(ctx.node.inputs)]
     shapes = [ctx.shape(i) for i in ctx.node.inputs]
     free = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    spare = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq and c != free]
     xp = ctx.xp
+
+    def spelled(ranks: list[int]) -> tuple[list[str], str]:
+        """``specs``/``out_spec`` with each ``...`` replaced by letters (right-aligned, as broadcasting)."""
+        if "..." not in eq:
+            return specs, out_spec
+        ell = {k: ranks[k] - (len(s) - 3) for k, s in enumerate(specs) if "..." in s}
+        letters = "".join(spare[: max(ell.values())])
+        sp = [s.replace("...", letters[len(letters) - ell[k]:]) if k in ell else s for k, s in enumerate(specs)]
+        return sp, out_spec.replace("...", letters)
 
     def back(env, gy):
         g = gy[0]
         lead = free if env.lead else ""
-        out = [None] * len(specs)
-        for k, spec in enumerate(specs):
+        sp, osp = spelled([len(env.shape(s)) for s in shapes])
+        out = [None] * len(sp)
+        for k, spec in enumerate(sp):
             if not carry[k] or not weight_of.get(k):
                 continue
-            others = [j for j in range(len(specs)) if j != k]
-            seen = set(out_spec) | {c for j in others for c in specs[j]}
+            others = [j for j in range(len(sp)) if j != k]
+            seen = set(osp) | {c for j in others for c in sp[j]}
             kept = "".join(c for c in spec if c in seen)
-            sub = ",".join([lead + out_spec] + [specs[j] for j in others]) + "->" + lead + kept
+            sub = ",".join([lead + osp] + [sp[j] for j in others]) + "->" + lead + kept
             r = xp.einsum(sub, g, *[env[names[j]] for j in others])
             shape = env.shape(shapes[k])
             if kept != spec:  # indices summed inside this operand alone: the gradient is constant along them
