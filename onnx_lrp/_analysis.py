@@ -52,6 +52,11 @@ REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+# ops that move token ids without computing new ones, and which of their inputs hold the ids (``None``: all)
+ID_ROUTE_OPS: dict[str, tuple[int, ...] | None] = {
+    **{op: (0,) for op in ID_CHAIN_OPS}, "Slice": (0,), "Expand": (0,), "Tile": (0,), "Transpose": (0,),
+    "Pad": (0,), "Gather": (0,), "Concat": None, "Where": (1, 2), "ScatterND": (0, 2), "ScatterElements": (0, 2),
+}
 EXCLUDED_ID_INPUTS = ("position", "cache_position")
 
 
@@ -84,6 +89,7 @@ class Analysis:
     unsupported: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     composite: Composite | None = None  # for fused ops that apply several kinds' rules inside one node
+    token_inputs: set[str] = field(default_factory=set)  # id inputs that receive routed token relevance
 
 
 def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str, str], set[str]]:
@@ -121,6 +127,44 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
             sources[n.outputs[0]] = origin
             id_sources.add(n.outputs[0])
     return sources, id_sources
+
+
+def _route_inputs(node: Node) -> list[str]:
+    spec = ID_ROUTE_OPS[node.op_type]
+    return [t for k, t in enumerate(node.inputs) if t and (spec is None or k in spec)]
+
+
+def find_routed_ids(graph: Graph, sources: dict[str, str], names: list[str] | None = None
+                    ) -> tuple[set[str], set[str]]:
+    """Embedding lookups whose ids are an integer input moved around (BART's decoder ids: the input shifted right
+    with a start token, ``Slice``/``ScatterND``/``Where``): (their outputs, the id tensors on the way).
+
+    The token relevance ``(e * G).sum(-1)`` of such a lookup is routed back to the input positions through the
+    moves (plain VJP of each move; constants put in, like the start token, receive nothing).
+    """
+    wanted = {i.name for i in graph.inputs if i.is_int and (names is None or i.name in names)
+              and not any(x in i.name for x in EXCLUDED_ID_INPUTS)}
+    reach = set(wanted)  # int tensors that are ids moved from a wanted input
+    for n in graph.nodes:
+        if n.op_type in ID_ROUTE_OPS and n.domain in ("", "ai.onnx") and n.outputs:
+            ins = _route_inputs(n)
+            if any(t in reach for t in ins):  # other operands (a start token, zeros) are constants for the rules
+                reach.add(n.outputs[0])
+    routed, chain, stack = set(), set(), []
+    for n in graph.nodes:
+        if (n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.inputs[0] in graph.static
+                and n.outputs[0] not in sources and n.inputs[1] in reach):
+            routed.add(n.outputs[0])
+            stack.append(n.inputs[1])
+    while stack:
+        t = stack.pop()
+        if t in chain or t not in reach:
+            continue
+        chain.add(t)
+        p = graph.producer.get(t)
+        if p is not None:
+            stack.extend(_route_inputs(p))
+    return routed, chain
 
 
 def _id_origin(graph: Graph, tensor: str) -> str | None:
@@ -226,10 +270,12 @@ def analyse(
             f"{graph.source}: found no relevance source: no float input and no embedding lookup "
             f"(Gather of a weight table by an integer input); inputs: {[i.name for i in graph.inputs]}"
         )
+    routed, chain = find_routed_ids(graph, src, sources) if composite.name != "gradient" else (set(), set())
+    token_inputs = {t for t in chain if t in graph.input_names}
     detached: set[str] = set()
     unsupported: dict[str, list[str]] = {}
     for _ in range(8):
-        carrying = propagate(graph, src, detached)
+        carrying = propagate(graph, {**src, **{t: t for t in routed}}, detached) | chain
         kinds: dict[str, str] = {}
         rules: dict[str, Rule] = {}
         new_detached: set[str] = set()
@@ -264,7 +310,7 @@ def analyse(
     if unsupported:
         notes.append("treated as constants (no rule): " + ", ".join(sorted(unsupported)))
     return Analysis(src, id_src, carrying, kinds, rules, regions, region_of, detached, unsupported, notes,
-                    composite)
+                    composite, token_inputs)
 
 
 # ---------------------------------------------------------------------------------------------- regions

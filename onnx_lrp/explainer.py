@@ -415,6 +415,10 @@ class Explainer:
                 relevance[inp] = relevance.get(inp, 0) + tok
             else:
                 relevance[inp] = relevance.get(inp, 0) + r
+        for inp in self.analysis.token_inputs:  # token relevance routed back from moved ids (already relevance)
+            g = grads.get(inp)
+            if g is not None:
+                relevance[inp] = relevance.get(inp, 0) + g
         rel = {k: _batch_first(v, lead) for k, v in relevance.items()}
         emb = {k: _batch_first(v, lead) for k, v in emb.items()}
         return rel, emb

@@ -259,6 +259,8 @@ FAMILIES.update({
         vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, encoder_attention_type="transient-global",
         local_radius=2, global_block_size=2)),
+    # BART as a classifier: the decoder reads the input ids shifted right (moved ids, see find_routed_ids)
+    "bart_cls": ("BartConfig", "BartForSequenceClassification", "text-classification", dict(_S2S, num_labels=3)),
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", "automatic-speech-recognition", dict(
         _S2S, num_mel_bins=8, max_source_positions=1500, max_target_positions=32, suppress_tokens=[],
         begin_suppress_tokens=[])),

@@ -304,3 +304,36 @@ def test_einsum_with_ellipsis_is_its_vjp():
     rel, w, m = _op_relevance(node("Einsum", ["x", "v"], ["y"], equation="...hqk,...khd->...qhd"), x,
                               inits={"v": v})
     np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("composite", ["gradient-x-input", "attnlrp"])
+def test_bart_classifier_routes_shifted_decoder_ids(composite):
+    """BART classification feeds ``input_ids`` to the encoder AND, shifted right behind a start token, to the
+    decoder: the decoder lookups' relevance belongs to the input token one position to the left. Reference: both
+    embedding lookups hooked in torch, the decoder's shifted back (position j holds input token j - 1)."""
+    import torch
+    import transformers
+    from _torch_reference import lrp_patched
+
+    pt_dir, path = tiny_model("bart_cls")
+    ids = np.random.RandomState(0).randint(5, 120, (2, 9))
+    mask = np.ones_like(ids)
+    ids[:, -1], ids[1, -4], ids[1, -1], mask[1, -3:] = 2, 2, 5, 0  # one eos per row (BART pools at it)
+    res = Explainer(path, composite=composite).explain({"input_ids": ids, "attention_mask": mask})
+    model = transformers.BartForSequenceClassification.from_pretrained(str(pt_dir), attn_implementation="eager")
+    held = []
+
+    def hook(module, args, out):
+        held.append(out.detach().requires_grad_())
+        return held[-1]
+
+    for emb in (model.model.encoder.embed_tokens, model.model.decoder.embed_tokens):
+        emb.register_forward_hook(hook)
+    with lrp_patched(model.eval(), composite) if composite == "attnlrp" else torch.enable_grad():
+        y = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+        y[torch.arange(2), torch.tensor(res.target)].sum().backward()
+    enc, dec = [(h * h.grad).sum(-1).detach().double().numpy() for h in held]
+    ref = enc.copy()
+    ref[:, :-1] += dec[:, 1:]
+    assert rel_err(res.relevance["input_ids"], ref) <= TOL
+    assert rel_err(res.relevance["input_ids"], enc) > 30 * TOL  # the decoder side matters

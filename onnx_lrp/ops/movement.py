@@ -89,9 +89,16 @@ def slice_(ctx: OpContext):
 
 @register("Gather")
 def gather(ctx: OpContext):
-    """Selection by indices: ``G_data[.., idx, ..] += G_y`` (repeated indices accumulate)."""
+    """Selection by indices: ``G_data[.., idx, ..] += G_y`` (repeated indices accumulate).
+
+    An embedding lookup whose ids are routed from an input (BART's shifted decoder ids, see
+    :func:`onnx_lrp._analysis.find_routed_ids`) passes the token relevance ``(y * G_y).sum(-1)`` to the ids,
+    which the moves before it route back to the input positions."""
     if ctx.carrying(1):
-        raise ctx.fail("carrying indices are not supported")
+        if ctx.carrying(0) or int(ctx.attr("axis", 0)) != 0:
+            raise ctx.fail("carrying indices are supported only for an embedding lookup (constant table, axis 0)")
+        vy = ctx.value(ctx.node.outputs[0])
+        return lambda env, gy: [None, (env[vy] * gy[0]).sum(-1)]
     sx, vi = ctx.shape(ctx.input(0)), ctx.value(ctx.input(1))
     axis = int(ctx.attr("axis", 0))
     xp = ctx.xp
