@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import onnx
@@ -270,7 +271,13 @@ def analyse(
             f"{graph.source}: found no relevance source: no float input and no embedding lookup "
             f"(Gather of a weight table by an integer input); inputs: {[i.name for i in graph.inputs]}"
         )
-    routed, chain = find_routed_ids(graph, src, sources) if composite.name != "gradient" else (set(), set())
+    routed, chain = find_routed_ids(graph, src, sources)
+    route_note = []
+    if routed and composite.name == "gradient":  # a gradient vector per token cannot be routed like relevance
+        route_note = [f"{graph.source}: the gradient preset does not report embedding lookups of moved ids "
+                      f"(e.g. a decoder reading the input shifted): {sorted(routed)}"]
+        warnings.warn(route_note[0], stacklevel=3)
+        routed, chain = set(), set()
     token_inputs = {t for t in chain if t in graph.input_names}
     detached: set[str] = set()
     unsupported: dict[str, list[str]] = {}
@@ -306,7 +313,7 @@ def analyse(
         del kinds[name], rules[name]
     regions = find_unary_regions(graph, carrying, kinds, rules, composite)
     region_of = {n.name: r.name for r in regions.values() for n in r.nodes}
-    notes = [f"{len(regions)} unary region(s)"] if regions else []
+    notes = ([f"{len(regions)} unary region(s)"] if regions else []) + route_note
     if unsupported:
         notes.append("treated as constants (no rule): " + ", ".join(sorted(unsupported)))
     return Analysis(src, id_src, carrying, kinds, rules, regions, region_of, detached, unsupported, notes,
