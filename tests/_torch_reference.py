@@ -205,8 +205,7 @@ class _InlineRules(TorchFunctionMode):
         if func is F.group_norm and args[0].requires_grad:
             return _group_norm_detached(*args, **kwargs)
         if func is F.normalize and args[0].requires_grad:
-            p, dim, eps = (list(args[1:]) + [kwargs.get("p", 2.0), kwargs.get("dim", 1), kwargs.get("eps", 1e-12)][len(args) - 1:])[:3]
-            return args[0] / args[0].detach().norm(p, dim, keepdim=True).clamp_min(eps)
+            return _normalize_detached(*args, **kwargs)
         if func in self._NORMS and args[0].requires_grad:  # a norm statistic (ConvNeXt-V2's GRN)
             with torch.no_grad():
                 return func(*args, **kwargs)
@@ -245,6 +244,10 @@ def _layer_norm_detached(x, shape, weight=None, bias=None, eps=1e-5):
     if weight is not None:
         y = y * weight
     return y + bias if bias is not None else y
+
+
+def _normalize_detached(x, p=2.0, dim=1, eps=1e-12, out=None):
+    return x / x.detach().norm(p, dim, keepdim=True).clamp_min(eps)
 
 
 def _group_norm_detached(x, groups, weight=None, bias=None, eps=1e-5):
@@ -457,8 +460,8 @@ def torch_seq2seq_relevance(model_cls: str, pt_dir, input_ids, attention_mask, d
     kw = {} if attention_mask is None else {"attention_mask": torch.as_tensor(np.asarray(attention_mask))}
     try:
         with lrp_patched(model):
-            logits = model(**{encoder_input: src}, **kw, decoder_input_ids=torch.as_tensor(np.asarray(decoder_input_ids)),
-                           use_cache=False).logits
+            dec_ids = torch.as_tensor(np.asarray(decoder_input_ids))
+            logits = model(**{encoder_input: src}, **kw, decoder_input_ids=dec_ids, use_cache=False).logits
             B = logits.shape[0]
             rows = logits[torch.arange(B), torch.as_tensor(np.asarray(positions))]
             rows[torch.arange(B), torch.as_tensor(np.asarray(targets))].sum().backward()

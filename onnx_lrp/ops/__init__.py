@@ -20,6 +20,8 @@ module                 op types
 Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).
 """
 from ._base import REGISTRY, OpContext, register
-from . import activation, elementwise, fused, linear, movement, normalization, pooling, reduction, resize, softmax  # noqa: F401
+from . import (  # noqa: F401
+    activation, elementwise, fused, linear, movement, normalization, pooling, reduction, resize, softmax,
+)
 
 __all__ = ["REGISTRY", "OpContext", "register"]
