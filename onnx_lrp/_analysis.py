@@ -56,7 +56,8 @@ ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"
 # ops that move token ids without computing new ones, and which of their inputs hold the ids (``None``: all)
 ID_ROUTE_OPS: dict[str, tuple[int, ...] | None] = {
     **{op: (0,) for op in ID_CHAIN_OPS}, "Slice": (0,), "Expand": (0,), "Tile": (0,), "Transpose": (0,),
-    "Pad": (0,), "Gather": (0,), "Concat": None, "Where": (1, 2), "ScatterND": (0, 2), "ScatterElements": (0, 2),
+    "Pad": (0,), "Gather": (0,), "GatherElements": (0,), "GatherND": (0,), "Concat": None, "Where": (1, 2),
+    "ScatterND": (0, 2), "ScatterElements": (0, 2),
 }
 EXCLUDED_ID_INPUTS = ("position", "cache_position")
 

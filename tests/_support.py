@@ -261,6 +261,8 @@ FAMILIES.update({
         local_radius=2, global_block_size=2)),
     # BART as a classifier: the decoder reads the input ids shifted right (moved ids, see find_routed_ids)
     "bart_cls": ("BartConfig", "BartForSequenceClassification", "text-classification", dict(_S2S, num_labels=3)),
+    # mBART: the last non-pad token (its language id) wrapped around to the front (GatherElements)
+    "mbart_cls": ("MBartConfig", "MBartForSequenceClassification", "text-classification", dict(_S2S, num_labels=3)),
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", "automatic-speech-recognition", dict(
         _S2S, num_mel_bins=8, max_source_positions=1500, max_target_positions=32, suppress_tokens=[],
         begin_suppress_tokens=[])),

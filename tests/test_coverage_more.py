@@ -313,21 +313,28 @@ def test_einsum_with_ellipsis_is_its_vjp():
     np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["bart_cls", "mbart_cls"])
 @pytest.mark.parametrize("composite", ["gradient-x-input", "attnlrp"])
-def test_bart_classifier_routes_shifted_decoder_ids(composite):
-    """BART classification feeds ``input_ids`` to the encoder AND, shifted right behind a start token, to the
-    decoder: the decoder lookups' relevance belongs to the input token one position to the left. Reference: both
-    embedding lookups hooked in torch, the decoder's shifted back (position j holds input token j - 1)."""
+def test_classifier_routes_shifted_decoder_ids(family, composite):
+    """BART/mBART classification feeds ``input_ids`` to the encoder AND, shifted right (BART: behind a start
+    token; mBART: the last non-pad token wrapped to the front), to the decoder: each decoder lookup's relevance
+    belongs to the input token it reads. Reference: both embedding lookups hooked in torch; which input position
+    each decoder position reads comes from the modeling file's own ``shift_tokens_right`` applied to position
+    codes."""
+    import importlib
+    import inspect
+
     import torch
     import transformers
     from _torch_reference import lrp_patched
 
-    pt_dir, path = tiny_model("bart_cls")
+    pt_dir, path = tiny_model(family)
     ids = np.random.RandomState(0).randint(5, 120, (2, 9))
     mask = np.ones_like(ids)
-    ids[:, -1], ids[1, -4], ids[1, -1], mask[1, -3:] = 2, 2, 5, 0  # one eos per row (BART pools at it)
+    ids[:, -1], ids[1, -4], mask[1, -3:], ids[1, -3:] = 2, 2, 0, 1  # one eos per row (pooled at), pads = 1
     res = Explainer(path, composite=composite).explain({"input_ids": ids, "attention_mask": mask})
-    model = transformers.BartForSequenceClassification.from_pretrained(str(pt_dir), attn_implementation="eager")
+    cls = getattr(transformers, FAMILIES[family][1])
+    model = cls.from_pretrained(str(pt_dir), attn_implementation="eager")
     held = []
 
     def hook(module, args, out):
@@ -340,7 +347,12 @@ def test_bart_classifier_routes_shifted_decoder_ids(composite):
         y = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
         y[torch.arange(2), torch.tensor(res.target)].sum().backward()
     enc, dec = [(h * h.grad).sum(-1).detach().double().numpy() for h in held]
+    shift = importlib.import_module(cls.__module__).shift_tokens_right
+    codes = torch.where(torch.tensor(ids) == 1, 1, torch.arange(9) + 1000)  # pads stay pads for the shift
+    extra = (2,) if "decoder_start_token_id" in inspect.signature(shift).parameters else ()
+    read = shift(codes, 1, *extra).numpy() - 1000  # input position read by each decoder position (< 0: none)
     ref = enc.copy()
-    ref[:, :-1] += dec[:, 1:]
+    for b, j in zip(*np.nonzero(read >= 0)):
+        ref[b, read[b, j]] += dec[b, j]
     assert rel_err(res.relevance["input_ids"], ref) <= TOL
     assert rel_err(res.relevance["input_ids"], enc) > 30 * TOL  # the decoder side matters
