@@ -155,7 +155,8 @@ def find_routed_ids(graph: Graph, sources: dict[str, str], names: list[str] | No
     routed, chain, stack = set(), set(), []
     for n in graph.nodes:
         if (n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.inputs[0] in graph.static
-                and n.outputs[0] not in sources and n.inputs[1] in reach):
+                and n.outputs[0] not in sources and n.inputs[1] in reach and int(n.attr("axis", 0)) == 0
+                and getattr(graph.constant(n.inputs[0]), "ndim", 0) == 2):  # an embedding table
             routed.add(n.outputs[0])
             stack.append(n.inputs[1])
     while stack:

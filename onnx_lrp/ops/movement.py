@@ -95,8 +95,9 @@ def gather(ctx: OpContext):
     :func:`onnx_lrp._analysis.find_routed_ids`) passes the token relevance ``(y * G_y).sum(-1)`` to the ids,
     which the moves before it route back to the input positions."""
     if ctx.carrying(1):
-        if ctx.carrying(0) or int(ctx.attr("axis", 0)) != 0:
-            raise ctx.fail("carrying indices are supported only for an embedding lookup (constant table, axis 0)")
+        table = ctx.const(0)
+        if ctx.carrying(0) or int(ctx.attr("axis", 0)) != 0 or table is None or table.ndim != 2:
+            raise ctx.fail("carrying indices are supported only for an embedding lookup (constant 2-D table, axis 0)")
         vy = ctx.value(ctx.node.outputs[0])
         return lambda env, gy: [None, (env[vy] * gy[0]).sum(-1)]
     sx, vi = ctx.shape(ctx.input(0)), ctx.value(ctx.input(1))
