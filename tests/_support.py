@@ -228,6 +228,9 @@ FAMILIES.update({
         masked_unit_attention=[True, False], num_query_pool=1)),
     "yolos": ("YolosConfig", "YolosForObjectDetection", "object-detection", dict(
         _VIS, image_size=[16, 16], num_detection_tokens=3)),
+    "regnet": ("RegNetConfig", "RegNetForImageClassification", "image-classification", dict(
+        image_size=32, num_labels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4,
+        layer_type="y")),
     # audio: waveform (GroupNorm feature extractor, weight-normed conv positions) and spectrogram patches
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", "audio-classification", dict(
         vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -31,7 +31,7 @@ DECODERS = ["opt", "bloom", "falcon", "falcon_mqa", "falcon_alibi", "gpt_neox", 
             "llama_cls", "gpt2_cls", "bloom_cls", "gpt_neox_cls", "qwen2_tok", "qwen3_fe"]
 VISION = ["deit", "beit", "swin", "convnext", "clip_vision", "siglip_vision", "segformer", "poolformer", "resnet",
           "mobilenet_v2", "swinv2", "convnextv2", "data2vec_vision", "vit_msn", "mobilevit", "levit", "hiera",
-          "yolos", "clip", "wav2vec2", "sew", "wavlm", "ast"]  # (and audio)
+          "yolos", "regnet", "clip", "wav2vec2", "sew", "wavlm", "ast"]  # (and audio)
 # the export traces transformers' SDPA path; its eager Falcon-ALiBi path computes slightly different logits
 REFERENCE_ATTN = {"falcon_alibi": "sdpa"}
 # Gradient x Input of these tiny models is ill-conditioned in float32 (token relevance 1e-5 of the output, with
@@ -39,8 +39,9 @@ REFERENCE_ATTN = {"falcon_alibi": "sdpa"}
 # 1.7e-3 / 8.5e-4 from torch's float32 (measured); AttnLRP is not affected and keeps TOL
 GXI_TOL = {"deberta_v2": 1e-2, "modernbert": 1e-2}
 # no AttnLRP reference: WavLM's attention is torch's F.multi_head_attention_forward, which the reference cannot
-# patch (its input-dependent gated relative position bias is checked through Gradient x Input)
-GXI_ONLY = {"wavlm"}
+# patch (its input-dependent gated relative position bias is checked through Gradient x Input); RegNet's
+# squeeze-excitation product x * gate(x) is an element-wise product the reference does not halve
+GXI_ONLY = {"wavlm", "regnet"}
 # ReLU networks without attention or norm statistics that matter: AttnLRP equals Gradient x Input
 RULES_ARE_GRADIENT = {"resnet", "mobilenet_v2"}
 # tokens mix their neighbours before attention (MobileBERT's trigram embedding, ConvBERT's span convolution):
