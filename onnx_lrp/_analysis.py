@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,7 +50,8 @@ NONLINEAR = {
 LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulNBits"}
 NORM_OPS = {
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization", "InstanceNormalization",
+    "GroupNormalization",
 }
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
@@ -61,6 +63,12 @@ ROW_MOVEMENT_OPS = ID_CHAIN_OPS | {"Transpose", "Slice", "Split", "Concat", "Exp
 PRODUCT_OPS = {"Mul", "Div", "MatMul", "Gemm", "Einsum"}
 # embedding lookups (table, ids): Gather, and onnxruntime's lookup in an int4 table (onnxruntime-genai)
 EMBEDDING_LOOKUPS = {("Gather", "ai.onnx"), ("GatherBlockQuantized", "com.microsoft")}
+# ops that move token ids without computing new ones, and which of their inputs hold the ids (``None``: all)
+ID_ROUTE_OPS: dict[str, tuple[int, ...] | None] = {
+    **{op: (0,) for op in ID_CHAIN_OPS}, "Slice": (0,), "Expand": (0,), "Tile": (0,), "Transpose": (0,),
+    "Pad": (0,), "Gather": (0,), "GatherElements": (0,), "GatherND": (0,), "Concat": None, "Where": (1, 2),
+    "ScatterND": (0, 2), "ScatterElements": (0, 2),
+}
 
 
 @dataclass
@@ -92,6 +100,7 @@ class Analysis:
     unsupported: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     composite: Composite | None = None  # for fused ops that apply several kinds' rules inside one node
+    token_inputs: set[str] = field(default_factory=set)  # id inputs that receive routed token relevance
 
 
 def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str, str], set[str]]:
@@ -175,6 +184,47 @@ def is_additive_lookup(graph: Graph, lookup: str, data: set[str], others: Callab
             else:
                 return True
     return False
+
+
+def _route_inputs(node: Node) -> list[str]:
+    spec = ID_ROUTE_OPS[node.op_type]
+    return [t for k, t in enumerate(node.inputs) if t and (spec is None or k in spec)]
+
+
+def find_routed_ids(graph: Graph, sources: dict[str, str], names: list[str] | None = None
+                    ) -> tuple[set[str], set[str]]:
+    """Embedding lookups whose ids are an integer input moved around (BART's decoder ids: the input shifted right
+    with a start token, ``Slice``/``ScatterND``/``Where``): (their outputs, the id tensors on the way).
+
+    The token relevance ``(e * G).sum(-1)`` of such a lookup is routed back to the input positions through the
+    moves (plain VJP of each move; constants put in, like the start token, receive nothing).
+    """
+    wanted = {i.name for i in graph.inputs if i.is_int and (names is None or i.name in names)}
+    reach = set(wanted)  # int tensors that are ids moved from a wanted input
+    for n in graph.nodes:
+        if n.op_type in ID_ROUTE_OPS and n.domain in ("", "ai.onnx") and n.outputs:
+            ins = _route_inputs(n)
+            if any(t in reach for t in ins):  # other operands (a start token, zeros) are constants for the rules
+                reach.add(n.outputs[0])
+    lookups = {n.outputs[0]: n.inputs[1] for n in graph.nodes
+               if n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.inputs[0] in graph.static
+               and n.outputs[0] not in sources and n.inputs[1] in reach and int(n.attr("axis", 0)) == 0
+               and getattr(graph.constant(n.inputs[0]), "ndim", 0) == 2}  # an embedding table
+    if lookups and names is None:  # as for sources: only lookups that enter the model as a term (no RoPE tables)
+        candidates = set(sources) | set(lookups)
+        data = propagate(graph, candidates, set())
+        lookups = {t: ids for t, ids in lookups.items()
+                   if is_additive_lookup(graph, t, data, lambda t=t: propagate(graph, candidates - {t}, set()))}
+    routed, chain, stack = set(lookups), set(), list(lookups.values())
+    while stack:
+        t = stack.pop()
+        if t in chain or t not in reach:
+            continue
+        chain.add(t)
+        p = graph.producer.get(t)
+        if p is not None:
+            stack.extend(_route_inputs(p))
+    return routed, chain
 
 
 def _id_origin(graph: Graph, tensor: str) -> str | None:
@@ -280,10 +330,18 @@ def analyse(
             f"{graph.source}: found no relevance source: no float input and no embedding lookup "
             f"(Gather of a weight table by an integer input); inputs: {[i.name for i in graph.inputs]}"
         )
+    routed, chain = find_routed_ids(graph, src, sources)
+    route_note = []
+    if routed and composite.reading == "gradient":  # a gradient vector per token cannot be routed like relevance
+        route_note = [f"{graph.source}: the gradient preset does not report embedding lookups of moved ids "
+                      f"(e.g. a decoder reading the input shifted): {sorted(routed)}"]
+        warnings.warn(route_note[0], stacklevel=3)
+        routed, chain = set(), set()
+    token_inputs = {t for t in chain if t in graph.input_names}
     detached: set[str] = set()
     unsupported: dict[str, list[str]] = {}
     for _ in range(8):
-        carrying = propagate(graph, src, detached)
+        carrying = propagate(graph, {**src, **{t: t for t in routed}}, detached) | chain
         kinds: dict[str, str] = {}
         rules: dict[str, Rule] = {}
         new_detached: set[str] = set()
@@ -314,11 +372,11 @@ def analyse(
         del kinds[name], rules[name]
     regions = find_unary_regions(graph, carrying, kinds, rules, composite)
     region_of = {n.name: r.name for r in regions.values() for n in r.nodes}
-    notes = [f"{len(regions)} unary region(s)"] if regions else []
+    notes = ([f"{len(regions)} unary region(s)"] if regions else []) + route_note
     if unsupported:
         notes.append("treated as constants (no rule): " + ", ".join(sorted(unsupported)))
     return Analysis(src, id_src, carrying, kinds, rules, regions, region_of, detached, unsupported, notes,
-                    composite)
+                    composite, token_inputs)
 
 
 # ---------------------------------------------------------------------------------------------- regions
@@ -394,6 +452,8 @@ def find_unary_regions(
     regions: dict[str, Region] = {}
     singles = {s.name for s, _, names in seeds if len(names) == 1}
     for g in groups:
+        if not any(kinds.get(x) in ("unary", "product") for x in g):
+            continue  # only linear maps and sums (``w * (x * c) + x``): no non-linearity, each op keeps its rule
         region = _make_region(graph, [by_name[x] for x in g], carrying)
         if region is None:  # not unary after all: keep the single non-linearities inside it
             for x in g:

@@ -142,7 +142,7 @@ def compile_plan(
         inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
         plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps, eps_bias))
         reads.append(step_values)
-    plan.keep = set(analysis.sources) | set(collect)
+    plan.keep = set(analysis.sources) | set(collect) | analysis.token_inputs
     for r in reads:
         plan.values |= r
     plan.values.update(analysis.sources)

@@ -293,8 +293,9 @@ class Explainer:
 
     def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
         """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),
-        token_type_ids (zeros), empty past key/values caches; and GroupQueryAttention's ``seqlens_k``
-        (valid lengths - 1, from the mask) and ``total_sequence_length`` where a graph takes them as inputs."""
+        token_type_ids and global_attention_mask (zeros; Longformer), empty past key/values caches; and
+        GroupQueryAttention's ``seqlens_k`` (valid lengths - 1, from the mask) and ``total_sequence_length`` where a
+        graph takes them as inputs."""
         ids = next((feeds[n] for n in ("input_ids", "decoder_input_ids") if n in feeds), None)
         ref = ids if ids is not None else next((v for v in feeds.values() if v.ndim >= 2), None)
         if ref is None:
@@ -308,7 +309,7 @@ class Explainer:
             if name == "attention_mask":
                 past = self._past_length(feeds)
                 feeds[name] = np.ones(lead + (s + past,), dtype=spec.numpy_dtype)
-            elif name == "token_type_ids":
+            elif name in ("token_type_ids", "global_attention_mask"):
                 feeds[name] = np.zeros(lead + (s,), dtype=spec.numpy_dtype)
             elif name.startswith("past") and spec.is_float:
                 dims = [b if k == 0 else (d if isinstance(d, int) and d > 0 else 0) for k, d in enumerate(spec.shape)]
@@ -418,6 +419,10 @@ class Explainer:
                 relevance[inp] = relevance.get(inp, 0) + tok
             else:
                 relevance[inp] = relevance.get(inp, 0) + r
+        for inp in self.analysis.token_inputs:  # token relevance routed back from moved ids (already relevance)
+            g = grads.get(inp)
+            if g is not None:
+                relevance[inp] = relevance.get(inp, 0) + g
         rel = {k: _batch_first(v, lead) for k, v in relevance.items()}
         emb = {k: _batch_first(v, lead) for k, v in emb.items()}
         return rel, emb

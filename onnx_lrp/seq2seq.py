@@ -21,7 +21,8 @@ from .explainer import Explainer, Explanation
 @dataclass
 class Seq2SeqExplanation:
     """``encoder_relevance``/``decoder_relevance``: ``(batch, [targets,] seq)`` token relevance of the encoder
-    and decoder input ids; ``decoder``/``encoder``: the two underlying explanations."""
+    and decoder input ids (an encoder without ``input_ids``, e.g. Whisper: the relevance of its float input, in
+    that input's shape); ``decoder``/``encoder``: the two underlying explanations."""
 
     encoder_relevance: np.ndarray
     decoder_relevance: np.ndarray
@@ -64,8 +65,9 @@ def explain_seq2seq(
     if multi:  # k targets: output_relevance takes them on the leading axis
         g = np.moveaxis(g, 1, 0)
     enc = encoder.explain(encoder_inputs, output=encoder_output, output_relevance=g)
+    main = "input_ids" if "input_ids" in enc.relevance else next(iter(enc.relevance))  # e.g. Whisper's features
     return Seq2SeqExplanation(
-        encoder_relevance=enc.relevance["input_ids"],
+        encoder_relevance=enc.relevance[main],
         decoder_relevance=dec.relevance["input_ids"],
         score=dec.score,
         target=dec.target,

@@ -9,7 +9,8 @@ instance (the module-level attention function is swapped only inside :func:`lrp_
 - norms: the statistic is a constant. RMSNorm-like ``y = f(x)`` (any weight convention, e.g. Gemma's ``1 + w``)
   is linear in ``x`` once ``1/rms`` is fixed, so ``grad_x = grad_y * f(x) / x``; LayerNorm keeps its mean:
   ``y = w * (x - mean(x)) / std(x).detach() + b``;
-- element-wise activations (incl. soft-capping ``c * tanh(s / c)``): identity rule,
+- element-wise activations (incl. soft-capping ``c * tanh(s / c)``, and every activation module: ``ACT2FN``
+  entries, ``nn.GELU``, ``nn.Tanh``, ...): identity rule,
   ``grad_x = grad_y * f(x) / (x + 1e-10)``;
 - products of two relevance-carrying tensors (``Q K^T``, ``A V``, ``act(gate) * up``, expert output * routing
   weight, ``w / sum(w)`` as ``w * (1/sum)``): the product's gradient is halved (uniform rule);
@@ -33,6 +34,7 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 IDENTITY_EPS = 1e-10
 
@@ -55,7 +57,7 @@ def identity_rule(fn, x: torch.Tensor) -> torch.Tensor:
 
 def _rms_forward(self, x):
     y = self._lrp_orig(x)
-    return forward_of(y, x * (y / x).detach())
+    return forward_of(y, x * torch.where(x == 0, 0, y / torch.where(x == 0, 1, x)).detach())  # exact zeros: LongT5
 
 
 def _layer_norm_forward(self, x):
@@ -67,6 +69,36 @@ def _layer_norm_forward(self, x):
     if self.bias is not None:
         y = y + self.bias
     return y
+
+
+def _custom_layer_norm_forward(self, x):
+    """A LayerNorm written out by a modeling file (Cohere, OLMo, ConvNeXt's channels-first): ``std`` detached; checked
+    against the module's own output, so a norm of another form fails loudly instead of giving a wrong reference."""
+    eps = getattr(self, "eps", getattr(self, "variance_epsilon", 1e-5))
+    axis = 1 if getattr(self, "data_format", None) == "channels_first" else -1
+    y = _layer_norm_forward(types.SimpleNamespace(eps=eps, weight=getattr(self, "weight", None),
+                                                  bias=getattr(self, "bias", None)), x.movedim(axis, -1))
+    y = y.movedim(-1, axis)
+    ref = self._lrp_orig(x)
+    if not torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
+        raise NotImplementedError(f"{type(self).__name__} is not a LayerNorm w * (x - mean) / std + b")
+    return y
+
+
+def _activation_forward(self, x):
+    """An activation module (``ACT2FN`` entries, ``nn.GELU``, ``nn.Tanh``, ...): identity rule."""
+    return identity_rule(self._lrp_orig, x)
+
+
+_ACTIVATIONS = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Mish,
+                torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.ELU)
+
+
+def _is_activation(m) -> bool:
+    """Activation modules: torch's, ``transformers.activations`` (``ACT2FN``), and a modeling file's own
+    ``*Gelu`` (BLOOM)."""
+    return (isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
+            or type(m).__name__.lower().endswith("gelu"))
 
 
 def _gated_mlp_forward(self, x):
@@ -135,22 +167,148 @@ def _mixtral_expert_forward(self, x):
     return self.w2(half(identity_rule(self.act_fn, self.w1(x)) * self.w3(x)))
 
 
+def _gpt_oss_experts_forward(self, hidden, router_indices=None, routing_weights=None):
+    """GPT-OSS experts: ``(clamp(up) + 1) * glu(clamp(gate))`` with ``glu(g) = g * sigmoid(alpha g)``, weighted by
+    the routing scores (0 for experts not selected): identity rule on the clamps and the GLU, products halved."""
+    x = hidden.reshape(-1, self.hidden_size)
+    out = torch.zeros_like(x)
+    for e in range(routing_weights.shape[1]):
+        gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        gate = identity_rule(lambda t: t.clamp(max=self.limit), gate_up[..., ::2])
+        up = identity_rule(lambda t: t.clamp(-self.limit, self.limit), gate_up[..., 1::2])
+        glu = identity_rule(lambda t: t * torch.sigmoid(t * self.alpha), gate)
+        y = half((up + 1) * glu) @ self.down_proj[e] + self.down_proj_bias[e]
+        w = routing_weights[:, e, None]
+        out = out + (y * w.detach() if self._lrp_cp else half(y * w))
+    return out.reshape(hidden.shape)
+
+
+def _deepseek_router_forward(self, hidden):
+    """DeepSeek-V3 router: sigmoid scores (identity rule), grouped top-k (constant), renormalised top-k weights
+    ``w * (1 / sum w)`` (uniform rule, identity on the reciprocal), routed scaling factor."""
+    scores = identity_rule(torch.sigmoid, F.linear(hidden.reshape(-1, self.config.hidden_size), self.weight))
+    idx = self.get_topk_indices(scores)
+    w = scores.gather(1, idx)
+    if self.norm_topk_prob:
+        w = half(w * identity_rule(torch.reciprocal, w.sum(-1, keepdim=True) + 1e-20))
+    return idx, w * self.routed_scaling_factor
+
+
+def _deepseek_moe(self, hidden, topk_indices, topk_weights):
+    """DeepSeek-V3 routed experts: expert output x routing weight halved (detached weight under CP-LRP)."""
+    out = torch.zeros_like(hidden)
+    for e, expert in enumerate(self.experts):
+        we = (topk_weights * (topk_indices == e).to(topk_weights.dtype)).sum(-1, keepdim=True)
+        y = expert(hidden)
+        out = out + (y * we.detach() if self._lrp_cp else half(y * we))
+    return out
+
+
 def _t5_gated_forward(self, x):
     """T5 v1.1 ``DenseGatedActDense``: ``wo(act(wi_0 x) * wi_1 x)``."""
     return self.wo(half(identity_rule(self.act, self.wi_0(x)) * self.wi_1(x)))
 
 
-class _HalvedMatmul:
-    """Stands in for the ``torch`` module inside a modeling file whose attention calls ``torch.matmul``
-    directly (T5): a product of two tensors that both carry gradient gets half of it (uniform rule)."""
+class _InlineRules(TorchFunctionMode):
+    """The rules on torch functions, for what module patches cannot reach.
 
-    def __getattr__(self, name):
-        return getattr(torch, name)
+    Always: ``F.layer_norm`` and ``F.group_norm`` keep their mean with ``std`` detached (norms inside a modeling
+    file's own module, e.g. OLMo's, Nemotron's ``1 + w``; ``nn.GroupNorm``); vector norms (``torch.norm``,
+    ``linalg.vector_norm``, ``F.normalize``: Swin-V2's cosine attention, ConvNeXt-V2's GRN) are constants;
+    ``clamp`` (OLMo's ``clip_qkv``) and activations called as functions (Whisper's ``F.gelu``) take the identity
+    rule. With ``products`` (not under CP-LRP): every matrix product of two tensors that both carry gradient
+    (``matmul``, ``@``, ``bmm``, two-operand ``einsum``, the product in ``baddbmm``, SDPA written out:
+    attention written inline by T5, Falcon, BLOOM, RoBERTa, ..., and products outside attention such as CLIP's
+    text x image logits) gets half of it, and ``torch.tanh`` the identity rule. ``eager_attention_forward``
+    (replaced by :func:`_make_attention`) halves its own products.
+    Parameters must not require grad (``lrp_patched`` turns it off), so "carries gradient" means "depends on
+    the input".
+    """
 
-    @staticmethod
-    def matmul(a, b):
-        y = torch.matmul(a, b)
-        return half(y) if a.requires_grad and b.requires_grad else y
+    _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+    _NORMS = (torch.norm, torch.Tensor.norm, torch.linalg.vector_norm)
+    _ACTIVATION_FUNCTIONS = (F.gelu, F.silu, F.relu, F.mish)
+    _CLAMPS = (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_)
+
+    def __init__(self, products: bool):
+        super().__init__()
+        self.products = products
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm and args[0].requires_grad:
+            return _layer_norm_detached(*args, **kwargs)
+        if func is F.group_norm and args[0].requires_grad:
+            return _group_norm_detached(*args, **kwargs)
+        if func is F.normalize and args[0].requires_grad:
+            return _normalize_detached(*args, **kwargs)
+        if func in self._NORMS and args[0].requires_grad:  # a norm statistic (ConvNeXt-V2's GRN)
+            with torch.no_grad():
+                return func(*args, **kwargs)
+        if func in self._ACTIVATION_FUNCTIONS and args[0].requires_grad:
+            return identity_rule(lambda t: func(t, *args[1:], **kwargs), args[0])
+        if func in self._CLAMPS and args[0].requires_grad:
+            y = identity_rule(lambda t: torch.clamp(t, *args[1:], **kwargs), args[0])
+            return args[0].copy_(y) if func is torch.Tensor.clamp_ else y  # in place: the new value's grad is y's
+        if not self.products:
+            return func(*args, **kwargs)
+        if func in self._MATMULS:
+            y = func(*args, **kwargs)
+            return half(y) if args[0].requires_grad and args[1].requires_grad else y
+        if func in (torch.baddbmm, torch.Tensor.baddbmm):
+            inp = args[0]
+            b1, b2 = (args[1], args[2]) if len(args) > 2 else (kwargs["batch1"], kwargs["batch2"])
+            if not (b1.requires_grad and b2.requires_grad):
+                return func(*args, **kwargs)
+            return kwargs.get("beta", 1) * inp + kwargs.get("alpha", 1) * half(torch.bmm(b1, b2))
+        if func is torch.einsum:  # LongT5 attention: a product of n carrying operands, each gets 1/n
+            ops = args[1:] if len(args) > 2 else args[1]
+            y, n = func(*args, **kwargs), sum(o.requires_grad for o in ops)
+            return forward_of(y, y / n) if n >= 2 else y
+        if func in (torch.tanh, torch.Tensor.tanh) and args[0].requires_grad:
+            return identity_rule(torch.tanh, args[0])
+        if func is F.scaled_dot_product_attention:
+            return _sdpa_halved(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm_detached(x, shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    std = ((x - mean).pow(2).mean(dims, keepdim=True) + eps).sqrt()
+    y = (x - mean) / std.detach()
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+def _normalize_detached(x, p=2.0, dim=1, eps=1e-12, out=None):
+    return x / x.detach().norm(p, dim, keepdim=True).clamp_min(eps)
+
+
+def _group_norm_detached(x, groups, weight=None, bias=None, eps=1e-5):
+    xg = x.reshape(x.shape[0], groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    std = ((xg - mean).pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    y = ((xg - mean) / std.detach()).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    return y + bias.reshape(shape) if bias is not None else y
+
+
+def _sdpa_halved(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``softmax(q k^T * scale + mask) v`` with both products halved (eval: no dropout)."""
+    if enable_gqa or k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scores = half(torch.matmul(q, k.transpose(-2, -1))) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        L, S = q.shape[-2], k.shape[-2]
+        attn_mask = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return half(torch.matmul(F.softmax(scores, dim=-1), v))
 
 
 def _moe_forward(self, hidden):
@@ -180,14 +338,21 @@ def _make_attention(cp: bool):
             scaling = query.shape[-1] ** -0.5
         if cp:
             query, key = query.detach(), key.detach()
-        scores = torch.matmul(query, key.transpose(2, 3))
+        with torch._C.DisableTorchFunction():  # halved here, not again by _InlineRules
+            scores = torch.matmul(query, key.transpose(2, 3))
         scores = (scores if cp else half(scores)) * scaling
         if softcap is not None:
             scores = identity_rule(lambda s: torch.tanh(s / softcap) * softcap, scores)
         if attention_mask is not None:
             scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        sinks = getattr(module, "sinks", None)  # GPT-OSS: one constant logit per head joins the softmax
+        if sinks is not None:
+            scores = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], dim=-1)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = torch.matmul(probs, value)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        with torch._C.DisableTorchFunction():
+            out = torch.matmul(probs, value)
         out = out if cp else half(out)
         return out.transpose(1, 2).contiguous(), probs
 
@@ -201,19 +366,35 @@ def lrp_patched(model, composite: str = "attnlrp", epsilon: float = 0.0):
     gammas = {torch.nn.Linear: 0.05, torch.nn.Conv2d: 0.25} if composite == "vit-lrp" else {}
     modeling = importlib.import_module(type(model).__module__)
     saved_attention = getattr(modeling, "eager_attention_forward", None)
-    saved_torch = modeling.torch
     if saved_attention is not None:
         modeling.eager_attention_forward = _make_attention(cp)
-    elif not cp:
-        modeling.torch = _HalvedMatmul()
+    saved_gelu = getattr(modeling, "gelu", None)
+    if callable(saved_gelu) and not isinstance(saved_gelu, type):  # ESM: a module-level GELU function
+        modeling.gelu = lambda t: identity_rule(saved_gelu, t)
+    saved_norm = getattr(modeling, "_get_vector_norm", None)
+    if saved_norm is not None:  # CLIP: L2 norm of the embeddings written with pow/sum: a norm statistic
+        modeling._get_vector_norm = lambda t: saved_norm(t.detach())
+    grads = {p: p.requires_grad for p in model.parameters()}
+    for p in grads:
+        p.requires_grad_(False)
     for m in model.modules():
         name = type(m).__name__
         m._lrp_cp = cp
-        if name.endswith("RMSNorm") or name == "T5LayerNorm":
+        if name.endswith("RMSNorm") or name.endswith("T5LayerNorm"):  # T5, mT5, LongT5: RMS norms
             m._lrp_orig = m.forward
             m.forward = types.MethodType(_rms_forward, m)
-        elif isinstance(m, torch.nn.LayerNorm):
+        elif type(m).forward is torch.nn.LayerNorm.forward:
             m.forward = types.MethodType(_layer_norm_forward, m)
+        elif name.endswith("LayerNorm") and not any(m.children()) and (
+                not isinstance(m, torch.nn.LayerNorm) or getattr(m, "data_format", None) == "channels_first"):
+            m._lrp_orig = m.forward
+            m.forward = types.MethodType(_custom_layer_norm_forward, m)
+        elif hasattr(m, "get_topk_indices") and hasattr(m, "routed_scaling_factor"):
+            m.forward = types.MethodType(_deepseek_router_forward, m)
+        elif hasattr(m, "moe") and hasattr(m, "shared_experts"):
+            m.moe = types.MethodType(_deepseek_moe, m)
+        elif hasattr(m, "gate_up_proj") and hasattr(m, "alpha") and hasattr(m, "limit"):
+            m.forward = types.MethodType(_gpt_oss_experts_forward, m)
         elif hasattr(m, "down_proj") and (hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj")):
             m.forward = types.MethodType(_gated_mlp_forward, m)
         elif hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m, "top_k"):
@@ -229,6 +410,9 @@ def lrp_patched(model, composite: str = "attnlrp", epsilon: float = 0.0):
         elif type(m) in gammas:
             m._lrp_orig, m._lrp_gamma = m.forward, gammas[type(m)]
             m.forward = types.MethodType(_gamma_forward, m)
+        elif _is_activation(m):
+            m._lrp_orig = m.forward
+            m.forward = types.MethodType(_activation_forward, m)
         if epsilon:
             m._lrp_eps = epsilon
             if isinstance(m, torch.nn.Linear):
@@ -239,11 +423,17 @@ def lrp_patched(model, composite: str = "attnlrp", epsilon: float = 0.0):
             elif name.endswith("Embeddings") and hasattr(m, "token_type_embeddings"):
                 m.forward = types.MethodType(_embeddings_eps_forward, m)
     try:
-        yield model
+        with _InlineRules(products=not cp):
+            yield model
     finally:
-        modeling.torch = saved_torch
+        for p, g in grads.items():
+            p.requires_grad_(g)
         if saved_attention is not None:
             modeling.eager_attention_forward = saved_attention
+        if saved_norm is not None:
+            modeling._get_vector_norm = saved_norm
+        if callable(saved_gelu) and not isinstance(saved_gelu, type):
+            modeling.gelu = saved_gelu
 
 
 def torch_relevance(model_cls: str, pt_dir, input_ids, attention_mask=None, position_ids=None, positions=None,
@@ -295,20 +485,87 @@ def torch_image_relevance(model_cls: str, pt_dir, pixel_values, targets=None, co
 
 
 def torch_seq2seq_relevance(model_cls: str, pt_dir, input_ids, attention_mask, decoder_input_ids, positions,
-                            targets) -> dict:
-    """Encoder and decoder token relevance (``(embeds * grad).sum(-1)`` of both embedding inputs)."""
+                            targets, encoder_input: str = "input_ids") -> dict:
+    """Encoder and decoder token relevance: ``(embedding output * grad).sum(-1)`` at both embedding lookups
+    (hooked, so scales applied after the lookup stay in the model), or ``input_features * grad`` when
+    ``encoder_input`` is a float input (Whisper)."""
     import transformers
 
-    model = getattr(transformers, model_cls).from_pretrained(str(pt_dir), dtype=torch.float32).eval()
-    emb_layer = model.get_input_embeddings()
-    with lrp_patched(model):
-        enc = emb_layer(torch.as_tensor(np.asarray(input_ids))).detach().requires_grad_()
-        dec = emb_layer(torch.as_tensor(np.asarray(decoder_input_ids))).detach().requires_grad_()
-        logits = model(inputs_embeds=enc, attention_mask=torch.as_tensor(np.asarray(attention_mask)),
-                       decoder_inputs_embeds=dec, use_cache=False).logits
-        B = enc.shape[0]
-        rows = logits[torch.arange(B), torch.as_tensor(np.asarray(positions))]
-        rows[torch.arange(B), torch.as_tensor(np.asarray(targets))].sum().backward()
-    return {"encoder": (enc * enc.grad).sum(-1).detach().double().numpy(),
-            "decoder": (dec * dec.grad).sum(-1).detach().double().numpy(),
+    model = getattr(transformers, model_cls).from_pretrained(
+        str(pt_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    held = []
+
+    def hook(module, args, out):
+        held.append(out.detach().requires_grad_())
+        return held[-1]
+
+    text = encoder_input == "input_ids"
+    src = torch.as_tensor(np.array(input_ids))
+    if not text:
+        src.requires_grad_()
+    embs = {id(m): m for m in ([model.get_encoder().get_input_embeddings()] if text else [])
+            + [model.get_decoder().get_input_embeddings()]}
+    handles = [m.register_forward_hook(hook) for m in embs.values()]
+    kw = {} if attention_mask is None else {"attention_mask": torch.as_tensor(np.asarray(attention_mask))}
+    try:
+        with lrp_patched(model):
+            dec_ids = torch.as_tensor(np.asarray(decoder_input_ids))
+            logits = model(**{encoder_input: src}, **kw, decoder_input_ids=dec_ids, use_cache=False).logits
+            B = logits.shape[0]
+            rows = logits[torch.arange(B), torch.as_tensor(np.asarray(positions))]
+            rows[torch.arange(B), torch.as_tensor(np.asarray(targets))].sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    enc = (held[0] * held[0].grad).sum(-1) if text else src * src.grad  # the encoder runs first
+    dec = held[-1]
+    return {"encoder": enc.detach().double().numpy(), "decoder": (dec * dec.grad).sum(-1).detach().double().numpy(),
             "logits": rows.detach().double().numpy()}
+
+
+def torch_output_relevance(model_cls: str, pt_dir, feeds: dict, output: str, positions=None, targets=None,
+                           composite: str = "attnlrp", attn: str = "eager") -> dict:
+    """Relevance of ``output[b, (positions[b],) targets[b]]`` for any model and graph-style ``feeds``, per input:
+    ``input_ids``: ``(embedding output * grad).sum(-1)`` read at the input embedding module (hooked); float
+    inputs (pixels, audio): ``x * grad``. ``composite="gradient-x-input"``: plain autograd on the unpatched model."""
+    import transformers
+
+    model = getattr(transformers, model_cls).from_pretrained(
+        str(pt_dir), dtype=torch.float32, attn_implementation=attn).eval()
+    kw = {k: torch.as_tensor(np.array(v)) for k, v in feeds.items()}
+    for v in kw.values():
+        if v.is_floating_point():
+            v.requires_grad_()
+    held = {}
+
+    def hook(module, args, out):
+        held["x"] = out.detach().requires_grad_()
+        return held["x"]
+
+    handle = None if "input_ids" not in kw else _input_embeddings(model).register_forward_hook(hook)
+    patch = contextlib.nullcontext() if composite == "gradient-x-input" else lrp_patched(model, composite)
+    try:
+        with patch:
+            extra = {"use_cache": False} if "CausalLM" in model_cls else {}
+            y = model(**kw, **extra)[output]
+            B = y.shape[0]
+            tgt = torch.as_tensor(np.asarray(targets))
+            rows = y[torch.arange(B), torch.as_tensor(np.asarray(positions))] if y.ndim == 3 else y
+            sel = rows[torch.arange(B), tgt]
+            sel.sum().backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+    rel = {k: (v * v.grad).detach().double().numpy() for k, v in kw.items() if v.is_floating_point()}
+    if "x" in held:
+        rel["input_ids"] = (held["x"] * held["x"].grad).sum(-1).detach().double().numpy()
+    return {"relevance": rel, "score": sel.detach().double().numpy()}
+
+
+def _input_embeddings(model):
+    """The token embedding module (for a dual-encoder such as CLIP: the text tower's)."""
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return next(m for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Embedding) and ("token" in n or "word" in n))

@@ -8,8 +8,11 @@ module                 op types
 ``activation``         Erf, Tanh, Sigmoid, Relu, Gelu, FastGelu, BiasGelu, QuickGelu, Pow, ... and
                        unary regions (non-linearities written out as several ops)
 ``softmax``            Softmax, LogSoftmax
-``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms
-``reduction``          ReduceSum, ReduceMean, GlobalAveragePool
+``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms,
+                       InstanceNormalization, GroupNormalization, BatchNormalization (inference)
+``reduction``          ReduceSum, ReduceMean, GlobalAveragePool, ReduceL2, ReduceSumSquare
+``pooling``            AveragePool, MaxPool
+``resize``             Resize (the kernel's own interpolation matrices)
 ``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
 ``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)
 ``contrib_attention``  com.microsoft GroupQueryAttention, MultiHeadAttention
@@ -20,7 +23,8 @@ Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base
 """
 from ._base import REGISTRY, OpContext, register
 from . import (  # noqa: F401
-    activation, contrib_attention, elementwise, fused, linear, movement, normalization, quantized, reduction, softmax,
+    activation, contrib_attention, elementwise, fused, linear, movement, normalization, pooling, quantized, reduction,
+    resize, softmax,
 )
 
 __all__ = ["REGISTRY", "OpContext", "register"]

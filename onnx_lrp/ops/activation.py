@@ -53,7 +53,7 @@ def _derivative(node, xp, x, y, slope=None):
         return (x > 0).astype(x.dtype)
     if op == "PRelu":
         return xp.where(x > 0, xp.ones_like(x), slope).astype(x.dtype)
-    if op == "Clip":  # 1 inside [min, max], where the output is the input
+    if op == "Clip":  # 1 inside [min, max] (bounds included, as torch.clamp), where the output is the input
         return (y == x).astype(x.dtype)
     if op == "ThresholdedRelu":
         return (x > at.get("alpha", 1.0)).astype(x.dtype)
@@ -133,6 +133,8 @@ def unary(ctx: OpContext):
     node, xp = ctx.node, ctx.xp
     x, y = ctx.input(0), node.outputs[0]
     has_bias = node.op_type in ("BiasGelu", "FastGelu") and ctx.input(1) is not None
+    if not has_bias and any(ctx.carrying(k) for k in range(1, len(node.inputs))):
+        raise ctx.fail("only the first input may carry relevance (e.g. Clip bounds must not depend on a source)")
     bias = ctx.input(1) if has_bias else None
     sx = ctx.shape(x)
     if isinstance(ctx.rule, Identity):

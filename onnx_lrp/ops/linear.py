@@ -105,8 +105,8 @@ def matmul(ctx: OpContext):
         W = ctx.const(1)
         if W is not None:
             return const_weight_backward(ctx, W, following_bias(ctx) if gamma else None)
-        if gamma:
-            raise ctx.fail("the gamma rule needs a constant weight")
+        # a run-time "weight" (a detached attention or dynamic-convolution kernel under CP-LRP) is no layer: the
+        # gamma rule, like LXT's, applies to parameters only; the product passes the plain gradient, as below
         vb, sa = ctx.value(b), ctx.shape(a)
 
         def back_dyn_weight(env, gy):
@@ -239,19 +239,35 @@ def conv(ctx: OpContext):
     if ctx.carrying(1):
         raise ctx.fail("Conv with a carrying kernel is not supported")
     W = ctx.const(1)
-    if W is None:
-        raise ctx.fail("Conv needs its kernel as an initializer")
+    vw = None
+    if W is None:  # computed from constants at run time (e.g. weight normalisation): read it then
+        if ctx.attr("kernel_shape") is None:
+            raise ctx.fail("Conv with a computed kernel needs the kernel_shape attribute")
+        vw = ctx.value(ctx.input(1))
+    nd = W.ndim - 2 if W is not None else len(ctx.attr("kernel_shape"))
     group = int(ctx.attr("group", 1))
-    strides = list(ctx.attr("strides", [1] * (W.ndim - 2)))
-    dil = list(ctx.attr("dilations", [1] * (W.ndim - 2)))
-    pads = list(ctx.attr("pads", [0] * (2 * (W.ndim - 2))))
+    strides = list(ctx.attr("strides", [1] * nd))
+    dil = list(ctx.attr("dilations", [1] * nd))
+    pads = list(ctx.attr("pads", [0] * (2 * nd)))
     if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         raise ctx.fail("Conv with auto_pad SAME_* is not supported")
     gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
-    Wc = ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W)
-    Wpos = ctx.array(np.maximum(W, 0)) if gamma else None
     Bc = ctx.const(2)
+    if gamma and Bc is None and ctx.input(2) is not None:
+        raise ctx.fail("the gamma rule needs the Conv bias as an initializer")
     bias_p = ctx.array(np.maximum(Bc, 0)) if (gamma and Bc is not None) else None
+    fixed = None
+    if W is not None:
+        fixed = (ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W),
+                 ctx.array(np.maximum(W, 0)) if gamma else None)
+
+    def kernels(env):
+        """(W + gamma W+, W+)."""
+        if fixed is not None:
+            return fixed
+        Wr = env[vw]
+        return (Wr + gamma * xp.maximum(Wr, 0) if gamma else Wr), (xp.maximum(Wr, 0) if gamma else None)
+
     x_name, z_name = ctx.input(0), ctx.node.outputs[0]
     sx = ctx.shape(x_name)
     if gamma:
@@ -260,6 +276,7 @@ def conv(ctx: OpContext):
     def back(env, gy):
         g = gy[0]
         x_shape = env.shape(sx)
+        Wc, Wpos = kernels(env)
         if gamma:
             z = env[z_name]
             zp = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
@@ -328,14 +345,15 @@ def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
 @register("Einsum")
 def einsum(ctx: OpContext):
     """Einsum: linear in each operand. One carrying operand: plain VJP (eps-LRP, eps=0); several: the uniform
-    rule (each gets its gradient / N). Leading target axes ride along as an extra index of ``G``."""
+    rule (each gets its gradient / N). Leading target axes ride along as an extra index of ``G``; an ellipsis
+    is spelled out with spare letters once the operand ranks are known."""
     eq = ctx.attr("equation")
     eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
     lhs, out_spec = eq.split("->") if "->" in eq else (eq, None)
     specs = lhs.split(",")
-    if out_spec is None or any("..." in s for s in specs + [out_spec]):
-        raise ctx.fail(f"Einsum {eq!r}: implicit output or ellipsis is not supported")
-    if any(len(set(s)) != len(s) for s in specs):
+    if out_spec is None:
+        raise ctx.fail(f"Einsum {eq!r}: implicit output is not supported")
+    if any(len(set(s.replace("...", ""))) != len(s.replace("...", "")) for s in specs):
         raise ctx.fail(f"Einsum {eq!r}: repeated indices within an operand (diagonals) are not supported")
     carry = [ctx.carrying(k) for k in range(len(specs))]
     n = sum(carry)
@@ -344,19 +362,30 @@ def einsum(ctx: OpContext):
     names = [ctx.value(i) if not carry[k] or n > 1 else None for k, i in enumerate(ctx.node.inputs)]
     shapes = [ctx.shape(i) for i in ctx.node.inputs]
     free = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    spare = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq and c != free]
     xp = ctx.xp
+
+    def spelled(ranks: list[int]) -> tuple[list[str], str]:
+        """``specs``/``out_spec`` with each ``...`` replaced by letters (right-aligned, as broadcasting)."""
+        if "..." not in eq:
+            return specs, out_spec
+        ell = {k: ranks[k] - (len(s) - 3) for k, s in enumerate(specs) if "..." in s}
+        letters = "".join(spare[: max(ell.values())])
+        sp = [s.replace("...", letters[len(letters) - ell[k]:]) if k in ell else s for k, s in enumerate(specs)]
+        return sp, out_spec.replace("...", letters)
 
     def back(env, gy):
         g = gy[0]
         lead = free if env.lead else ""
-        out = [None] * len(specs)
-        for k, spec in enumerate(specs):
+        sp, osp = spelled([len(env.shape(s)) for s in shapes])
+        out = [None] * len(sp)
+        for k, spec in enumerate(sp):
             if not carry[k] or not weight_of.get(k):
                 continue
-            others = [j for j in range(len(specs)) if j != k]
-            seen = set(out_spec) | {c for j in others for c in specs[j]}
+            others = [j for j in range(len(sp)) if j != k]
+            seen = set(osp) | {c for j in others for c in sp[j]}
             kept = "".join(c for c in spec if c in seen)
-            sub = ",".join([lead + out_spec] + [specs[j] for j in others]) + "->" + lead + kept
+            sub = ",".join([lead + osp] + [sp[j] for j in others]) + "->" + lead + kept
             r = xp.einsum(sub, g, *[env[names[j]] for j in others])
             shape = env.shape(shapes[k])
             if kept != spec:  # indices summed inside this operand alone: the gradient is constant along them

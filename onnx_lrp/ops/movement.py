@@ -1,7 +1,7 @@
 """Data movement: relevance is routed exactly backwards (inverse indexing; a broadcast sums).
 
 Reshape, Flatten, Squeeze, Unsqueeze, Identity, Cast, Dropout, Neg, Transpose, Expand, Slice, Gather,
-GatherElements, Concat, Split, Tile, Pad, ScatterND, ScatterElements, TopK (values).
+GatherElements, GatherND, Concat, Split, Tile, Pad, ScatterND, ScatterElements, TopK (values).
 All rules are the plain vector-Jacobian product of the op; ``env.lead`` counts leading target axes.
 """
 from __future__ import annotations
@@ -89,9 +89,17 @@ def slice_(ctx: OpContext):
 
 @register("Gather")
 def gather(ctx: OpContext):
-    """Selection by indices: ``G_data[.., idx, ..] += G_y`` (repeated indices accumulate)."""
+    """Selection by indices: ``G_data[.., idx, ..] += G_y`` (repeated indices accumulate).
+
+    An embedding lookup whose ids are routed from an input (BART's shifted decoder ids, see
+    :func:`onnx_lrp._analysis.find_routed_ids`) passes the token relevance ``(y * G_y).sum(-1)`` to the ids,
+    which the moves before it route back to the input positions."""
     if ctx.carrying(1):
-        raise ctx.fail("carrying indices are not supported")
+        table = ctx.const(0)
+        if ctx.carrying(0) or int(ctx.attr("axis", 0)) != 0 or table is None or table.ndim != 2:
+            raise ctx.fail("carrying indices are supported only for an embedding lookup (constant 2-D table, axis 0)")
+        vy = ctx.value(ctx.node.outputs[0])
+        return lambda env, gy: [None, (env[vy] * gy[0]).sum(-1)]
     sx, vi = ctx.shape(ctx.input(0)), ctx.value(ctx.input(1))
     axis = int(ctx.attr("axis", 0))
     xp = ctx.xp
@@ -108,6 +116,31 @@ def gather(ctx: OpContext):
             gx[index] = g
         else:
             scatter_add(xp, gx, index, g)
+        return [gx, None]
+
+    return back
+
+
+@register("GatherND")
+def gather_nd(ctx: OpContext):
+    """``y[b.., i..] = data[b.., indices[b.., i.., :]]`` (``batch_dims`` leading axes shared): the gradient is
+    scattered back to the addressed entries (repeated addresses accumulate)."""
+    if ctx.carrying(1):
+        raise ctx.fail("carrying indices are not supported")
+    sx, vi = ctx.shape(ctx.input(0)), ctx.value(ctx.input(1))
+    nb = int(ctx.attr("batch_dims", 0))
+    xp = ctx.xp
+
+    def back(env, gy):
+        g = gy[0]
+        shape = env.shape(sx)
+        idx = xp.asarray(env[vi]).astype(np.int64)
+        k = idx.shape[-1]
+        grid = idx.shape[:-1]  # batch axes + gathered positions
+        batch = [xp.arange(shape[j]).reshape((-1,) + (1,) * (len(grid) - j - 1)) for j in range(nb)]
+        addr = [xp.where(idx[..., j] < 0, idx[..., j] + shape[nb + j], idx[..., j]) for j in range(k)]
+        gx = _zeros(env, g, shape)
+        scatter_add(xp, gx, (slice(None),) * env.lead + tuple(batch) + tuple(addr), g)
         return [gx, None]
 
     return back

@@ -118,3 +118,58 @@ def skip_layer_norm(ctx: OpContext):
 def skip_rms_norm(ctx: OpContext):
     # inputs: input, skip, gamma, bias
     return _build(ctx, [0, 1], 2, 3, rms=True, skip=True)
+
+
+@register("InstanceNormalization", "GroupNormalization")
+def group_norm(ctx: OpContext):
+    """``y = scale_c * (x - mean) / sigma + bias_c`` with statistics per sample over the spatial axes
+    (InstanceNormalization) or per group of channels (GroupNormalization, ``num_groups``); channel axis 1.
+    Torch's GroupNorm is exported as ``Reshape -> InstanceNormalization -> Reshape -> Mul -> Add``."""
+    xp = ctx.xp
+    detach = _check_rule(ctx)
+    if any(ctx.carrying(k) for k in (1, 2)):
+        raise ctx.fail("scale and bias must not carry relevance")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    groups = int(ctx.attr("num_groups", 0))
+    scale = ctx.value(ctx.input(1))
+    vx = ctx.value(ctx.input(0))
+    key = f"norm-stats:{ctx.node.name}"
+
+    def back(env, gy):
+        X, g = env[vx], gy[0]
+        lead = g.ndim - X.ndim
+        shape = X.shape
+        W = env[scale].reshape((-1,) + (1,) * (X.ndim - 2))
+        if groups and W.shape[0] == groups and groups != shape[1]:  # opset 18: one scale per group
+            W = xp.repeat(W, shape[1] // groups, axis=0)
+        gw = g * W
+        if groups:  # (N, C, *S) -> (N, G, C/G * prod S)
+            X = X.reshape(shape[0], groups, -1)
+            gw = gw.reshape(g.shape[:lead] + X.shape)
+        axes = tuple(range(2 - X.ndim, 0))
+        xc, inv = env.memo(key, lambda: _stats(xp, X, axes, eps, False))
+        out = _norm_grad(xp, gw, xc, inv, None, axes, False, detach)
+        return [out.reshape(g.shape), None, None]
+
+    return back
+
+
+@register("BatchNormalization")
+def batch_norm(ctx: OpContext):
+    """Inference BatchNormalization ``y = scale * (x - mean) / sqrt(var + eps) + B`` with the running statistics:
+    an affine map per channel (axis 1), so ``G_x = G_y * scale / sqrt(var + eps)`` under every rule."""
+    if int(ctx.attr("training_mode", 0)) or len([o for o in ctx.node.outputs if o]) > 1:
+        raise ctx.fail("training-mode BatchNormalization (batch statistics) is not supported")
+    if any(ctx.carrying(k) for k in range(1, 5)):
+        raise ctx.fail("scale, bias, mean and variance must not carry relevance")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    vs, vv = ctx.value(ctx.input(1)), ctx.value(ctx.input(4))
+    sx = ctx.shape(ctx.input(0))
+    xp = ctx.xp
+
+    def back(env, gy):
+        nd = len(env.shape(sx))
+        k = (env[vs] / xp.sqrt(env[vv] + eps)).reshape((-1,) + (1,) * (nd - 2))
+        return [gy[0] * k, None, None, None, None]
+
+    return back

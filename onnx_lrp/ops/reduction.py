@@ -1,4 +1,5 @@
-"""ReduceSum, ReduceMean, GlobalAveragePool (pooling): eps-LRP of a sum, ``R_x = x * R_y / stab(y)``.
+"""ReduceSum, ReduceMean, GlobalAveragePool (pooling): eps-LRP of a sum, ``R_x = x * R_y / stab(y)``;
+ReduceMax/Min (winner takes all); ReduceL2/ReduceSumSquare (norm statistics, for the Gradient rule).
 
 Gradient form with eps = 0: ``G_x = broadcast(G_y)`` (divided by the count for a mean).
 """
@@ -35,18 +36,46 @@ def reduce_sum(ctx: OpContext):
     xp = ctx.xp
 
     def back(env, gy):
-        g = gy[0]
         shape = env.shape(sx)
-        nd = len(shape)
-        axes = _axes_of(ctx, env, nd)
-        lead = g.ndim - (nd if keep else nd - len(axes))
-        if not keep:
-            for a in axes:
-                g = xp.expand_dims(g, lead + a)
-        g = xp.broadcast_to(g, g.shape[:lead] + tuple(shape))
+        axes = _axes_of(ctx, env, len(shape))
+        g = _expand(xp, gy[0], axes, keep, shape)
         if mean:
             g = g / float(np.prod([shape[a] for a in axes]) or 1)
         return [g] + [None] * (len(node.inputs) - 1)
+
+    return back
+
+
+def _expand(xp, g, axes: list[int], keep: bool, shape) -> object:
+    """``g`` of a reduction's output broadcast back to the input ``shape`` (leading target axes kept)."""
+    nd = len(shape)
+    lead = g.ndim - (nd if keep else nd - len(axes))
+    if not keep:
+        for a in axes:
+            g = xp.expand_dims(g, lead + a)
+    return xp.broadcast_to(g, g.shape[:lead] + tuple(shape))
+
+
+@register("ReduceL2", "ReduceSumSquare")
+def reduce_l2(ctx: OpContext):
+    """Norm statistics (kind ``norm``: constants under AttnLRP), differentiated under the Gradient rule:
+    ``||x||_2``: ``G_x = G_y * x / y`` (0 where ``y = 0``); ``sum x^2``: ``G_x = 2 x G_y``."""
+    node = ctx.node
+    vx, vy = ctx.value(ctx.input(0)), ctx.value(node.outputs[0])
+    if ctx.input(1) is not None:
+        ctx.value(ctx.input(1))
+    keep = bool(int(node.attr("keepdims", 1)))
+    xp = ctx.xp
+    l2 = node.op_type == "ReduceL2"
+
+    def back(env, gy):
+        X, Y = env[vx], env[vy]
+        axes = _axes_of(ctx, env, X.ndim)
+        g = _expand(xp, gy[0], axes, keep, X.shape)
+        if not l2:
+            return [2 * X * g] + [None] * (len(node.inputs) - 1)
+        Yb = _expand(xp, Y, axes, keep, X.shape)
+        return [xp.where(Yb > 0, X * g / xp.where(Yb > 0, Yb, 1), 0)] + [None] * (len(node.inputs) - 1)
 
     return back
 
