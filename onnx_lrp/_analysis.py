@@ -498,8 +498,10 @@ def _affine_step(graph: Graph, node: Node | None, kinds: dict[str, str], scope: 
 def _extend_by_constant_affine(graph: Graph, r: Region, kinds: dict[str, str], taken: set[str]) -> Region:
     """Grow a unary region over the constant shifts and scales around it in the same module scope, so that an
     activation written as ``c1 * (g((x - c2) / c3) + c4)`` (e.g. Laplace) is one ``y = f(x)`` for the identity
-    rule, as LXT applies it to the activation module. Static operands only (never a run-time mask), and only
-    along single-consumer chains; scalings alone change nothing (the identity ratios telescope)."""
+    rule, as LXT applies it to the activation module. Static operands only (never a run-time mask), only along
+    single-consumer chains, and only when the grown region is the whole module scope (an activation module, not
+    a shift written inline next to a clamp in a larger module, as GPT-OSS's ``(clamp(up) + 1) * glu``); scalings
+    alone change nothing (the identity ratios telescope)."""
     scope = _scope(r.nodes[-1])
     if not scope:
         return r
@@ -523,7 +525,11 @@ def _extend_by_constant_affine(graph: Graph, r: Region, kinds: dict[str, str], t
         y = c.outputs[0]
     if len(nodes) == len(r.nodes):
         return r
-    taken.update(n.name for n in nodes)
+    names = {n.name for n in nodes}
+    module = [n for n in graph.nodes if _scope(n) == scope and n.op_type != "Constant"]
+    if any(n.name not in names for n in module):  # the scope is not one element-wise activation module
+        return r
+    taken.update(names)
     return Region(nodes, x, y, r.rule)
 
 

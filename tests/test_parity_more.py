@@ -250,14 +250,14 @@ def test_piecewise_activations(act):
 
 
 def test_constant_shifts_join_the_activation_region():
-    """An activation written ``c1 * (erf((x - c2) / c3) + c4)`` in one module scope is one unary region
-    (R_x = R_y over the whole), but a run-time additive mask after it in that scope is not part of it."""
+    """An activation written ``c1 * (erf((x - c2) / c3) + c4)`` as its own module scope is one unary region
+    (R_x = R_y over the whole); a run-time additive mask after it is not part of it."""
     x = f32(2, 6, seed=7)
     mask = np.where(np.arange(6) % 3 == 0, -1e4, 0).astype(np.float32)[None].repeat(2, 0)
     nodes = [node("Sub", ["x", "mu"], ["a"], name="/m/act/Sub"), node("Div", ["a", "sd"], ["b"], name="/m/act/Div"),
              node("Erf", ["b"], ["e"], name="/m/act/Erf"), node("Add", ["e", "one"], ["f"], name="/m/act/Add"),
              node("Mul", ["f", "half"], ["y"], name="/m/act/Mul"),
-             node("Add", ["y", "mask"], ["z"], name="/m/act/Add_1")]
+             node("Add", ["y", "mask"], ["z"], name="/m/Add")]
     consts = {"mu": np.float32(0.3), "sd": np.float32(0.8), "one": np.float32(1.0), "half": np.float32(0.5)}
     m = model(nodes, {"x": (2, 6), "mask": (2, 6)}, {"z": (2, 6)}, consts)
     w = f32(2, 6, seed=8)
@@ -267,6 +267,20 @@ def test_constant_shifts_join_the_activation_region():
     np.testing.assert_allclose(res.relevance["x"], w * y, rtol=1e-5, atol=1e-6)
     (region,) = ex.analysis.regions.values()
     assert (region.x, region.y) == ("x", "y")
+
+
+def test_shift_inside_a_larger_module_stays_out_of_the_region():
+    """``(clip(x) + 1) @ W`` written inline in one module (GPT-OSS experts): the identity rule covers the clamp
+    only; the constant shift is a sum (passes G) and W a linear map: R_x = clip(x) * (w W^T)."""
+    x = f32(2, 6, seed=3) * 3
+    W = f32(6, 4, seed=4)
+    nodes = [node("Clip", ["x", "lo", "hi"], ["c"], name="/m/e/Clip"), node("Add", ["c", "one"], ["f"], name="/m/e/Add"),
+             node("MatMul", ["f", "W"], ["z"], name="/m/e/MatMul")]
+    consts = {"lo": np.float32(-1.5), "hi": np.float32(1.5), "one": np.float32(1.0), "W": W}
+    ex = Explainer(model(nodes, {"x": (2, 6)}, {"z": (2, 4)}, consts))
+    w = f32(2, 4, seed=5)
+    res = ex.explain({"x": x}, output_relevance=w)
+    np.testing.assert_allclose(res.relevance["x"], np.clip(x, -1.5, 1.5) * (w @ W.T), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fill", [False, True])
