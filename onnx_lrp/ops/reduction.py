@@ -56,16 +56,20 @@ def _expand(xp, g, axes: list[int], keep: bool, shape) -> object:
     return xp.broadcast_to(g, g.shape[:lead] + tuple(shape))
 
 
+def _reduce_values(ctx: OpContext) -> tuple[str, str, bool]:
+    """A reduction's input and output (needed at run time; axes given as an input too) and ``keepdims``."""
+    vx, vy = ctx.value(ctx.input(0)), ctx.value(ctx.node.outputs[0])
+    if ctx.input(1) is not None:
+        ctx.value(ctx.input(1))
+    return vx, vy, bool(int(ctx.node.attr("keepdims", 1)))
+
+
 @register("ReduceL2", "ReduceSumSquare")
 def reduce_l2(ctx: OpContext):
     """Norm statistics (kind ``norm``: constants under AttnLRP), differentiated under the Gradient rule:
     ``||x||_2``: ``G_x = G_y * x / y`` (0 where ``y = 0``); ``sum x^2``: ``G_x = 2 x G_y``."""
-    node = ctx.node
-    vx, vy = ctx.value(ctx.input(0)), ctx.value(node.outputs[0])
-    if ctx.input(1) is not None:
-        ctx.value(ctx.input(1))
-    keep = bool(int(node.attr("keepdims", 1)))
-    xp = ctx.xp
+    node, xp = ctx.node, ctx.xp
+    vx, vy, keep = _reduce_values(ctx)
     l2 = node.op_type == "ReduceL2"
 
     def back(env, gy):
@@ -83,12 +87,8 @@ def reduce_l2(ctx: OpContext):
 @register("ReduceMax", "ReduceMin")
 def reduce_max(ctx: OpContext):
     """Max/min pooling: the gradient goes to the selected entries (ties share it)."""
-    node = ctx.node
-    vx, vy = ctx.value(ctx.input(0)), ctx.value(node.outputs[0])
-    if ctx.input(1) is not None:
-        ctx.value(ctx.input(1))
-    keep = bool(int(node.attr("keepdims", 1)))
-    xp = ctx.xp
+    node, xp = ctx.node, ctx.xp
+    vx, vy, keep = _reduce_values(ctx)
 
     def back(env, gy):
         g, X, Y = gy[0], env[vx], env[vy]
