@@ -126,7 +126,8 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
             sources[i.name] = i.name
     lookups: list[tuple[str, str]] = []  # (lookup output, integer graph input)
     for n in graph.nodes:
-        if ((n.op_type, n.domain or "ai.onnx") not in EMBEDDING_LOOKUPS or int(n.attr("gather_axis", 0)) != 0
+        axis = "gather_axis" if n.op_type == "GatherBlockQuantized" else "axis"
+        if ((n.op_type, n.domain or "ai.onnx") not in EMBEDDING_LOOKUPS or int(n.attr(axis, 0)) != 0
                 or n.inputs[0] not in graph.static):
             continue
         origin = _id_origin(graph, n.inputs[1])

@@ -188,7 +188,8 @@ class ForwardCapture:
         for name, arr in self._weights.items():
             self._bind_weight(binding, name, arr)
         for n in names:
-            binding.bind_output(n, "cpu" if n.startswith(SHAPE_PREFIX) else self.device.name, self.device.index)
+            on_host = n.startswith(SHAPE_PREFIX) or self.device.name == "cpu"
+            binding.bind_output(n, "cpu" if on_host else self.device.name, 0 if on_host else self.device.index)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:

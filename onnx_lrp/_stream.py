@@ -93,9 +93,11 @@ def _read_external(proto: onnx.ModelProto, base: Path, weights: dict, is_weight)
                 weights[t.name] = _read_array(f, int(info.get("offset", 0)), nbytes, t, file)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
-        else:
-            external_data_helper.load_external_data_for_tensor(t, str(base))
-            t.data_location = onnx.TensorProto.DEFAULT
+    # every other external tensor (small initializers, subgraph initializers, Constant attributes) as onnx.load
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(base))
+    except Exception as exc:  # onnx raises ValidationError, OSError, ...
+        raise ModelLoadError(f"{base}: cannot read the model's external data ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_array(f: BinaryIO, offset: int, nbytes: int, tensor: onnx.TensorProto, path: Path) -> np.ndarray:

@@ -180,7 +180,8 @@ class Explainer:
             self._static[v] = to_compute(xp, dtype, values.pop(v))
         run_values = {k: to_compute(xp, dtype, v) for k, v in values.items() if k in plan.values}
         for k, v in feeds.items():
-            run_values[k] = to_compute(xp, dtype, v)
+            if k in plan.values:  # only the inputs the rules read go to the engine (and to the GPU)
+                run_values[k] = to_compute(xp, dtype, v)
         del values  # run_values holds the only references: the engine frees each tensor after its last use
         y = outputs[output]
         w, lead, tgt, pos = self._start(to_numpy(y), target, position, output_relevance, feeds)
@@ -328,7 +329,7 @@ class Explainer:
                 pos = np.cumsum(mask, axis=-1) - 1
                 pos = np.where(mask == 0, 1, pos)[..., -s:]
             else:
-                pos = np.broadcast_to(np.arange(s), (b, s))
+                pos = np.broadcast_to(np.arange(s), lead + (s,))
             feeds["position_ids"] = np.ascontiguousarray(pos).astype(expected["position_ids"].numpy_dtype)
 
     @staticmethod
@@ -421,8 +422,9 @@ class Explainer:
                 relevance[inp] = relevance.get(inp, 0) + r
         for inp in self.analysis.token_inputs:  # token relevance routed back from moved ids (already relevance)
             g = grads.get(inp)
-            if g is not None:
-                relevance[inp] = relevance.get(inp, 0) + g
+            if g is None:  # no relevance reached the moved ids
+                g = xp.zeros(next(iter(relevance.values())).shape[:lead] + feeds[inp].shape, dtype=self.dtype)
+            relevance[inp] = relevance.get(inp, 0) + g
         rel = {k: _batch_first(v, lead) for k, v in relevance.items()}
         emb = {k: _batch_first(v, lead) for k, v in emb.items()}
         return rel, emb

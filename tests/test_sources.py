@@ -86,3 +86,13 @@ def test_word_ids_named_like_positions_are_a_source():
     np.testing.assert_allclose(res.relevance["position_tokens"][0, [0, 2, 3]], 0, atol=1e-7)
     np.testing.assert_allclose(res.relevance["position_tokens"].sum() + res.relevance["idx"].sum(), res.score,
                                rtol=1e-5)
+
+
+def test_gather_along_another_axis_is_no_embedding_lookup():
+    """``Gather(table, ids, axis=1)`` picks columns, not rows: not an embedding lookup, so no source here."""
+    from onnx_lrp.errors import InputError
+
+    m = model([node("Gather", ["T", "ids"], ["e"], axis=1), node("MatMul", ["e", "W"], ["y"])],
+              {"ids": ("int", 1, S)}, {"y": (D, 1, 3)}, {"T": f32(D, V, seed=7), "W": f32(S, 3, seed=8)})
+    with pytest.raises(InputError, match="found no relevance source"):
+        Explainer(m)
