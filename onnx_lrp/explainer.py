@@ -180,8 +180,7 @@ class Explainer:
             self._static[v] = to_compute(xp, dtype, values.pop(v))
         run_values = {k: to_compute(xp, dtype, v) for k, v in values.items() if k in plan.values}
         for k, v in feeds.items():
-            if k in plan.values:  # only the inputs the rules read go to the engine (and to the GPU)
-                run_values[k] = to_compute(xp, dtype, v)
+            run_values[k] = to_compute(xp, dtype, v)
         del values  # run_values holds the only references: the engine frees each tensor after its last use
         y = outputs[output]
         w, lead, tgt, pos = self._start(to_numpy(y), target, position, output_relevance, feeds)

@@ -357,3 +357,49 @@ def test_classifier_routes_shifted_decoder_ids(family, composite):
         ref[b, read[b, j]] += dec[b, j]
     assert rel_err(res.relevance["input_ids"], ref) <= TOL
     assert rel_err(res.relevance["input_ids"], enc) > 30 * TOL  # the decoder side matters
+
+
+def test_resize_at_opset_11_is_its_vjp():
+    """Before opset 13 Resize's ``roi`` is a required input: the rule's basis probe must give it too."""
+    from _graphs import f32, model, node
+
+    x = f32(1, 2, 5, 6, seed=1)
+    m = model([node("Resize", ["x", "roi", "scales"], ["y"], mode="linear")], {"x": x.shape}, {"y": (1, 2, 10, 12)},
+              {"roi": np.zeros(0, np.float32), "scales": np.asarray([1, 1, 2, 2], np.float32)}, opset=11)
+    w = np.random.RandomState(3).randn(1, 2, 10, 12).astype(np.float32)
+    rel = Explainer(m, composite="gradient-x-input").explain({"x": x}, output_relevance=w).relevance["x"]
+    np.testing.assert_allclose(rel, x * _probe_vjp(m, x, w), rtol=1e-5, atol=1e-6)
+
+
+def test_einsum_ellipsis_broadcast_is_summed_back():
+    """``...qk,...kd->...qd`` with a size-1 ``...`` axis against size 2: the gradient of the size-1 operand sums
+    over the broadcast axis (torch autograd reference)."""
+    import torch
+    from _graphs import f32, model, node
+
+    x, v, w = f32(1, 3, 4, 5, seed=1), f32(2, 3, 5, 6, seed=2), f32(2, 3, 4, 6, seed=3)
+    m = model([node("Einsum", ["x", "v"], ["y"], equation="...qk,...kd->...qd")], {"x": x.shape, "v": v.shape},
+              {"y": w.shape})
+    res = Explainer(m, composite="gradient-x-input").explain({"x": x, "v": v}, output_relevance=w)
+    xt, vt = torch.tensor(x, requires_grad=True), torch.tensor(v, requires_grad=True)
+    (torch.einsum("...qk,...kd->...qd", xt, vt) * torch.tensor(w)).sum().backward()
+    assert res.relevance["x"].shape == x.shape
+    np.testing.assert_allclose(res.relevance["x"], x * xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.relevance["v"], v * vt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_variants_are_refused():
+    """BatchNormalization spatial=0 and the gamma rule on a weight computed in the graph: clear errors."""
+    from _graphs import f32, model, node
+    from onnx_lrp import Gamma
+    from onnx_lrp.errors import OnnxLrpError
+
+    c = np.ones(3, np.float32)
+    bn = model([node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], spatial=0)], {"x": (2, 3)}, {"y": (2, 3)},
+               {"s": c, "b": c, "m": c, "v": c}, opset=7)
+    with pytest.raises(OnnxLrpError, match="spatial=0"):
+        Explainer(bn).explain({"x": f32(2, 3)}, output_relevance=np.ones((2, 3), np.float32))
+    dq = model([node("DequantizeLinear", ["q", "sc"], ["W"]), node("MatMul", ["x", "W"], ["y"])], {"x": (2, 3)},
+               {"y": (2, 4)}, {"q": np.ones((3, 4), np.int8), "sc": np.float32(0.1)})
+    with pytest.raises(OnnxLrpError, match="gamma rule needs the weight 'W' as an initializer"):
+        Explainer(dq, overrides={"MatMul": Gamma(0.25)}).explain({"x": f32(2, 3)})

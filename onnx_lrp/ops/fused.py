@@ -56,9 +56,10 @@ def softmax_rows(xp, S):
 
 
 def linear_epsilon(ctx: OpContext) -> float:
-    """The stabiliser ``eps`` of the composite's rule for linear maps (0 for the plain gradient)."""
+    """The ``eps`` of eps-LRP on ``O = P V`` with ``P`` constant: the composite's linear rule if it is
+    :class:`~onnx_lrp.rules.Epsilon` (the engine applies no other rule's eps to the unfused ``MatMul``), else 0."""
     lin = ctx.rule_of("linear", "MatMul")
-    return lin.epsilon if isinstance(lin, (Gamma, Epsilon)) else 0.0
+    return lin.epsilon if isinstance(lin, Epsilon) else 0.0
 
 
 def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float, float], score_factor=None,
@@ -148,7 +149,7 @@ def attention(ctx: OpContext):
     weights = attention_weights(ctx)
     lin = ctx.rule_of("linear", "MatMul")
     gamma = lin.gamma if isinstance(lin, Gamma) else 0.0
-    eps = linear_epsilon(ctx)
+    eps = lin.epsilon if isinstance(lin, (Gamma, Epsilon)) else 0.0  # of the qkv projection
     Wc = ctx.array(W)
     Wt = ctx.array(np.ascontiguousarray((W + gamma * np.maximum(W, 0)).T))
     Wpos = ctx.array(np.maximum(W, 0)) if gamma else None
@@ -194,7 +195,7 @@ def attention(ctx: OpContext):
         g = gy[0]
         dv = hv // heads
         GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
-        parts = attention_vjp(xp, GO, Q, K, V, P, scale, weights, eps=eps)
+        parts = attention_vjp(xp, GO, Q, K, V, P, scale, weights, eps=linear_epsilon(ctx))
         flat = [p.swapaxes(-2, -3) for p in parts]  # (.., B, S, N, d)
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
         if zscale is not None:

@@ -105,6 +105,8 @@ def matmul(ctx: OpContext):
         W = ctx.const(1)
         if W is not None:
             return const_weight_backward(ctx, W, following_bias(ctx) if gamma else None)
+        if gamma and b in ctx.graph.static:  # a weight computed from constants (e.g. DequantizeLinear)
+            raise ctx.fail(f"the gamma rule needs the weight {b!r} as an initializer; it is computed in the graph")
         # a run-time "weight" (a detached attention or dynamic-convolution kernel under CP-LRP) is no layer: the
         # gamma rule, like LXT's, applies to parameters only; the product passes the plain gradient, as below
         vb, sa = ctx.value(b), ctx.shape(a)
@@ -392,6 +394,7 @@ def einsum(ctx: OpContext):
                 full = [shape[spec.index(c)] for c in spec]
                 r = r.reshape(r.shape[: len(lead)] + tuple(shape[spec.index(c)] if c in kept else 1 for c in spec))
                 r = xp.broadcast_to(r, r.shape[: len(lead)] + tuple(full))
+            r = unbroadcast(xp, r, tuple(shape), len(shape))  # '...' axes of size 1 broadcast against the others
             out[k] = r * weight_of[k] if weight_of[k] != 1.0 else r
         return out
 

@@ -162,6 +162,8 @@ def batch_norm(ctx: OpContext):
         raise ctx.fail("training-mode BatchNormalization (batch statistics) is not supported")
     if any(ctx.carrying(k) for k in range(1, 5)):
         raise ctx.fail("scale, bias, mean and variance must not carry relevance")
+    if not int(ctx.attr("spatial", 1)):
+        raise ctx.fail("spatial=0 (per-activation statistics, opset < 9) is not supported")
     eps = float(ctx.attr("epsilon", 1e-5))
     vs, vv = ctx.value(ctx.input(1)), ctx.value(ctx.input(4))
     sx = ctx.shape(ctx.input(0))

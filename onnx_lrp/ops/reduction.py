@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..rules import Gradient
 from ._base import OpContext, ints, register
 
 
@@ -68,6 +69,9 @@ def _reduce_values(ctx: OpContext) -> tuple[str, str, bool]:
 def reduce_l2(ctx: OpContext):
     """Norm statistics (kind ``norm``: constants under AttnLRP), differentiated under the Gradient rule:
     ``||x||_2``: ``G_x = G_y * x / y`` (0 where ``y = 0``); ``sum x^2``: ``G_x = 2 x G_y``."""
+    if not isinstance(ctx.rule, Gradient):
+        raise ctx.fail(f"rule {ctx.rule.name} does not apply to a norm statistic (Gradient differentiates it; "
+                       "ConstantStatistic makes it a constant)")
     node, xp = ctx.node, ctx.xp
     vx, vy, keep = _reduce_values(ctx)
     l2 = node.op_type == "ReduceL2"

@@ -19,10 +19,16 @@ def _basis_response(attrs: dict, opset: int, n_in: int, n_out: int, scale: float
     """``A^T`` (``n_in x n_out``): onnxruntime's Resize of ``eye(n_in)`` along its last axis."""
     import onnxruntime as ort
 
-    inputs = ["x", "", "scales"] if scale is not None else ["x", "", "", "sizes"]
+    old = opset < 13  # roi and scales are required inputs before opset 13 (empty tensors allowed)
+    inputs = (["x", "roi" if old else "", "scales"] if scale is not None
+              else ["x", "roi" if old else "", "scales" if old else "", "sizes"])
     node = helper.make_node("Resize", inputs, ["y"], **{k: v for k, v in attrs.items() if k not in _SKIP_ATTRS})
     inits = ([helper.make_tensor("scales", TensorProto.FLOAT, [2], [1.0, scale])] if scale is not None
              else [helper.make_tensor("sizes", TensorProto.INT64, [2], [n_in, n_out])])
+    if old:
+        inits.append(helper.make_tensor("roi", TensorProto.FLOAT, [0], []))
+        if scale is None:
+            inits.append(helper.make_tensor("scales", TensorProto.FLOAT, [0], []))
     graph = helper.make_graph([node], "resize_basis",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n_in, n_in])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
