@@ -29,12 +29,8 @@ import numpy as np
 from .._graph import Graph
 from ..rules import Gradient, Identity
 from ._base import OpContext, register
-from .fused import _key_mask, attention_vjp, attention_weights, check_domain, linear_epsilon, rotate, softmax_rows
-
-
-def _heads_first(t, n: int):
-    """``(.., S, n*d) -> (.., n, S, d)``."""
-    return t.reshape(t.shape[:-1] + (n, t.shape[-1] // n)).swapaxes(-2, -3)
+from .fused import (attention_vjp, attention_weights, check_domain, heads_first, key_mask, linear_epsilon, rotate,
+                    softmax_rows)
 
 
 def _heads_last(t):
@@ -107,7 +103,7 @@ def group_query_attention(ctx: OpContext):
             q, k, v = x[..., : heads * d], x[..., heads * d: (heads + kv_heads) * d], x[..., (heads + kv_heads) * d:]
         else:
             q, k, v = x, xp.where(rows_ok[..., None], env[vk], 0), xp.where(rows_ok[..., None], env[vv], 0)
-        Q, K, V = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+        Q, K, V = heads_first(q, heads), heads_first(k, kv_heads), heads_first(v, kv_heads)
         B, _, S, d = Q.shape
         if rotary:
             pos = xp.asarray(env[vpos]).astype(np.int64) if vpos else xp.arange(S)[None, :]
@@ -145,7 +141,7 @@ def group_query_attention(ctx: OpContext):
         if bool(((g != 0).any(axis=-1) & ~rows_ok).any()):
             raise ctx.fail("relevance reaches a padding row (position > seqlens_k): onnxruntime's "
                            "GroupQueryAttention assumes right padding, so its output there is undefined")
-        GQ, GK, GV = attention_vjp(xp, _heads_first(g, heads), Q, Kx, Vx, P, scale, weights, factor, eps)
+        GQ, GK, GV = attention_vjp(xp, heads_first(g, heads), Q, Kx, Vx, P, scale, weights, factor, eps)
         GK, GV = _group_sum(GK, kv_heads), _group_sum(GV, kv_heads)
         if rd:
             GQ, GK = rotate(GQ, c, s, rd, interleaved, inverse=True), rotate(GK, c, s, rd, interleaved, inverse=True)
@@ -195,13 +191,13 @@ def multi_head_attention(ctx: OpContext):
         if bias is not None:
             dq, dk = q.shape[-1], k.shape[-1]
             q, k, v = q + bias[:dq], k + bias[dq: dq + dk], v + bias[dq + dk:]
-        Q, K, V = _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads)
+        Q, K, V = heads_first(q, heads), heads_first(k, heads), heads_first(v, heads)
         scale = scale_attr or 1.0 / float(np.sqrt(Q.shape[-1]))
         scores = (Q @ K.swapaxes(-1, -2)) * scale
         if vattn:
             scores = scores + env[vattn]
         B, _, S, T = scores.shape
-        valid = _key_mask(xp, env[vmask] if vmask else None, B, S, T)
+        valid = key_mask(ctx, env[vmask] if vmask else None, B, S, T)
         if valid is not None:
             scores = xp.where(valid, scores, scores + filt)
         if causal:
@@ -213,7 +209,7 @@ def multi_head_attention(ctx: OpContext):
         if any(g is not None for g in gy[1:]):
             raise ctx.fail("relevance at the 'present' outputs is not supported")
         Q, K, V, P, scale = env.memo(key, lambda: forward(env))
-        parts = attention_vjp(xp, _heads_first(gy[0], heads), Q, K, V, P, scale, weights, eps=eps)
+        parts = attention_vjp(xp, heads_first(gy[0], heads), Q, K, V, P, scale, weights, eps=eps)
         return [_heads_last(p) if ctx.carrying(k) else None for k, p in enumerate(parts)] + [None] * (
             len(ctx.node.inputs) - 3)
 

@@ -103,10 +103,17 @@ def rotate(x, c, s, rd: int, interleaved: bool, inverse: bool = False):
     return out
 
 
-def _key_mask(xp, mask, B: int, S: int, T: int):
-    """Boolean (B, 1, S, T) of attended keys from an ``Attention`` ``mask_index`` (None: all keys)."""
+def heads_first(t, n: int):
+    """``(.., S, n*d) -> (.., n, S, d)``: split the last axis into ``n`` heads."""
+    return t.reshape(t.shape[:-1] + (n, t.shape[-1] // n)).swapaxes(-2, -3)
+
+
+def key_mask(ctx: OpContext, mask, B: int, S: int, T: int):
+    """Boolean (B, 1, S, T) of attended keys from an attention op's key mask (None: all keys): end positions
+    (B,), end and start positions (2B,), raw 0/1 (B, T) or (B, S, T)."""
     if mask is None:
         return None
+    xp = ctx.xp
     m = xp.asarray(mask)
     j = xp.arange(T)
     if m.ndim == 1 and m.shape[0] == B:  # end positions (right padding)
@@ -119,7 +126,7 @@ def _key_mask(xp, mask, B: int, S: int, T: int):
         return (m != 0)[:, None, None, :]
     if m.ndim == 3:  # raw (B, S, T)
         return (m != 0)[:, None, :, :]
-    raise ValueError(f"mask_index of shape {m.shape} is not supported")
+    raise ctx.fail(f"a key mask of shape {tuple(m.shape)} is not supported (batch {B}, {T} keys)")
 
 
 @register("Attention")
@@ -160,9 +167,6 @@ def attention(ctx: OpContext):
     vbias = ctx.value(ctx.input(5)) if ctx.input(5) else None
     key = f"fused-attention:{node.name}"
 
-    def heads_first(t, d):  # (B, S, N*d) -> (B, N, S, d)
-        return t.reshape(t.shape[:-1] + (heads, d)).swapaxes(-2, -3)
-
     def projection_scale(X, qkv):
         """``z / stab(z + gamma z+)`` of the eps/gamma rule on ``z = X W + b`` (None for the plain gradient)."""
         if not (gamma or eps):
@@ -173,14 +177,14 @@ def attention(ctx: OpContext):
     def forward(env):
         X = env[x]
         qkv = X @ Wc + (bc if bc is not None else 0)
-        Q = heads_first(qkv[..., :hq], hq // heads)
-        K = heads_first(qkv[..., hq:hq + hk], hk // heads)
-        V = heads_first(qkv[..., hq + hk:], hv // heads)
+        Q = heads_first(qkv[..., :hq], heads)
+        K = heads_first(qkv[..., hq:hq + hk], heads)
+        V = heads_first(qkv[..., hq + hk:], heads)
         S = (Q @ K.swapaxes(-1, -2)) * scale
         if vbias is not None:
             S = S + env[vbias]
         B, _, Sq, T = S.shape
-        valid = _key_mask(xp, env[vmask] if vmask else None, B, Sq, T)
+        valid = key_mask(ctx, env[vmask] if vmask else None, B, Sq, T)
         if valid is not None:  # masked keys: + mask_filter_value (a fully masked row stays a softmax)
             S = xp.where(valid, S, S + filt)
         if causal:  # future keys are excluded outright, as onnxruntime does

@@ -124,7 +124,9 @@ def skip_rms_norm(ctx: OpContext):
 def group_norm(ctx: OpContext):
     """``y = scale_c * (x - mean) / sigma + bias_c`` with statistics per sample over the spatial axes
     (InstanceNormalization) or per group of channels (GroupNormalization, ``num_groups``); channel axis 1.
-    Torch's GroupNorm is exported as ``Reshape -> InstanceNormalization -> Reshape -> Mul -> Add``."""
+    Torch's GroupNorm is exported as ``Reshape -> InstanceNormalization -> Reshape -> Mul -> Add``.
+    Rule (``gw = scale_c * G_y``): ConstantStatistic (AttnLRP) ``G_x = (gw - mean(gw)) / sigma`` (sigma constant,
+    the mean subtraction a linear map); Gradient: the full derivative including that of sigma."""
     xp = ctx.xp
     detach = _check_rule(ctx)
     if any(ctx.carrying(k) for k in (1, 2)):
