@@ -10,7 +10,7 @@ numpy arrays on the CPU, as CuPy arrays on CUDA (the same code path on both devi
 """
 from __future__ import annotations
 
-from typing import Any, Collection, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -25,18 +25,10 @@ from onnx import helper, numpy_helper
 
 from ._device import CPU, Device, check_session
 from ._graph import Graph
+from ._stream import copy_without_initializers, is_weight
 from .errors import InputError, ModelLoadError
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
-WEIGHT_MIN_ELEMENTS = 1024  # float initializers at least this large are bound as inputs, not serialised
-WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-
-
-def is_weight(t: onnx.TensorProto) -> bool:
-    """A large float initializer (a weight matrix, an embedding table, a norm scale of a wide model)."""
-    return t.data_type in WEIGHT_TYPES and int(np.prod(t.dims, dtype=np.int64)) >= WEIGHT_MIN_ELEMENTS
-
-
 # com.microsoft ops that pre-pack their constant inputs when the session is created
 _PREPACKING_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 
@@ -47,45 +39,6 @@ def prepacked_constants(graph: Any) -> set[str]:
     returns zeros when its scales come in as a graph input)."""
     return {i for n in graph.nodes if n.op_type in _PREPACKING_OPS and n.domain == "com.microsoft"
             for i in n.inputs[1:] if i and graph.is_initializer(i)}
-
-
-def split_weights(model: onnx.ModelProto, held: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A copy of ``model`` whose weights are data-less stubs (name, type, shape), and the weights as arrays.
-
-    Used on models onnx-lrp loaded itself, so the loaded protobuf (a second copy of every weight) can be freed.
-    ``held``: weights already read into arrays elsewhere (their initializers are stubs already).
-    """
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-               if is_weight(t) and t.name not in held}
-    slim = _copy_without_initializers(model)
-    for t in model.graph.initializer:
-        if t.name in weights or t.name in held:
-            stub = slim.graph.initializer.add()
-            stub.name, stub.data_type = t.name, t.data_type
-            stub.dims.extend(t.dims)
-        else:
-            slim.graph.initializer.append(t)
-    return slim, weights
-
-
-def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            _set_field(out, fd, value)
-    for fd, value in model.graph.ListFields():
-        if fd.name != "initializer":
-            _set_field(out.graph, fd, value)
-    return out
-
-
-def _set_field(msg: Any, fd: Any, value: Any) -> None:
-    if getattr(fd, "is_repeated", None) or getattr(fd, "label", None) == fd.LABEL_REPEATED:
-        getattr(msg, fd.name).extend(value)
-    elif fd.type == fd.TYPE_MESSAGE:
-        getattr(msg, fd.name).CopyFrom(value)
-    else:
-        setattr(msg, fd.name, value)
 
 
 def default_session_options() -> ort.SessionOptions:
@@ -142,7 +95,7 @@ class ForwardCapture:
     def _session_model(self) -> onnx.ModelProto:
         """The model with weights as graph inputs and the exposed tensors (and shapes) as extra outputs."""
         src = self.graph.model
-        model = _copy_without_initializers(src)
+        model = copy_without_initializers(src)
         weights = set(self.weight_names)
         model.graph.initializer.extend(
             numpy_helper.from_array(self.graph.constant(t.name), t.name) if t.name in self._prepacked else t

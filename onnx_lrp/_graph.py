@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ._stream import read_split
 from .errors import ModelLoadError
 
 FLOAT_TYPES = {
@@ -77,7 +78,7 @@ class Graph:
 
     def __init__(self, model: onnx.ModelProto, source: str = "model", constants: dict[str, np.ndarray] | None = None):
         """``constants``: values of initializers that ``model`` holds as data-less stubs (see
-        :func:`onnx_lrp._capture.split_weights`)."""
+        :func:`onnx_lrp._stream.split_weights`)."""
         self.model = model
         self.source = source
         g = model.graph
@@ -239,8 +240,6 @@ def load_split(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
     (weights ``None``: it is the user's, never changed). Returns (model, weights, description)."""
     if isinstance(model, onnx.ModelProto):
         return model, None, "ModelProto"
-    from ._stream import read_split
-
     path = model_path(model)
     proto, weights = read_split(path)
     _check_nodes(proto, path)

@@ -3,7 +3,7 @@
 ``onnx.load`` holds the file's bytes and the parsed protobuf at the same time (twice the model's size), and
 turning the weights into arrays afterwards makes a third copy of each. :func:`read_split` walks the protobuf
 wire format of the file instead: everything but the weights' data is parsed as usual (a few MB), and the data of
-each weight (a large float initializer, :func:`onnx_lrp._capture.is_weight`) is read from the file straight into
+each weight (a large float initializer, :func:`is_weight`) is read from the file straight into
 its numpy array, from the model file or from its external-data file. Peak memory while loading is then the
 weights once plus the graph's structure.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Collection, Iterator
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from .errors import ModelLoadError
 
@@ -23,23 +23,68 @@ _GRAPH = 7  # ModelProto.graph
 _INITIALIZER = 5  # GraphProto.initializer
 _RAW_DATA = 9  # TensorProto.raw_data
 _LEN = 2  # wire type of length-delimited fields
-_SMALL = 2048  # initializers shorter than this (bytes) cannot be weights (1024 elements of 2 bytes)
+WEIGHT_MIN_ELEMENTS = 1024  # float initializers at least this large are weights (bound as session inputs)
+# weight types and their byte layout in raw_data (little-endian)
 _DTYPES = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8"),
            onnx.TensorProto.FLOAT16: np.dtype("<f2")}
+WEIGHT_TYPES = set(_DTYPES)
+_SMALL = WEIGHT_MIN_ELEMENTS * 2  # initializers shorter than this (bytes) cannot be weights
+
+
+def is_weight(t: onnx.TensorProto) -> bool:
+    """A large float initializer (a weight matrix, an embedding table, a norm scale of a wide model)."""
+    return t.data_type in WEIGHT_TYPES and int(np.prod(t.dims, dtype=np.int64)) >= WEIGHT_MIN_ELEMENTS
+
+
+def split_weights(model: onnx.ModelProto, held: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` whose weights are data-less stubs (name, type, shape), and the weights as arrays.
+
+    Used on models onnx-lrp loaded itself, so the loaded protobuf (a second copy of every weight) can be freed.
+    ``held``: weights already read into arrays elsewhere (their initializers are stubs already).
+    """
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+               if is_weight(t) and t.name not in held}
+    slim = copy_without_initializers(model)
+    for t in model.graph.initializer:
+        if t.name in weights or t.name in held:
+            stub = slim.graph.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+        else:
+            slim.graph.initializer.append(t)
+    return slim, weights
+
+
+def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _set_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _set_field(out.graph, fd, value)
+    return out
+
+
+def _set_field(msg: Any, fd: Any, value: Any) -> None:
+    if getattr(fd, "is_repeated", None) or getattr(fd, "label", None) == fd.LABEL_REPEATED:
+        getattr(msg, fd.name).extend(value)
+    elif fd.type == fd.TYPE_MESSAGE:
+        getattr(msg, fd.name).CopyFrom(value)
+    else:
+        setattr(msg, fd.name, value)
 
 
 def read_split(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model at ``path`` with its weights as data-less stubs (name, type, shape), and the weights as arrays
     (the result of ``split_weights(onnx.load(path))`` without holding the model twice)."""
-    from ._capture import is_weight, split_weights
-
     weights: dict[str, np.ndarray] = {}
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         model = bytearray()
         for field, wire, key_at, start, end in _fields(f, 0, size, path):
             if field == _GRAPH and wire == _LEN:
-                graph = _read_graph(f, start, end, path, weights, is_weight)
+                graph = _read_graph(f, start, end, path, weights)
                 model += _key(_GRAPH) + _varint(len(graph)) + graph
             else:
                 model += _read(f, key_at, end, path)
@@ -47,13 +92,13 @@ def read_split(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         proto = onnx.ModelProto.FromString(bytes(model))
     except Exception as exc:  # protobuf's DecodeError
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
-    _read_external(proto, path.parent, weights, is_weight)
+    _read_external(proto, path.parent, weights)
     proto, rest = split_weights(proto, held=weights)  # weights stored another way (float_data)
     weights.update(rest)
     return proto, weights
 
 
-def _read_graph(f: BinaryIO, start: int, end: int, path: Path, weights: dict, is_weight) -> bytearray:
+def _read_graph(f: BinaryIO, start: int, end: int, path: Path, weights: dict) -> bytearray:
     """The GraphProto bytes in [start, end) with each weight's raw data moved into ``weights``."""
     out = bytearray()
     for field, wire, key_at, s, e in _fields(f, start, end, path):
@@ -65,7 +110,7 @@ def _read_graph(f: BinaryIO, start: int, end: int, path: Path, weights: dict, is
                 else:
                     stub += _read(f, tk, te, path)
             tensor = onnx.TensorProto.FromString(bytes(stub))
-            if raw is not None and is_weight(tensor) and tensor.data_type in _DTYPES:
+            if raw is not None and is_weight(tensor):
                 weights[tensor.name] = _read_array(f, raw[0], raw[1] - raw[0], tensor, path)
                 out += _key(_INITIALIZER) + _varint(len(stub)) + stub
                 continue
@@ -73,7 +118,7 @@ def _read_graph(f: BinaryIO, start: int, end: int, path: Path, weights: dict, is
     return out
 
 
-def _read_external(proto: onnx.ModelProto, base: Path, weights: dict, is_weight) -> None:
+def _read_external(proto: onnx.ModelProto, base: Path, weights: dict) -> None:
     """Weights kept in external-data files: read into arrays, their stubs cleared of the file reference;
     other external tensors loaded into the protobuf as ``onnx.load`` would."""
     for t in proto.graph.initializer:
@@ -86,7 +131,7 @@ def _read_external(proto: onnx.ModelProto, base: Path, weights: dict, is_weight)
                                  f"{info.get('location')!r}, outside the model's folder")
         if not file.exists():
             raise ModelLoadError(f"{base}: initializer {t.name!r}: external data file {file} is missing")
-        if is_weight(t) and t.data_type in _DTYPES:
+        if is_weight(t):
             dtype = _DTYPES[t.data_type]
             nbytes = int(info.get("length", int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize))
             with open(file, "rb") as f:

@@ -7,8 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnx_lrp import Explainer
-from onnx_lrp._capture import split_weights
-from onnx_lrp._stream import read_split
+from onnx_lrp._stream import read_split, split_weights
 from onnx_lrp.errors import ModelLoadError
 
 from _support import tiny_model
