@@ -15,11 +15,13 @@ import numpy as np
 
 from ._analysis import LINEAR_OPS, Analysis
 from ._graph import Graph
+from ._recompute import Program, RecomputeCache, find_program
 from .errors import OnnxLrpError
 from .ops import REGISTRY, OpContext
 from .ops.activation import region_backward
+from .ops.attention_blocks import Block, ChainUnit, block_backward, find_blocks
 from .ops._base import stabilise
-from .ops.linear import following_bias
+from .ops.linear import following_bias, product_weights
 from .rules import Epsilon, Rule
 
 
@@ -43,14 +45,17 @@ class Plan:
     shapes: set[str] = field(default_factory=set)  # tensors whose shape is read at run time
     keep: set[str] = field(default_factory=set)  # gradients kept (sources, collected tensors)
     release: list[tuple[str, ...]] = field(default_factory=list)  # per step: values read for the last time
+    recompute: dict[str, Program] = field(default_factory=dict)  # values recomputed instead of captured
 
 
 class Env:
     """What a backward step reads: forward tensors (run-time and static) and shapes."""
 
-    def __init__(self, xp: Any, dtype: Any, lead: int, values: dict, shapes: dict, static: dict):
+    def __init__(self, xp: Any, dtype: Any, lead: int, values: dict, shapes: dict, static: dict,
+                 recomputed: RecomputeCache | None = None):
         self.xp, self.dtype, self.lead = xp, dtype, lead
         self._values, self._shapes, self._static = values, shapes, static
+        self._recomputed = recomputed
         self._memo: dict[str, Any] = {}
 
     def __getitem__(self, name: str):
@@ -58,6 +63,8 @@ class Env:
         if v is None:
             v = self._static.get(name)
             if v is None:
+                if self._recomputed is not None and name in self._recomputed:
+                    return self._recomputed.get(name)
                 raise OnnxLrpError(f"tensor {name!r} is not available to the rules (not declared with ctx.value)")
         return v
 
@@ -67,6 +74,8 @@ class Env:
             v = self._values.pop(name, None)
             if v is not None and name not in self._shapes:
                 self._shapes[name] = tuple(v.shape)  # a later step may still read its shape
+            if self._recomputed is not None:
+                self._recomputed.release(name)
         self._memo.clear()
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -107,6 +116,9 @@ def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:
 def compile_plan(
     graph: Graph, analysis: Analysis, output: str, xp: Any, dtype: Any, collect: tuple[str, ...] = ()
 ) -> Plan:
+    """The plan explaining ``output``. Attention blocks (:mod:`onnx_lrp.ops.attention_blocks`) become one step
+    each that recomputes their probabilities; their masks are recomputed too where their inputs allow
+    (:mod:`onnx_lrp._recompute`), so no tensor of the size ``T x T`` is captured."""
     plan = Plan(output, [])
     by_name = {n.name: n for n in graph.nodes}
     gate_cache: dict[str, bool] = {}
@@ -114,41 +126,107 @@ def compile_plan(
     def is_gate(t: str) -> bool:
         return _is_gate(graph, analysis, t, gate_cache)
 
-    reads: list[set[str]] = []  # values each step reads
-    for name in reversed(relevant_nodes(graph, analysis, output)):
+    def context(name: str, values: set[str]) -> OpContext:
         region = analysis.regions.get(name)
-        node = by_name[name]
         rule = region.rule if region is not None else analysis.rules[name]
         kind = "unary" if region is not None else analysis.kinds[name]
+        return OpContext(graph, by_name[name], rule, kind, analysis.carrying, xp, dtype, values, plan.shapes,
+                         is_gate, analysis.composite)
+
+    blocks = _blocks(graph, analysis, set(collect), context)
+    inside = {u for b in blocks.values() for u in b.units}
+    reads: list[set[str]] = []  # values each step reads
+    for name in reversed(relevant_nodes(graph, analysis, output)):
+        if name in inside:
+            continue
         step_values: set[str] = set()
-        ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, step_values, plan.shapes, is_gate,
-                        analysis.composite)
-        # a region of several nodes, or of one node whose op computes y = f(x) from x read twice (x * x)
-        if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
-            back = region_backward(ctx, region.x, region.y)
-            step_values.update((region.x, region.y))
-            plan.steps.append(Step(name, "region", rule, [region.x], [region.y], back))
-            reads.append(step_values)
+        ctx = context(name, step_values)
+        if name in blocks:
+            step = _block_step(graph, analysis, blocks[name], ctx, context, step_values, plan.recompute)
+        else:
+            step = _unit_step(ctx, analysis, name)
+        if step is None:
             continue
-        builder = REGISTRY.get(node.op_type)
-        if builder is None:
-            raise OnnxLrpError(f"node {name!r}: no rule for op type {node.op_type}")
-        back = builder(ctx)
-        if back is None:
-            continue
-        eps, eps_bias = _epsilon_site(ctx, kind, analysis.kinds)
-        if eps:
-            step_values.add(node.outputs[0])
-        inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
-        plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps, eps_bias))
+        plan.steps.append(step)
         reads.append(step_values)
     plan.keep = set(analysis.sources) | set(collect) | analysis.token_inputs
     for r in reads:
         plan.values |= r
+    plan.values -= set(plan.recompute)
     plan.values.update(analysis.sources)
     plan.values.update(collect)
     plan.release = _last_reads(reads, plan.keep | set(graph.output_names))
     return plan
+
+
+def _unit_step(ctx: OpContext, analysis: Analysis, name: str) -> Step | None:
+    """The step of one node, or of a unary region (by the name of its last node)."""
+    region = analysis.regions.get(name)
+    node, rule = ctx.node, ctx.rule
+    # a region of several nodes, or of one node whose op computes y = f(x) from x read twice (x * x)
+    if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
+        back = region_backward(ctx, region.x, region.y)
+        ctx.value(region.x), ctx.value(region.y)
+        return Step(name, "region", rule, [region.x], [region.y], back)
+    builder = REGISTRY.get(node.op_type)
+    if builder is None:
+        raise OnnxLrpError(f"node {name!r}: no rule for op type {node.op_type}")
+    back = builder(ctx)
+    if back is None:
+        return None
+    eps, eps_bias = _epsilon_site(ctx, ctx.kind, analysis.kinds)
+    if eps:
+        ctx.value(node.outputs[0])
+    inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
+    return Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps, eps_bias)
+
+
+def _blocks(graph: Graph, analysis: Analysis, collect: set[str], context: Callable) -> dict[str, Block]:
+    """The attention blocks whose inner nodes take no eps-LRP stabiliser (it would need their ``T x T`` output)."""
+    found = find_blocks(graph, analysis.carrying, analysis.region_of, analysis.regions,
+                        collect | set(graph.output_names))
+    out = {}
+    for name, b in found.items():
+        inner = [n for n in b.nodes if n is not b.pv and n.name in analysis.kinds]
+        if all(not _epsilon_site(context(n.name, set()), analysis.kinds[n.name], analysis.kinds)[0] for n in inner):
+            out[name] = b
+    return out
+
+
+def _block_step(graph: Graph, analysis: Analysis, block: Block, ctx: OpContext, context: Callable,
+                values: set[str], recompute: dict[str, Program]) -> Step:
+    """One step for an attention block (by its ``P V`` MatMul): rules of ``A Bt``, the score chain and ``P V``."""
+    carrying = analysis.carrying
+    ca, cb, cp, cv = (t in carrying for t in (block.a, block.bt, block.pv.inputs[0], block.v))
+    wa, wb = (product_weights(context(block.qk.name, set()), [0, 1]) if (ca and cb) else (float(ca), float(cb)))
+    wp, wv = product_weights(ctx, [0, 1]) if (cp and cv) else (float(cp), float(cv))
+    units = []
+    for name in [u for u in dict.fromkeys(analysis.region_of.get(n.name, n.name) for n in block.chain)]:
+        uctx = context(name, set())
+        region = analysis.regions.get(name)
+        if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
+            units.append(ChainUnit(region_backward(uctx, region.x, region.y)))
+        else:
+            chain_in = next(k for k, i in enumerate(uctx.node.inputs) if i in carrying)
+            units.append(ChainUnit(REGISTRY[uctx.node.op_type](uctx), chain_in))
+    values.update((block.a, block.bt, block.v))
+    chain_out = {n.outputs[0] for n in block.chain} | {block.qk.outputs[0]}
+    for n in block.chain:
+        values.update(i for i in n.inputs if i and i not in chain_out)
+    values.update(n.inputs[1] for n in block.after if n.op_type == "Reshape")
+    for side in block.sides:
+        if side in graph.input_names:
+            continue
+        prog = recompute.get(side) or find_program(graph, carrying, side)
+        if prog is not None:
+            recompute[side] = prog
+            values.update(prog.cuts)
+    eps, eps_bias = _epsilon_site(ctx, ctx.kind, analysis.kinds)
+    if eps:
+        values.add(block.pv.outputs[0])
+    back = block_backward(block, units, (wa, wb, wp, wv), (ca, cb, cv), ctx.xp)
+    inputs = [block.a if ca else None, block.bt if cb else None, block.v if cv else None]
+    return Step(block.pv.name, "attention", ctx.rule, inputs, list(block.pv.outputs), back, eps, eps_bias)
 
 
 SUM_OPS = ("Add", "Sub", "Sum")

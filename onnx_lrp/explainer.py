@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 
 from ._analysis import Analysis, analyse, graph_output_is_float
-from ._capture import ForwardCapture
+from ._capture import ForwardCapture, default_session_options
 from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
+from ._recompute import Recompute, RecomputeCache
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
 from .composites import Composite, get_composite
@@ -107,6 +108,7 @@ class Explainer:
         self._static: dict[str, Any] = {}
         self.default_output = self._default_output()
         self._capture = ForwardCapture(self.graph, self._device, session_options)
+        self._recompute = Recompute(lambda: session_options or default_session_options())
         self._plan(self.default_output, ())
 
     # ------------------------------------------------------------------ public
@@ -184,7 +186,11 @@ class Explainer:
         del values  # run_values holds the only references: the engine frees each tensor after its last use
         y = outputs[output]
         w, lead, tgt, pos = self._start(to_numpy(y), target, position, output_relevance, feeds)
-        env = Env(xp, dtype, lead, run_values, shapes, self._static)
+        recomputed = None
+        if plan.recompute:
+            leaf = lambda t: feeds[t] if t in feeds else run_values[t]  # noqa: E731
+            recomputed = RecomputeCache(self._recompute, plan.recompute, leaf, lambda a: to_compute(xp, dtype, a))
+        env = Env(xp, dtype, lead, run_values, shapes, self._static, recomputed)
         w = xp.asarray(w, dtype=dtype)
         with blas_threads(xp, self.blas_threads):
             grads = run_plan(plan, env, {output: w})
