@@ -2,8 +2,9 @@
 model builder) and ``MultiHeadAttention`` (onnxruntime's transformer optimizer), explained with an empty cache.
 
 Both recompute the forward from the captured inputs and take the fused ``Attention`` rule of
-:mod:`~onnx_lrp.ops.fused` (:func:`~onnx_lrp.ops.fused.attention_vjp`: the composite's *product* rule on
-``Q K^T`` and ``P V``, softmax VJP), so relevance matches the unfused graph of the same model.
+:mod:`~onnx_lrp.ops.fused` (:func:`~onnx_lrp.ops.fused.fused_attention_backward`: the composite's *product* rule
+on ``Q K^T`` and ``P V``, softmax VJP, in blocks of query rows), so relevance matches the unfused graph of the same
+model.
 
 ``GroupQueryAttention``: ``query`` is ``Q`` or packed ``[Q K V]`` (``(B, S, (N + 2 Nkv) d)``); query head ``h``
 reads key/value head ``h // (N / Nkv)``, so ``G_K``, ``G_V`` sum over each group. With ``do_rotary`` the op
@@ -29,8 +30,9 @@ import numpy as np
 from .._graph import Graph
 from ..rules import Gradient, Identity
 from ._base import OpContext, register
-from .fused import (attention_vjp, attention_weights, check_domain, heads_first, key_mask, linear_epsilon, rotate,
-                    softmax_rows)
+from .attention_blocks import rows_of
+from .fused import (attention_weights, check_domain, fused_attention_backward, heads_first, key_mask, linear_epsilon,
+                    rotate)
 
 
 def _heads_last(t):
@@ -115,33 +117,38 @@ def group_query_attention(ctx: OpContext):
         group = heads // kv_heads
         Kx, Vx = xp.repeat(K, group, axis=-3), xp.repeat(V, group, axis=-3)
         scale = scale_attr or 1.0 / float(np.sqrt(d))
-        scores = (Q @ Kx.swapaxes(-1, -2)) * scale
-        factor = None
-        if softcap > 0:  # c tanh(s / c): its tanh takes the composite's unary rule, as in the unfused graph
-            u = scores / softcap
-            t = xp.tanh(u)
-            factor = t / (u + tanh_rule.epsilon) if isinstance(tanh_rule, Identity) else 1 - t * t
-            scores = softcap * t
-        if vbias:
-            scores = scores + env[vbias]
-        i, j = xp.arange(S)[:, None], xp.arange(S)[None, :]
-        keep = j <= i
-        if window > 0:
-            keep = keep & (i - j < window)  # the window counts the query's own key (onnxruntime 1.32)
-        keep = keep[None, None] & (j[None, None] <= last[:, None, None, None])
-        pad = ~rows_ok[:, None, :, None]  # padding rows (maybe without any key): P = 0 there
-        P = xp.where(pad, 0, softmax_rows(xp, xp.where(keep | pad, scores, -xp.inf)))
-        return Q, Kx, Vx, P, scale, factor, (c, s, rd), rows_ok
+        bias_full = env[vbias] if vbias else None
+
+        def scores(Z, r0, r1):
+            s_ = Z * scale
+            factor = None
+            if softcap > 0:  # c tanh(s / c): its tanh takes the composite's unary rule, as in the unfused graph
+                u = s_ / softcap
+                t = xp.tanh(u)
+                factor = t / (u + tanh_rule.epsilon) if isinstance(tanh_rule, Identity) else 1 - t * t
+                s_ = softcap * t
+            if bias_full is not None:
+                s_ = s_ + rows_of(bias_full, r0, r1, S)
+            i, j = xp.arange(r0, r1)[:, None], xp.arange(S)[None, :]
+            keep = j <= i
+            if window > 0:
+                keep = keep & (i - j < window)  # the window counts the query's own key (onnxruntime 1.32)
+            # keys up to seqlens_k; padding rows (maybe without any key) get no key at all: P = 0 there
+            keep = keep[None, None] & (j[None, None] <= last[:, None, None, None]) & rows_ok[:, None, r0:r1, None]
+            s_ = xp.where(keep, s_, -xp.inf)
+            return s_, (lambda GS: GS * (scale * factor)) if factor is not None else (lambda GS: GS * scale)
+
+        return Q, Kx, Vx, scores, (c, s, rd), rows_ok
 
     def back(env, gy):
         if any(g is not None for g in gy[1:]):
             raise ctx.fail("relevance at the 'present' outputs is not supported")
-        Q, Kx, Vx, P, scale, factor, (c, s, rd), rows_ok = env.memo(key, lambda: forward(env))
+        Q, Kx, Vx, scores, (c, s, rd), rows_ok = env.memo(key, lambda: forward(env))
         g = gy[0]
         if bool(((g != 0).any(axis=-1) & ~rows_ok).any()):
             raise ctx.fail("relevance reaches a padding row (position > seqlens_k): onnxruntime's "
                            "GroupQueryAttention assumes right padding, so its output there is undefined")
-        GQ, GK, GV = attention_vjp(xp, heads_first(g, heads), Q, Kx, Vx, P, scale, weights, factor, eps)
+        GQ, GK, GV = fused_attention_backward(xp, heads_first(g, heads), Q, Kx, Vx, scores, weights, eps)
         GK, GV = _group_sum(GK, kv_heads), _group_sum(GV, kv_heads)
         if rd:
             GQ, GK = rotate(GQ, c, s, rd, interleaved, inverse=True), rotate(GK, c, s, rd, interleaved, inverse=True)
@@ -193,23 +200,29 @@ def multi_head_attention(ctx: OpContext):
             q, k, v = q + bias[:dq], k + bias[dq: dq + dk], v + bias[dq + dk:]
         Q, K, V = heads_first(q, heads), heads_first(k, heads), heads_first(v, heads)
         scale = scale_attr or 1.0 / float(np.sqrt(Q.shape[-1]))
-        scores = (Q @ K.swapaxes(-1, -2)) * scale
-        if vattn:
-            scores = scores + env[vattn]
-        B, _, S, T = scores.shape
+        B, _, S, _ = Q.shape
+        T = K.shape[-2]
+        bias_full = env[vattn] if vattn else None
         valid = key_mask(ctx, env[vmask] if vmask else None, B, S, T)
-        if valid is not None:
-            scores = xp.where(valid, scores, scores + filt)
-        if causal:
-            tri = xp.arange(T)[None, :] <= xp.arange(S)[:, None] + (T - S)
-            scores = xp.where(tri, scores, -xp.inf)
-        return Q, K, V, softmax_rows(xp, scores), scale
+
+        def scores(Z, r0, r1):
+            s_ = Z * scale
+            if bias_full is not None:
+                s_ = s_ + rows_of(bias_full, r0, r1, S)
+            if valid is not None:
+                s_ = xp.where(rows_of(valid, r0, r1, S), s_, s_ + filt)
+            if causal:
+                tri = xp.arange(T)[None, :] <= xp.arange(r0, r1)[:, None] + (T - S)
+                s_ = xp.where(tri, s_, -xp.inf)
+            return s_, lambda GS: GS * scale
+
+        return Q, K, V, scores
 
     def back(env, gy):
         if any(g is not None for g in gy[1:]):
             raise ctx.fail("relevance at the 'present' outputs is not supported")
-        Q, K, V, P, scale = env.memo(key, lambda: forward(env))
-        parts = attention_vjp(xp, heads_first(gy[0], heads), Q, K, V, P, scale, weights, eps=eps)
+        Q, K, V, scores = env.memo(key, lambda: forward(env))
+        parts = fused_attention_backward(xp, heads_first(gy[0], heads), Q, K, V, scores, weights, eps=eps)
         return [_heads_last(p) if ctx.carrying(k) else None for k, p in enumerate(parts)] + [None] * (
             len(ctx.node.inputs) - 3)
 

@@ -28,6 +28,7 @@ from onnx import helper
 
 from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform
 from ._base import OpContext, register, stabilise
+from .attention_blocks import attention_backward, rows_of
 
 MS_DOMAIN = "com.microsoft"
 
@@ -49,12 +50,6 @@ def attention_weights(ctx: OpContext) -> tuple[float, float, float]:
     raise ctx.fail(f"rule {rule.name} does not apply to fused attention (use Uniform, ConstantGate or Gradient)")
 
 
-def softmax_rows(xp, S):
-    """``softmax(S)`` over the last axis (``-inf`` entries are excluded keys)."""
-    P = xp.exp(S - S.max(axis=-1, keepdims=True))
-    return P / P.sum(axis=-1, keepdims=True)
-
-
 def linear_epsilon(ctx: OpContext) -> float:
     """The ``eps`` of eps-LRP on ``O = P V`` with ``P`` constant: the composite's linear rule if it is
     :class:`~onnx_lrp.rules.Epsilon` (the engine applies no other rule's eps to the unfused ``MatMul``), else 0."""
@@ -62,27 +57,20 @@ def linear_epsilon(ctx: OpContext) -> float:
     return lin.epsilon if isinstance(lin, Epsilon) else 0.0
 
 
-def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float, float], score_factor=None,
-                  eps: float = 0.0):
-    """``(G_Q, G_K, G_V)`` of ``O = softmax(scale Q K^T + mask) V`` (heads first, ``(.., N, S, d)``) with the
-    product weights of :func:`attention_weights`: ``G_V = wV P^T G_O``, ``G_P = wP G_O V^T``, softmax VJP
-    ``G_S = P (G_P - sum(P G_P))``, ``G_Q = wQK scale G_S K``, ``G_K = wQK scale G_S^T Q``. ``score_factor``:
-    an element-wise map between ``scale Q K^T`` and the softmax input (a soft-cap) multiplies ``G_S`` by it.
-    ``eps`` (eps-LRP of the composite's linear rule): with ``P`` constant (``wP = 0``), ``O = P V`` is a linear
-    map of ``V`` and ``G_O`` is first scaled by ``O / stab(O)``, as on the unfused ``MatMul``."""
+def fused_attention_backward(xp, GO, Q, K, V, scores, weights: tuple[float, float, float], eps: float = 0.0):
+    """``(G_Q, G_K, G_V)`` of ``O = softmax(scores(Q K^T)) V`` (heads first, ``(.., N, S, d)``) with the product
+    weights of :func:`attention_weights`, in blocks of query rows
+    (:func:`~onnx_lrp.ops.attention_blocks.attention_backward`: ``G_V = wV P^T G_O``, ``G_P = wP G_O V^T``, softmax
+    VJP, ``G_Q = wQK G_Z K``, ``G_K = wQK G_Z^T Q``). ``scores(Z_r, r0, r1) -> (S_r, back)`` applies the op's scale,
+    soft-cap, bias and masks to rows ``r0:r1``. ``eps`` (eps-LRP of the composite's linear rule): with ``P``
+    constant (``wP = 0``), ``O = P V`` is a linear map of ``V`` and ``G_O`` is first scaled by ``O / stab(O)``,
+    as on the unfused ``MatMul``."""
     wP, wV, wQK = weights
-    if eps and not wP:
-        O = P @ V
-        GO = GO * (O / stabilise(xp, O, eps))
-    GV = (P.swapaxes(-1, -2) @ GO) * wV
-    if not wP:
-        zeros = xp.zeros(GV.shape[:-2] + (P.shape[-2], Q.shape[-1]), dtype=GO.dtype)
-        return zeros, xp.zeros(GV.shape[:-1] + (K.shape[-1],), dtype=GO.dtype), GV
-    GP = (GO @ V.swapaxes(-1, -2)) * wP
-    GS = P * (GP - (P * GP).sum(axis=-1, keepdims=True)) * (scale * wQK)
-    if score_factor is not None:
-        GS = GS * score_factor
-    return GS @ K, GS.swapaxes(-1, -2) @ Q, GV
+    GQ, GKt, GV = attention_backward(xp, GO, Q, K.swapaxes(-1, -2), V, scores, (wQK, wQK, wP, wV), eps)
+    if GQ is None:
+        GQ = xp.zeros(GV.shape[:-2] + Q.shape[-2:], dtype=GO.dtype)
+    GK = GKt.swapaxes(-1, -2) if GKt is not None else xp.zeros(GV.shape[:-2] + K.shape[-2:], dtype=GO.dtype)
+    return GQ, GK, GV
 
 
 def rotate(x, c, s, rd: int, interleaved: bool, inverse: bool = False):
@@ -180,26 +168,32 @@ def attention(ctx: OpContext):
         Q = heads_first(qkv[..., :hq], heads)
         K = heads_first(qkv[..., hq:hq + hk], heads)
         V = heads_first(qkv[..., hq + hk:], heads)
-        S = (Q @ K.swapaxes(-1, -2)) * scale
-        if vbias is not None:
-            S = S + env[vbias]
-        B, _, Sq, T = S.shape
+        B, _, Sq, _ = Q.shape
+        T = K.shape[-2]
+        bias_full = env[vbias] if vbias is not None else None
         valid = key_mask(ctx, env[vmask] if vmask else None, B, Sq, T)
-        if valid is not None:  # masked keys: + mask_filter_value (a fully masked row stays a softmax)
-            S = xp.where(valid, S, S + filt)
-        if causal:  # future keys are excluded outright, as onnxruntime does
-            tri = xp.arange(T)[None, :] <= xp.arange(Sq)[:, None] + (T - Sq)
-            S = xp.where(tri, S, -xp.inf)
-        return Q, K, V, softmax_rows(xp, S), projection_scale(X, qkv)
+
+        def scores(Z, r0, r1):
+            S = Z * scale
+            if bias_full is not None:
+                S = S + rows_of(bias_full, r0, r1, Sq)
+            if valid is not None:  # masked keys: + mask_filter_value (a fully masked row stays a softmax)
+                S = xp.where(rows_of(valid, r0, r1, Sq), S, S + filt)
+            if causal:  # future keys are excluded outright, as onnxruntime does
+                tri = xp.arange(T)[None, :] <= xp.arange(r0, r1)[:, None] + (T - Sq)
+                S = xp.where(tri, S, -xp.inf)
+            return S, lambda GS: GS * scale
+
+        return Q, K, V, scores, projection_scale(X, qkv)
 
     def back(env, gy):
         if len(gy) > 1 and any(g is not None for g in gy[1:]):
             raise ctx.fail("relevance at the 'present' output is not supported")
-        Q, K, V, P, zscale = env.memo(key, lambda: forward(env))
+        Q, K, V, scores, zscale = env.memo(key, lambda: forward(env))
         g = gy[0]
         dv = hv // heads
         GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
-        parts = attention_vjp(xp, GO, Q, K, V, P, scale, weights, eps=linear_epsilon(ctx))
+        parts = fused_attention_backward(xp, GO, Q, K, V, scores, weights, eps=linear_epsilon(ctx))
         flat = [p.swapaxes(-2, -3) for p in parts]  # (.., B, S, N, d)
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
         if zscale is not None:
