@@ -26,9 +26,12 @@ from onnx import helper, numpy_helper
 from ._device import CPU, Device, check_session
 from ._graph import Graph
 from ._stream import copy_without_initializers, is_weight
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, ResourceError
+from .ops.attention_blocks import Block
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
+# how onnxruntime reports an allocation that failed
+_ALLOCATION_FAILURES = ("Failed to allocate memory", "bad_alloc", "BFCArena", "out of memory")
 # com.microsoft ops that pre-pack their constant inputs when the session is created
 _PREPACKING_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 
@@ -59,10 +62,13 @@ class ForwardCapture:
     """An onnxruntime session over the model with extra outputs; rebuilt only when new tensors are needed.
 
     ``device``: where the session runs and the outputs live (:mod:`onnx_lrp._device`): on the CPU, weights are
-    bound from and outputs returned as numpy arrays; on CUDA, as CuPy arrays on the GPU.
+    bound from and outputs returned as numpy arrays; on CUDA, as CuPy arrays on the GPU. ``attention``: attention
+    blocks (:func:`~onnx_lrp.ops.attention_blocks.find_blocks`) that runs on long inputs may evaluate in chunks of
+    query rows (:func:`chunk_attention`), so that the forward holds one chunk of one layer's scores at a time.
     """
 
-    def __init__(self, graph: Graph, device: Device = CPU, session_options: ort.SessionOptions | None = None):
+    def __init__(self, graph: Graph, device: Device = CPU, session_options: ort.SessionOptions | None = None,
+                 attention: dict[str, Block] | None = None):
         self.graph = graph
         self.device = device
         self.providers = list(device.providers)
@@ -70,6 +76,9 @@ class ForwardCapture:
         self.exposed: set[str] = set()
         self.shape_exposed: set[str] = set()
         self.session: ort.InferenceSession | None = None
+        self.attention = attention or {}
+        self._chunked: dict[int, ort.InferenceSession] = {}  # sessions by chunks per attention block
+        self._rank_of: dict[str, int | None] | None = None
         init = graph.model.graph.initializer
         self._prepacked = prepacked_constants(graph)
         self.weight_names = [t.name for t in init if is_weight(t) and t.name not in self._prepacked]
@@ -91,8 +100,9 @@ class ForwardCapture:
         self.exposed |= values
         self.shape_exposed |= shapes
         self.session = self._session(self._session_model())
+        self._chunked.clear()
 
-    def _session_model(self) -> onnx.ModelProto:
+    def _session_model(self, chunks: int = 1) -> onnx.ModelProto:
         """The model with weights as graph inputs and the exposed tensors (and shapes) as extra outputs."""
         src = self.graph.model
         model = copy_without_initializers(src)
@@ -108,7 +118,9 @@ class ForwardCapture:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
         # each Shape node right after the producer of its tensor (see default_session_options)
         del model.graph.node[:]
-        for node in src.graph.node:
+        nodes = (chunk_attention(self.graph.nodes, self.chunkable(), chunks, self._ranks()) if chunks > 1
+                 else [n.proto for n in self.graph.nodes])
+        for node in nodes:
             model.graph.node.append(node)
             for o in node.output:
                 if o in self.shape_exposed:
@@ -131,11 +143,61 @@ class ForwardCapture:
         check_session(session, self.device.name, self.graph.source)
         return session
 
-    def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str]) -> tuple[dict, dict]:
-        """Run once; returns (tensor values by name, shapes by name). Values live on the capture's device."""
+    def chunkable(self) -> list[Block]:
+        """Blocks whose inner tensors are neither returned nor shape-read, that reshape no scores, and whose
+        chain operands have known ranks."""
+        seen = self.exposed | self.shape_exposed | set(self.graph.output_names)
+        ranks = self._ranks()
+        out = []
+        for b in self.attention.values():
+            inner = {o for n in b.nodes if n is not b.pv for o in n.outputs}
+            if (not inner & seen and all(n.op_type != "Reshape" for n in b.chain + b.after)
+                    and all(ranks.get(s) is not None for s in _chain_operands(b))):
+                out.append(b)
+        return out
+
+    def _ranks(self) -> dict[str, int | None]:
+        """Ranks of the attention chains' operands: from their values (constants) or onnx shape inference."""
+        if self._rank_of is None:
+            operands = {s for b in self.attention.values() for s in _chain_operands(b)}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.graph.model, data_prop=True).graph.value_info
+            except Exception:  # shape inference refuses some contrib graphs: nothing is chunked then
+                inferred = []
+            known = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred
+                     if v.type.tensor_type.HasField("shape")}
+            self._rank_of = {}
+            for s in operands:
+                c = self.graph.constant(s)
+                self._rank_of[s] = c.ndim if c is not None else known.get(s)
+        return self._rank_of
+
+    def chunked_session(self, chunks: int) -> ort.InferenceSession:
+        """The session whose attention blocks run in ``chunks`` chunks of query rows (1: the plain one)."""
+        assert self.session is not None
+        if chunks <= 1 or not self.chunkable():
+            return self.session
+        sess = self._chunked.get(chunks)
+        if sess is None:
+            sess = self._chunked[chunks] = self._session(self._session_model(chunks))
+        return sess
+
+    def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str],
+            chunks: int = 1) -> tuple[dict, dict]:
+        """Run once; returns (tensor values by name, shapes by name). Values live on the capture's device.
+        ``chunks``: attention blocks in that many chunks of query rows (:meth:`chunked_session`)."""
         assert self.session is not None
         names = list(dict.fromkeys(list(values) + [SHAPE_PREFIX + s for s in shapes]))
-        binding = self.session.io_binding()
+        out_values, out_shapes = {}, {}
+        for n, ov in zip(names, self._run(self.chunked_session(chunks), feeds, names)):
+            if n.startswith(SHAPE_PREFIX):
+                out_shapes[n[len(SHAPE_PREFIX) :]] = tuple(int(d) for d in ov.numpy())
+            else:
+                out_values[n] = self._wrap(ov)
+        return out_values, out_shapes
+
+    def _run(self, session: ort.InferenceSession, feeds: dict, names: list[str]) -> list:
+        binding = session.io_binding()
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
         for name, arr in self._weights.items():
@@ -144,16 +206,14 @@ class ForwardCapture:
             on_host = n.startswith(SHAPE_PREFIX) or self.device.name == "cpu"
             binding.bind_output(n, "cpu" if on_host else self.device.name, 0 if on_host else self.device.index)
         try:
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         except Exception as exc:
-            raise InputError(f"{self.graph.source}: onnxruntime failed on these inputs: {exc}") from exc
-        out_values, out_shapes = {}, {}
-        for n, ov in zip(names, binding.get_outputs()):
-            if n.startswith(SHAPE_PREFIX):
-                out_shapes[n[len(SHAPE_PREFIX) :]] = tuple(int(d) for d in ov.numpy())
-            else:
-                out_values[n] = self._wrap(ov)
-        return out_values, out_shapes
+            sizes = {k: tuple(v.shape) for k, v in feeds.items()}
+            if isinstance(exc, MemoryError) or any(m in str(exc) for m in _ALLOCATION_FAILURES):
+                raise ResourceError(f"{self.graph.source}: onnxruntime ran out of memory on inputs of shapes {sizes} "
+                                    f"({exc}); explain fewer tokens or a smaller batch") from exc
+            raise InputError(f"{self.graph.source}: onnxruntime failed on inputs of shapes {sizes}: {exc}") from exc
+        return binding.get_outputs()
 
     def _bind_weight(self, binding: Any, name: str, arr: Any) -> None:
         if isinstance(arr, np.ndarray):
@@ -168,6 +228,75 @@ class ForwardCapture:
     @property
     def active_providers(self) -> list[str]:
         return self.session.get_providers() if self.session is not None else []
+
+
+def chunk_attention(nodes: list[Any], blocks: list[Block], n: int, ranks: dict[str, int | None]
+                    ) -> list[onnx.NodeProto]:
+    """The graph's ``nodes`` (:class:`~onnx_lrp._graph.Node`) as protos, each attention block
+    ``O = softmax(f(A Bt)) V`` evaluated in ``n`` chunks of query rows.
+
+    Chunk ``c`` takes rows ``[c k, (c + 1) k)`` of ``A`` (``k = ceil(rows / n)``, the last chunks may be empty)
+    and of every operand of the score chain ``f`` of rank >= 2 (a mask ``(B, 1, rows, T)``; one with a single row
+    is broadcast as before), runs the block's own nodes on them, and the chunks' outputs are concatenated: the
+    same arithmetic row by row, with one chunk's scores and probabilities alive at a time.
+    """
+    by_pv = {b.pv.name: b for b in blocks}
+    dropped = {m.name for b in blocks for m in b.nodes}
+    out: list[onnx.NodeProto] = []
+    for node in nodes:
+        b = by_pv.get(node.name)
+        if b is not None:
+            out.extend(_chunked_block(b, n, ranks))
+        elif node.name not in dropped:
+            out.append(node.proto)
+    return out
+
+
+def _chain_operands(b: Block) -> list[str]:
+    inner = {b.qk.outputs[0]} | {o for m in b.chain for o in m.outputs}
+    return list(dict.fromkeys(i for m in b.chain for i in m.inputs if i and i not in inner))
+
+
+def _chunked_block(b: Block, n: int, ranks: dict[str, int | None]) -> list[onnx.NodeProto]:
+    p = f"onnx_lrp::chunk::{b.pv.name}::"
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, values: list[int]) -> str:
+        nodes.append(helper.make_node("Constant", [], [p + name], name=p + name,
+                                      value=numpy_helper.from_array(np.array(values, dtype=np.int64))))
+        return p + name
+
+    def op(op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op_type, inputs, [p + name], name=p + name, **attrs))
+        return p + name
+
+    minus2, axis, one = const("minus2", [-2]), const("axis", [-2]), const("one", [1])
+    rows = op("Gather", [op("Shape", [b.a], "shape_a"), minus2], "rows")
+    k = op("Div", [op("Add", [rows, const("n_minus_1", [n - 1])], "rows_up"), const("n", [n])], "k")
+    sides = [s for s in _chain_operands(b) if (ranks.get(s) or 0) >= 2]
+    dims = {s: op("Gather", [op("Shape", [s], f"shape_{j}"), minus2], f"dim_{j}") for j, s in enumerate(sides)}
+    bounds = [op("Mul", [k, const(f"c{c}", [c])], f"bound{c}") for c in range(n + 1)]
+    results = []
+    for c in range(n):
+        start, end = bounds[c], bounds[c + 1]
+        names = {b.a: op("Slice", [b.a, start, end, axis], f"a{c}")}
+        for j, s in enumerate(sides):  # rows of a row-shaped operand; a one-row operand stays whole
+            last = op("Sub", [dims[s], one], f"last_{j}_{c}")
+            names[s] = op("Slice", [s, op("Min", [start, last], f"s_{j}_{c}"), op("Min", [end, dims[s]], f"e_{j}_{c}"),
+                                    axis], f"side_{j}_{c}")
+        for m in [b.qk, *b.chain, b.softmax, *b.after, b.pv]:
+            node = onnx.NodeProto()
+            node.CopyFrom(m.proto)
+            node.name = f"{p}{m.name}#{c}"
+            for i, t in enumerate(node.input):
+                node.input[i] = names.get(t, t)
+            for i, t in enumerate(node.output):
+                if t:
+                    names[t] = node.output[i] = f"{p}{t}#{c}"
+            nodes.append(node)
+        results.append(names[b.pv.outputs[0]])
+    nodes.append(helper.make_node("Concat", results, [b.pv.outputs[0]], name=p + "concat", axis=-2))
+    return nodes
 
 
 def array_view(ov: Any, xp: Any) -> Any:

@@ -126,12 +126,12 @@ def compile_plan(
     def is_gate(t: str) -> bool:
         return _is_gate(graph, analysis, t, gate_cache)
 
-    def context(name: str, values: set[str]) -> OpContext:
+    def context(name: str, values: set[str], shapes: set[str] | None = None) -> OpContext:
         region = analysis.regions.get(name)
         rule = region.rule if region is not None else analysis.rules[name]
         kind = "unary" if region is not None else analysis.kinds[name]
-        return OpContext(graph, by_name[name], rule, kind, analysis.carrying, xp, dtype, values, plan.shapes,
-                         is_gate, analysis.composite)
+        return OpContext(graph, by_name[name], rule, kind, analysis.carrying, xp, dtype, values,
+                         plan.shapes if shapes is None else shapes, is_gate, analysis.composite)
 
     blocks = _blocks(graph, analysis, set(collect), context)
     inside = {u for b in blocks.values() for u in b.units}
@@ -188,7 +188,8 @@ def _blocks(graph: Graph, analysis: Analysis, collect: set[str], context: Callab
     out = {}
     for name, b in found.items():
         inner = [n for n in b.nodes if n is not b.pv and n.name in analysis.kinds]
-        if all(not _epsilon_site(context(n.name, set()), analysis.kinds[n.name], analysis.kinds)[0] for n in inner):
+        if all(not _epsilon_site(context(n.name, set(), set()), analysis.kinds[n.name], analysis.kinds)[0]
+               for n in inner):
             out[name] = b
     return out
 
@@ -198,11 +199,12 @@ def _block_step(graph: Graph, analysis: Analysis, block: Block, ctx: OpContext, 
     """One step for an attention block (by its ``P V`` MatMul): rules of ``A Bt``, the score chain and ``P V``."""
     carrying = analysis.carrying
     ca, cb, cp, cv = (t in carrying for t in (block.a, block.bt, block.pv.inputs[0], block.v))
-    wa, wb = (product_weights(context(block.qk.name, set()), [0, 1]) if (ca and cb) else (float(ca), float(cb)))
+    wa, wb = (product_weights(context(block.qk.name, set(), set()), [0, 1]) if (ca and cb)
+              else (float(ca), float(cb)))
     wp, wv = product_weights(ctx, [0, 1]) if (cp and cv) else (float(cp), float(cv))
     units = []
     for name in [u for u in dict.fromkeys(analysis.region_of.get(n.name, n.name) for n in block.chain)]:
-        uctx = context(name, set())
+        uctx = context(name, set(), set())  # they read the block's own values and shapes (_BlockEnv)
         region = analysis.regions.get(name)
         if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
             units.append(ChainUnit(region_backward(uctx, region.x, region.y)))

@@ -44,3 +44,8 @@ class InputError(OnnxLrpError, ValueError):
 
 class TargetError(OnnxLrpError, ValueError):
     """The target, position or output to explain is invalid."""
+
+
+class ResourceError(OnnxLrpError, MemoryError):
+    """The explanation needs more memory than is available (estimated before running, or onnxruntime failed to
+    allocate). The message names the input size, the estimated need, the memory available and what helps."""

@@ -15,12 +15,17 @@ from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
 from ._recompute import Recompute, RecomputeCache
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
+from ._memory import Shapes, available_bytes, chunks_for, estimate, human, parse_bytes
 from .composites import Composite, get_composite
-from .errors import InputError, TargetError
+from .errors import InputError, ResourceError, TargetError
 from .ops import REGISTRY
+from .ops.attention_blocks import BLOCK_BYTES, find_blocks
 from .ops.contrib_attention import cache_head_size
 from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
+
+
+ESTIMATE_MIN_ELEMENTS = 1024  # inputs at least this large get a memory estimate before running
 
 
 @dataclass
@@ -70,6 +75,9 @@ class Explainer:
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
     blas_threads: numpy BLAS threads during the relevance pass (default 1, fastest measured on few cores;
         needs ``threadpoolctl``); ``None`` leaves BLAS as configured.
+    memory_budget: the most memory an explanation may take beyond the loaded model (bytes, or ``"6GB"``);
+        default: the memory available. Inputs whose estimated need exceeds it raise
+        :class:`~onnx_lrp.errors.ResourceError` before anything runs (:mod:`onnx_lrp._memory`).
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class Explainer:
         session_options: Any = None,
         device: str = "cpu",
         blas_threads: int | None = 1,
+        memory_budget: int | str | None = None,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
         proto, weights, desc = load_split(model)  # from a file: each weight held once, as an array
@@ -101,13 +110,17 @@ class Explainer:
             raise ValueError(f"dtype must be float32 or float64 (fp16 relevance underflows), got {self.dtype}")
         self.xp = self._device.xp
         self.blas_threads = blas_threads
+        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
         self.analysis: Analysis = analyse(
             self.graph, self.composite, set(REGISTRY), list(sources) if sources is not None else None, allow_unsupported
         )
         self._plans: dict[tuple, Plan] = {}
         self._static: dict[str, Any] = {}
         self.default_output = self._default_output()
-        self._capture = ForwardCapture(self.graph, self._device, session_options)
+        blocks = find_blocks(self.graph, self.analysis.carrying, self.analysis.region_of, self.analysis.regions,
+                             set(self.graph.output_names))
+        self._capture = ForwardCapture(self.graph, self._device, session_options, blocks)
+        self._shapes = Shapes(self.graph)
         self._recompute = Recompute(lambda: session_options or default_session_options())
         self._plan(self.default_output, ())
 
@@ -175,7 +188,8 @@ class Explainer:
         outs = set(self.graph.output_names)  # returned anyway: their shapes come from their values
         want_shapes = [s for s in plan.shapes
                        if s not in plan.values and s not in feeds and s not in self._static and s not in outs]
-        values, shapes = self._capture.run(feeds, want_values, want_shapes)
+        chunks = self._check_memory(feeds, dynamic)
+        values, shapes = self._capture.run(feeds, want_values, want_shapes, chunks)
         shapes.update((s, tuple(values[s].shape)) for s in plan.shapes if s in outs and s not in plan.values)
         outputs = {k: values[k] for k in self.graph.output_names}
         for v in static_now:
@@ -296,6 +310,31 @@ class Explainer:
             )
             self._plans[key] = plan
         return plan
+
+    def _check_memory(self, feeds: dict[str, np.ndarray], captured: list[str]) -> int:
+        """Chunks per attention block for the forward; raises :class:`ResourceError` when the estimated need
+        (:func:`onnx_lrp._memory.estimate`) exceeds the memory available or ``memory_budget``. Inputs of fewer
+        than :data:`ESTIMATE_MIN_ELEMENTS` elements are not estimated (shape inference costs ~0.3 s on a
+        30-layer model)."""
+        if max((v.size for v in feeds.values()), default=0) < ESTIMATE_MIN_ELEMENTS:
+            return 1
+        shapes = self._shapes(feeds)
+        if not shapes.shapes:
+            return 1
+        chunkable = self._capture.chunkable()
+        chunks = chunks_for(chunkable, shapes)
+        est = estimate(shapes, captured, self.graph.output_names, self._capture.attention.values(), chunks,
+                       self.dtype.itemsize, BLOCK_BYTES, chunked={b.pv.name for b in chunkable})
+        avail = available_bytes()
+        limits = [(b, w) for b, w in ((avail, "available"), (self.memory_budget, "the memory_budget")) if b]
+        if limits:
+            limit, what = min(limits)
+            if est.total > limit:
+                ids = next((v for k, v in feeds.items() if "ids" in k), max(feeds.values(), key=lambda v: v.size))
+                raise ResourceError(
+                    f"{self.graph.source}: explaining {ids.shape[-1]} tokens (batch {ids.shape[0]}) needs about "
+                    f"{est.describe()}, but {human(limit)} is {what}; explain fewer tokens or a smaller batch")
+        return chunks
 
     def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
         """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),
