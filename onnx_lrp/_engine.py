@@ -114,11 +114,13 @@ def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:
 
 
 def compile_plan(
-    graph: Graph, analysis: Analysis, output: str, xp: Any, dtype: Any, collect: tuple[str, ...] = ()
+    graph: Graph, analysis: Analysis, output: str, xp: Any, dtype: Any, collect: tuple[str, ...] = (),
+    lean: bool = False,
 ) -> Plan:
     """The plan explaining ``output``. Attention blocks (:mod:`onnx_lrp.ops.attention_blocks`) become one step
     each that recomputes their probabilities; their masks are recomputed too where their inputs allow
-    (:mod:`onnx_lrp._recompute`), so no tensor of the size ``T x T`` is captured."""
+    (:mod:`onnx_lrp._recompute`), so no tensor of the size ``T x T`` is captured. ``lean``: also recompute what
+    is cheap to recompute from other captured tensors (:func:`_lean`)."""
     plan = Plan(output, [])
     by_name = {n.name: n for n in graph.nodes}
     gate_cache: dict[str, bool] = {}
@@ -150,6 +152,8 @@ def compile_plan(
         plan.steps.append(step)
         reads.append(step_values)
     plan.keep = set(analysis.sources) | set(collect) | analysis.token_inputs
+    if lean:
+        _lean(graph, analysis, plan, reads)
     for r in reads:
         plan.values |= r
     plan.values -= set(plan.recompute)
@@ -157,6 +161,39 @@ def compile_plan(
     plan.values.update(collect)
     plan.release = _last_reads(reads, plan.keep | set(graph.output_names))
     return plan
+
+
+# data movement (and scaling by a constant) that a recomputed head expansion may pass through
+_EXPANSION_PATH = {"Reshape", "Expand", "Tile", "Unsqueeze", "Squeeze", "Transpose", "Identity", "Mul", "Div"}
+
+
+def _lean(graph: Graph, analysis: Analysis, plan: Plan, reads: list[set[str]]) -> None:
+    """Recompute instead of capture (memory is short): the output ``y`` of a unary region from its input ``x``
+    (``x sigmoid(x)``: ``y`` is read by the region's rule and the product after it, ``x`` is captured anyway),
+    and a head expansion (GQA's ``Expand``/``Tile`` of keys and values, maybe transposed and scaled) from the
+    tensor before it, a fraction of its size. The leaves stay captured until the recomputed value's last read."""
+    values = set().union(*reads) - plan.keep - set(graph.output_names)
+    carrying = analysis.carrying
+    found = {}
+    for r in analysis.regions.values():
+        if r.y in values and r.x in values:
+            found[r.y] = find_program(graph, carrying, r.y, frozenset({r.x}))
+    for v in sorted(values & carrying):
+        u, grows = v, False
+        while True:
+            p = graph.producer.get(u)
+            ins = [i for i in (p.inputs if p is not None else []) if i in carrying]
+            if p is None or p.op_type not in _EXPANSION_PATH or len(ins) != 1 or u in plan.keep:
+                break
+            grows = grows or p.op_type in ("Expand", "Tile")
+            u = ins[0]
+        if grows and v not in found:
+            found[v] = find_program(graph, carrying, v, frozenset({u}))
+    progs = {v: p for v, p in found.items() if p is not None}
+    for r in reads:
+        for v in r & set(progs):
+            r |= progs[v].captured | progs[v].cuts
+    plan.recompute.update(progs)
 
 
 def _unit_step(ctx: OpContext, analysis: Analysis, name: str) -> Step | None:

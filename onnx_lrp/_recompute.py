@@ -7,6 +7,10 @@ that computation: the ancestors of the tensor through nodes that read no carryin
 of carrying tensors (a few integers, captured in the forward run). It runs in a small onnxruntime session when a
 rule reads the tensor.
 
+A program may also start from captured *leaves*: when memory is short, a written-out activation ``x sigmoid(x)`` is
+recomputed from its captured input, a GQA head expansion from the keys before it (element-wise and data-movement
+ops only, :data:`CHEAP_OPS`).
+
 Programs that differ only in node names share one session, and results of equal inputs are computed once per
 explanation: every layer of a Llama reads its own ``Where`` of the same causal mask, computed once.
 """
@@ -20,41 +24,57 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ._analysis import ELEMENTWISE
 from ._graph import Graph
 
 _CUT_OPS = ("Shape", "Size")  # their output is a few integers, whatever the size of their (carrying) input
 _MAX_NODES = 400
+# what a program may compute from carrying leaves: element-wise maps and data movement, never a layer
+CHEAP_OPS = ELEMENTWISE | {"Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Flatten", "Tile", "Slice",
+                           "Concat", "Split", "Gather", "Neg", "Identity", "Cast"}
 
 
 @dataclass
 class Program:
-    """The nodes computing ``output`` from ``leaves`` (graph inputs and captured cut tensors, in canonical order)
-    and constants; ``key`` identifies the computation up to tensor names."""
+    """The nodes computing ``output`` from ``leaves`` (graph inputs, captured cut tensors and captured carrying
+    tensors, in canonical order) and constants; ``key`` identifies the computation up to tensor names."""
 
     output: str
     nodes: list[Any]
     leaves: list[str]
     cuts: set[str]
-    constants: dict[str, np.ndarray]
+    captured: set[str]
+    graph: onnx.GraphProto = field(repr=False)
     key: str
-    model: onnx.ModelProto = field(repr=False)
+    opsets: list = field(repr=False, default_factory=list)
+
+    def model(self, leaf_types: list[int]) -> onnx.ModelProto:
+        """The program as a model whose inputs ``in<k>`` have the element types ``leaf_types``."""
+        g = onnx.GraphProto()
+        g.CopyFrom(self.graph)
+        g.input.extend(helper.make_tensor_value_info(f"in{k}", t, None) for k, t in enumerate(leaf_types))
+        return helper.make_model(g, opset_imports=self.opsets)
 
 
-def find_program(graph: Graph, carrying: set[str], output: str) -> Program | None:
-    """The program computing the non-carrying tensor ``output``, or None when it is not recomputable from
-    graph inputs, constants and shapes of carrying tensors (it then has to be captured)."""
+def find_program(graph: Graph, carrying: set[str], output: str, leaves: frozenset[str] = frozenset()
+                 ) -> Program | None:
+    """The program computing ``output`` from graph inputs, constants, shapes of carrying tensors and the captured
+    ``leaves``, or None (it then has to be captured). Carrying tensors other than leaves may be computed only by
+    :data:`CHEAP_OPS` from leaves; no layer (``MatMul``, norm, softmax) is ever recomputed."""
     nodes: dict[str, Any] = {}
     stack, seen = [output], set()
     while stack:
         t = stack.pop()
-        if t in seen or t in graph.input_names or graph.constant(t) is not None:
+        if t in seen or t in leaves or t in graph.input_names or graph.constant(t) is not None:
             continue
         seen.add(t)
         p = graph.producer.get(t)
-        if p is None or t in carrying or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                             for a in (p.proto.attribute if p.proto is not None else [])):
+        if p is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                            for a in (p.proto.attribute if p.proto is not None else [])):
             return None
-        if any(i in carrying for i in p.inputs if i):
+        if t in carrying and p.op_type not in CHEAP_OPS:
+            return None
+        if t not in carrying and any(i in carrying and i not in leaves for i in p.inputs if i):
             if p.op_type not in _CUT_OPS:
                 return None
             continue  # a cut: captured
@@ -65,36 +85,32 @@ def find_program(graph: Graph, carrying: set[str], output: str) -> Program | Non
     if not nodes:
         return None
     order = sorted(nodes.values(), key=lambda n: n.index)
-    return _canonical(graph, order, output)
+    return _canonical(graph, order, output, leaves)
 
 
-def _canonical(graph: Graph, order: list[Any], output: str) -> Program:
-    """Rename tensors by first use (leaves ``in<k>``, constants ``c<k>``, results ``t<k>``) into a model whose
-    serialisation is the program's key."""
+def _canonical(graph: Graph, order: list[Any], output: str, captured_leaves: frozenset[str]) -> Program:
+    """Rename tensors by first use (leaves ``in<k>``, constants ``c<k>``, results ``t<k>``) into a graph whose
+    serialisation is the program's key (its inputs are typed when it first runs)."""
     names: dict[str, str] = {}
     leaves: list[str] = []
     cuts: set[str] = set()
-    constants: dict[str, np.ndarray] = {}
-    inputs, inits, new_nodes = [], [], []
-    by_input = {i.name: i for i in graph.inputs}
+    captured: set[str] = set()
+    inits, new_nodes = [], []
     for n in order:
         for i in n.inputs:
             if not i or i in names:
                 continue
             value = graph.constant(i)
             if value is not None:
-                names[i] = f"c{len(constants)}"
-                constants[names[i]] = value
+                names[i] = f"c{len(inits)}"
                 inits.append(numpy_helper.from_array(np.asarray(value), names[i]))
                 continue
             names[i] = f"in{len(leaves)}"
             leaves.append(i)
-            if i in by_input:
-                elem = by_input[i].elem_type
-            else:  # a Shape/Size of a carrying tensor (find_program)
+            if i in captured_leaves:
+                captured.add(i)
+            elif i not in graph.input_names:  # a Shape/Size of a carrying tensor (find_program)
                 cuts.add(i)
-                elem = onnx.TensorProto.INT64
-            inputs.append(helper.make_tensor_value_info(names[i], elem, None))
         outs = []
         for o in n.outputs:
             if o:
@@ -104,11 +120,10 @@ def _canonical(graph: Graph, order: list[Any], output: str) -> Program:
         if n.proto is not None:
             node.attribute.extend(n.proto.attribute)
         new_nodes.append(node)
-    g = helper.make_graph(new_nodes, "recompute", inputs, [onnx.ValueInfoProto(name=names[output])], inits)
-    model = helper.make_model(g, opset_imports=list(graph.model.opset_import))
-    model.ir_version = graph.model.ir_version
-    key = hashlib.sha1(g.SerializeToString()).hexdigest()
-    return Program(output, order, leaves, cuts, constants, key, model)
+    g = helper.make_graph(new_nodes, "recompute", [], [onnx.ValueInfoProto(name=names[output])], inits)
+    kinds = "".join("c" if t in cuts else "l" if t in captured else "i" for t in leaves)
+    key = hashlib.sha1(g.SerializeToString() + kinds.encode()).hexdigest()
+    return Program(output, order, leaves, cuts, captured, g, key, list(graph.model.opset_import))
 
 
 class Recompute:
@@ -116,18 +131,20 @@ class Recompute:
 
     def __init__(self, session_options: Callable[[], Any]):
         self._options = session_options
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[tuple, Any] = {}
 
     def run(self, p: Program, leaf_value: Callable[[str], Any]) -> np.ndarray:
-        """The value of ``p.output``; ``leaf_value(t)`` gives a graph input or captured cut tensor."""
+        """The value of ``p.output``; ``leaf_value(t)`` gives a leaf in the dtype the graph computed it in."""
         import onnxruntime as ort
 
-        sess = self._sessions.get(p.key)
-        if sess is None:
-            sess = ort.InferenceSession(p.model.SerializeToString(), self._options(),
-                                        providers=["CPUExecutionProvider"])
-            self._sessions[p.key] = sess
         feeds = {f"in{k}": np.ascontiguousarray(_host(leaf_value(t))) for k, t in enumerate(p.leaves)}
+        types = [onnx.helper.np_dtype_to_tensor_dtype(feeds[f"in{k}"].dtype) for k in range(len(p.leaves))]
+        key = (p.key, tuple(types))
+        sess = self._sessions.get(key)
+        if sess is None:
+            sess = ort.InferenceSession(p.model(types).SerializeToString(), self._options(),
+                                        providers=["CPUExecutionProvider"])
+            self._sessions[key] = sess
         return sess.run(None, feeds)[0]
 
 
@@ -140,7 +157,7 @@ class RecomputeCache:
         self._rc, self._programs, self._leaf, self._convert = recompute, programs, leaf_value, convert
         self._key_of: dict[str, tuple] = {}
         self._names: dict[tuple, set[str]] = {}  # key -> names not released yet
-        for name, p in programs.items():
+        for name, p in programs.items():  # graph inputs and captured leaves by name, cut shapes by value
             key = (p.key, tuple(_host(leaf_value(t)).tobytes() if t in p.cuts else t for t in p.leaves))
             self._key_of[name] = key
             self._names.setdefault(key, set()).add(name)

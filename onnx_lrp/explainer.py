@@ -180,20 +180,20 @@ class Explainer:
                     f"collect: tensor {name!r} carries no relevance (not in the graph, or a constant for the rules)"
                 )
         feeds = self.prepare_inputs(inputs)
-        plan = self._plan(output, collect)
+        plan, chunks = self._fitting_plan(output, collect, feeds)
         xp, dtype = self.xp, self.dtype
-        dynamic = [v for v in plan.values if v not in self._static and v not in feeds]
+        dynamic = self._captured(plan, feeds)
         static_now = [v for v in dynamic if v in self.graph.static]
         want_values = list(dict.fromkeys(self.graph.output_names + dynamic))
         outs = set(self.graph.output_names)  # returned anyway: their shapes come from their values
         want_shapes = [s for s in plan.shapes
                        if s not in plan.values and s not in feeds and s not in self._static and s not in outs]
-        chunks = self._check_memory(feeds, dynamic)
         values, shapes = self._capture.run(feeds, want_values, want_shapes, chunks)
         shapes.update((s, tuple(values[s].shape)) for s in plan.shapes if s in outs and s not in plan.values)
         outputs = {k: values[k] for k in self.graph.output_names}
         for v in static_now:
             self._static[v] = to_compute(xp, dtype, values.pop(v))
+        graph_dtype = {k: v.dtype for k, v in values.items()}  # recompute programs read leaves in these dtypes
         run_values = {k: to_compute(xp, dtype, v) for k, v in values.items() if k in plan.values}
         for k, v in feeds.items():
             run_values[k] = to_compute(xp, dtype, v)
@@ -202,7 +202,9 @@ class Explainer:
         w, lead, tgt, pos = self._start(to_numpy(y), target, position, output_relevance, feeds)
         recomputed = None
         if plan.recompute:
-            leaf = lambda t: feeds[t] if t in feeds else run_values[t]  # noqa: E731
+            def leaf(t):
+                return feeds[t] if t in feeds else to_numpy(run_values[t]).astype(graph_dtype[t], copy=False)
+
             recomputed = RecomputeCache(self._recompute, plan.recompute, leaf, lambda a: to_compute(xp, dtype, a))
         env = Env(xp, dtype, lead, run_values, shapes, self._static, recomputed)
         w = xp.asarray(w, dtype=dtype)
@@ -293,13 +295,13 @@ class Explainer:
             f"{sorted(set(self.analysis.sources.values()))}; outputs: {self.graph.output_names}"
         )
 
-    def _plan(self, output: str, collect: tuple[str, ...]) -> Plan:
-        key = (output, collect)
+    def _plan(self, output: str, collect: tuple[str, ...], lean: bool = False) -> Plan:
+        key = (output, collect) + ((True,) if lean else ())
         plan = self._plans.get(key)
         if plan is None:
             if output not in self.analysis.carrying:
                 raise TargetError(f"{self.graph.source}: output {output!r} does not depend on any relevance source")
-            plan = compile_plan(self.graph, self.analysis, output, self.xp, self.dtype, collect)
+            plan = compile_plan(self.graph, self.analysis, output, self.xp, self.dtype, collect, lean)
             for name in list(plan.values) + list(plan.shapes):
                 c = self.graph.constant(name)
                 if c is not None and name not in self._static:
@@ -311,30 +313,40 @@ class Explainer:
             self._plans[key] = plan
         return plan
 
-    def _check_memory(self, feeds: dict[str, np.ndarray], captured: list[str]) -> int:
-        """Chunks per attention block for the forward; raises :class:`ResourceError` when the estimated need
-        (:func:`onnx_lrp._memory.estimate`) exceeds the memory available or ``memory_budget``. Inputs of fewer
-        than :data:`ESTIMATE_MIN_ELEMENTS` elements are not estimated (shape inference costs ~0.3 s on a
-        30-layer model)."""
+    def _captured(self, plan: Plan, feeds: Mapping[str, Any]) -> list[str]:
+        """The plan's values the forward run returns (not constants, not inputs)."""
+        return [v for v in plan.values if v not in self._static and v not in feeds]
+
+    def _fitting_plan(self, output: str, collect: tuple[str, ...], feeds: dict[str, np.ndarray]) -> tuple[Plan, int]:
+        """The plan for ``output`` and the chunks per attention block of its forward, after checking that the
+        estimated need (:func:`onnx_lrp._memory.estimate`) fits the memory available and ``memory_budget``:
+        if not, the lean plan (cheap values recomputed, :func:`onnx_lrp._engine.compile_plan`); if that does not
+        fit either, :class:`ResourceError`. Inputs of fewer than :data:`ESTIMATE_MIN_ELEMENTS` elements are not
+        estimated (shape inference costs ~0.3 s on a 30-layer model)."""
+        plan = self._plan(output, collect)
         if max((v.size for v in feeds.values()), default=0) < ESTIMATE_MIN_ELEMENTS:
-            return 1
+            return plan, 1
         shapes = self._shapes(feeds)
         if not shapes.shapes:
-            return 1
+            return plan, 1
         chunkable = self._capture.chunkable()
         chunks = chunks_for(chunkable, shapes)
-        est = estimate(shapes, captured, self.graph.output_names, self._capture.attention.values(), chunks,
-                       self.dtype.itemsize, BLOCK_BYTES, chunked={b.pv.name for b in chunkable})
         avail = available_bytes()
         limits = [(b, w) for b, w in ((avail, "available"), (self.memory_budget, "the memory_budget")) if b]
-        if limits:
-            limit, what = min(limits)
-            if est.total > limit:
-                ids = next((v for k, v in feeds.items() if "ids" in k), max(feeds.values(), key=lambda v: v.size))
-                raise ResourceError(
-                    f"{self.graph.source}: explaining {ids.shape[-1]} tokens (batch {ids.shape[0]}) needs about "
-                    f"{est.describe()}, but {human(limit)} is {what}; explain fewer tokens or a smaller batch")
-        return chunks
+        if not limits:
+            return plan, chunks
+        limit, what = min(limits)
+        for lean in (False, True):
+            plan = self._plan(output, collect, lean)
+            est = estimate(shapes, self._captured(plan, feeds), self.graph.output_names,
+                           self._capture.attention.values(), chunks, self.dtype.itemsize, BLOCK_BYTES,
+                           chunked={b.pv.name for b in chunkable})
+            if est.total <= limit:
+                return plan, chunks
+        ids = next((v for k, v in feeds.items() if "ids" in k), max(feeds.values(), key=lambda v: v.size))
+        raise ResourceError(
+            f"{self.graph.source}: explaining {ids.shape[-1]} tokens (batch {ids.shape[0]}) needs about "
+            f"{est.describe()}, but {human(limit)} is {what}; explain fewer tokens or a smaller batch")
 
     def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
         """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),
