@@ -139,9 +139,11 @@ def nbytes(shape: Iterable[int], itemsize: int) -> int:
     return int(np.prod(tuple(shape), dtype=np.int64)) * itemsize
 
 
-def chunks_for(blocks: Iterable[Any], shapes: Inferred, budget: int = CHUNK_BYTES) -> int:
+def chunks_for(blocks: Iterable[Any], shapes: Inferred, budget: int | None = None) -> int:
     """Chunks of query rows per attention block (a power of two) so that one chunk's scores, probabilities and
-    guard (3 of its ``(B, N, rows, T)`` float tensors) stay within ``budget``; 1 when all fit."""
+    guard (3 of its ``(B, N, rows, T)`` float tensors) stay within ``budget`` (default :data:`CHUNK_BYTES`);
+    1 when all fit."""
+    budget = budget or CHUNK_BYTES
     worst = max((nbytes(shapes.shapes[b.qk.outputs[0]], 4) for b in blocks if b.qk.outputs[0] in shapes.shapes),
                 default=0)
     n = 1

@@ -141,9 +141,10 @@ class Recompute:
         types = [onnx.helper.np_dtype_to_tensor_dtype(feeds[f"in{k}"].dtype) for k in range(len(p.leaves))]
         key = (p.key, tuple(types))
         sess = self._sessions.get(key)
-        if sess is None:
-            sess = ort.InferenceSession(p.model(types).SerializeToString(), self._options(),
-                                        providers=["CPUExecutionProvider"])
+        if sess is None:  # no arena: a mask's intermediates are freed, not kept for the next run
+            opts = self._options()
+            opts.enable_cpu_mem_arena = False
+            sess = ort.InferenceSession(p.model(types).SerializeToString(), opts, providers=["CPUExecutionProvider"])
             self._sessions[key] = sess
         return sess.run(None, feeds)[0]
 

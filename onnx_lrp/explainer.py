@@ -121,7 +121,7 @@ class Explainer:
                              set(self.graph.output_names))
         self._capture = ForwardCapture(self.graph, self._device, session_options, blocks)
         self._shapes = Shapes(self.graph)
-        self._recompute = Recompute(lambda: session_options or default_session_options())
+        self._recompute = Recompute(lambda: _threads_like(default_session_options(), session_options))
         self._plan(self.default_output, ())
 
     # ------------------------------------------------------------------ public
@@ -484,6 +484,13 @@ class Explainer:
         rel = {k: _batch_first(v, lead) for k, v in relevance.items()}
         emb = {k: _batch_first(v, lead) for k, v in emb.items()}
         return rel, emb
+
+
+def _threads_like(opts: Any, like: Any) -> Any:
+    """``opts`` with the intra-op thread count of the user's session options ``like`` (if given)."""
+    if like is not None:
+        opts.intra_op_num_threads = like.intra_op_num_threads
+    return opts
 
 
 def last_token(feeds: Mapping[str, np.ndarray], batch: int, seq: int) -> np.ndarray:
