@@ -52,11 +52,12 @@ class Env:
     """What a backward step reads: forward tensors (run-time and static) and shapes."""
 
     def __init__(self, xp: Any, dtype: Any, lead: int, values: dict, shapes: dict, static: dict,
-                 recomputed: RecomputeCache | None = None):
+                 recomputed: RecomputeCache | None = None, matmul: Callable | None = None):
         self.xp, self.dtype, self.lead = xp, dtype, lead
         self._values, self._shapes, self._static = values, shapes, static
         self._recomputed = recomputed
         self._memo: dict[str, Any] = {}
+        self.matmul = matmul or _matmul
 
     def __getitem__(self, name: str):
         v = self._values.get(name)
@@ -86,6 +87,10 @@ class Env:
         if key not in self._memo:
             self._memo[key] = fn()
         return self._memo[key]
+
+
+def _matmul(a: Any, b: Any) -> Any:
+    return a @ b
 
 
 def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +16,7 @@ from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
 from ._recompute import Recompute, RecomputeCache
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
+from ._kernels import Gemm, usable_cores
 from ._memory import Shapes, available_bytes, chunks_for, estimate, human, parse_bytes
 from .composites import Composite, get_composite
 from .errors import InputError, ResourceError, TargetError
@@ -73,8 +75,11 @@ class Explainer:
     device: ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
         relevance pass; raises :class:`~onnx_lrp._device.DeviceError` naming what is missing) or ``"auto"``
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
-    blas_threads: numpy BLAS threads during the relevance pass (default 1, fastest measured on few cores;
-        needs ``threadpoolctl``); ``None`` leaves BLAS as configured.
+    threads: threads of the forward pass (onnxruntime's intra-op pool, unless ``session_options`` say otherwise)
+        and of the relevance pass's matrix products (:mod:`onnx_lrp._kernels`, onnxruntime's MLAS kernels) and
+        numpy BLAS (via ``threadpoolctl``); default: the cores this process may use. The two passes run one after
+        the other, so they never compete for the cores.
+    blas_threads: deprecated (use ``threads``): numpy BLAS threads during the relevance pass.
     memory_budget: the most memory an explanation may take beyond the loaded model (bytes, or ``"6GB"``);
         default: the memory available. Inputs whose estimated need exceeds it raise
         :class:`~onnx_lrp.errors.ResourceError` before anything runs (:mod:`onnx_lrp._memory`).
@@ -92,7 +97,8 @@ class Explainer:
         allow_unsupported: bool = False,
         session_options: Any = None,
         device: str = "cpu",
-        blas_threads: int | None = 1,
+        threads: int | None = None,
+        blas_threads: int | None = None,
         memory_budget: int | str | None = None,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
@@ -109,7 +115,16 @@ class Explainer:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64 (fp16 relevance underflows), got {self.dtype}")
         self.xp = self._device.xp
-        self.blas_threads = blas_threads
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = threads or usable_cores()
+        if blas_threads is not None:
+            warnings.warn("Explainer(blas_threads=...) is deprecated: use threads=...", DeprecationWarning, stacklevel=2)
+        self.blas_threads = blas_threads or self.threads
+        if session_options is None:
+            session_options = default_session_options()
+            session_options.intra_op_num_threads = self.threads
+        self._gemm = Gemm(self.threads) if self._device.name == "cpu" else None
         self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
         self.analysis: Analysis = analyse(
             self.graph, self.composite, set(REGISTRY), list(sources) if sources is not None else None, allow_unsupported
@@ -206,7 +221,7 @@ class Explainer:
                 return feeds[t] if t in feeds else to_numpy(run_values[t]).astype(graph_dtype[t], copy=False)
 
             recomputed = RecomputeCache(self._recompute, plan.recompute, leaf, lambda a: to_compute(xp, dtype, a))
-        env = Env(xp, dtype, lead, run_values, shapes, self._static, recomputed)
+        env = Env(xp, dtype, lead, run_values, shapes, self._static, recomputed, self._gemm)
         w = xp.asarray(w, dtype=dtype)
         with blas_threads(xp, self.blas_threads):
             grads = run_plan(plan, env, {output: w})

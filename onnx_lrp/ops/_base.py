@@ -38,6 +38,8 @@ class Env(Protocol):
 
     def memo(self, key: str, fn: Callable[[], Array]) -> Array: ...
 
+    def matmul(self, a: Array, b: Array) -> Array: ...
+
 
 Backward = Callable[[Env, list], list]
 Builder = Callable[["OpContext"], "Backward | None"]

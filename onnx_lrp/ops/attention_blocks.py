@@ -299,7 +299,7 @@ class _BlockEnv:
     """What the chain's rules read on one block of query rows: the block's scores and row-sliced operands."""
 
     def __init__(self, env: Any, values: dict[str, Any]):
-        self.xp, self.dtype, self.lead = env.xp, env.dtype, env.lead
+        self.xp, self.dtype, self.lead, self.matmul = env.xp, env.dtype, env.lead, env.matmul
         self._env, self._values, self._memo = env, values, {}
 
     def __getitem__(self, name: str) -> Any:

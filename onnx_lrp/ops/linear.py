@@ -11,25 +11,27 @@ def _swap(a):
     return a.swapaxes(-1, -2)
 
 
-def matmul_const(xp, g, Wt):
+def matmul_const(xp, g, Wt, matmul=None):
     """``g @ Wt`` for a constant 2-D ``Wt`` (a transposed view is fine: BLAS reads it in place).
 
-    The leading axes of ``g`` are merged into one GEMM, and rows of ``g`` that are all zero (positions the
-    explained output does not depend on, e.g. all but one after a one-hot start) are skipped: exact, and the
-    lm-head and last layers of a causal LM then cost one row instead of one row per token.
+    The leading axes of ``g`` are merged into one GEMM (``matmul(a, b)``: the engine's 2-D product,
+    :class:`onnx_lrp._kernels.Gemm` on the CPU), and rows of ``g`` that are all zero (positions the explained
+    output does not depend on, e.g. all but one after a one-hot start) are skipped: exact, and the lm-head and
+    last layers of a causal LM then cost one row instead of one row per token.
     """
     if Wt.ndim != 2 or g.ndim < 2:
         return g @ Wt
+    matmul = matmul or (lambda a, b: a @ b)
     g2 = g.reshape(-1, g.shape[-1])
     live = g2.any(axis=1)
     n_live = int(live.sum())
     if n_live * 2 > g2.shape[0]:
-        out = g2 @ Wt
+        out = matmul(g2, Wt)
     else:
         out = xp.zeros((g2.shape[0], Wt.shape[1]), dtype=xp.result_type(g2.dtype, Wt.dtype))
         rows = xp.flatnonzero(live)
         if n_live:
-            out[rows] = g2[rows] @ Wt
+            out[rows] = matmul(g2[rows], Wt)
     return out.reshape(g.shape[:-1] + (Wt.shape[1],))
 
 
@@ -72,7 +74,8 @@ def const_weight_backward(ctx: OpContext, W, bias=None):
         if Wt.ndim == 1:
             return [g[..., None] * Wt] + [None] * (n_in - 1)
         in_shape = env.shape(sa)
-        return [unbroadcast(xp, matmul_const(xp, g, Wt), in_shape, max(len(in_shape), Wt.ndim))] + [None] * (n_in - 1)
+        gx = matmul_const(xp, g, Wt, env.matmul)
+        return [unbroadcast(xp, gx, in_shape, max(len(in_shape), Wt.ndim))] + [None] * (n_in - 1)
 
     if gamma:
         ctx.value(a)
@@ -215,7 +218,7 @@ def gemm(ctx: OpContext):
             g = g * (z / den)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
-            ga = matmul_const(xp, g, Bt) if Bc is not None else g @ Bt
+            ga = matmul_const(xp, g, Bt, env.matmul) if Bc is not None else g @ Bt
             if alpha * weights[0] != 1.0:
                 ga = ga * (alpha * weights[0])
             out[0] = _swap(ga) if ta else ga

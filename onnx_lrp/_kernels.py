@@ -1,0 +1,80 @@
+"""Matrix products of the relevance pass on the CPU, run by onnxruntime's MLAS kernels.
+
+The relevance pass is a chain of ``G W^T`` products with the model's weights. numpy's OpenBLAS picks its kernels by
+CPU model and may run far below the machine's peak (on the AMD EPYC development machine it chooses its AVX2
+"Haswell" kernels: 105 GFLOP/s on one core, against 190-220 GFLOP/s for MLAS's AVX-512 kernels on the same
+products; ``benchmarks/bench_speed.py``), and its thread pool competes with onnxruntime's. MLAS is the kernel
+library the forward pass already uses; a one-node ``Gemm`` session per dtype runs each product with
+``threads`` intra-op threads, writing into a numpy array (no copy).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto, helper
+
+_MIN_FLOPS = 1 << 20  # below this a numpy product is cheaper than a session call (~50 us)
+_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Gemm:
+    """``a @ b`` (``b`` 2-D) for numpy float32/float64 arrays through onnxruntime's ``Gemm`` with ``threads``
+    intra-op threads; small or other products fall back to numpy."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._sessions: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if (not isinstance(a, np.ndarray) or a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype
+                or a.dtype not in _TYPES or 2 * a.shape[0] * a.shape[1] * b.shape[1] < _MIN_FLOPS):
+            return a @ b
+        if b.flags.c_contiguous:
+            trans_b, bb = 0, b
+        elif b.T.flags.c_contiguous:  # a transposed weight: Gemm reads it transposed, in place
+            trans_b, bb = 1, b.T
+        else:
+            return a @ b
+        a = np.ascontiguousarray(a)
+        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        sess = self._session(a.dtype, trans_b)
+        binding = sess.io_binding()
+        binding.bind_cpu_input("a", a)
+        binding.bind_cpu_input("b", bb)
+        binding.bind_output("y", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        sess.run_with_iobinding(binding)
+        return out
+
+    def _session(self, dtype: np.dtype, trans_b: int) -> Any:
+        key = (dtype, trans_b)
+        with self._lock:
+            sess = self._sessions.get(key)
+            if sess is None:
+                import onnxruntime as ort
+
+                t = _TYPES[dtype]
+                node = helper.make_node("Gemm", ["a", "b"], ["y"], transB=trans_b)
+                graph = helper.make_graph(
+                    [node], "gemm", [helper.make_tensor_value_info("a", t, ["m", "k"]),
+                                     helper.make_tensor_value_info("b", t, ["n", "k"] if trans_b else ["k", "n"])],
+                    [helper.make_tensor_value_info("y", t, ["m", "n"])])
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                model.ir_version = 8
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = self.threads
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                sess = self._sessions[key] = ort.InferenceSession(model.SerializeToString(), opts,
+                                                                  providers=["CPUExecutionProvider"])
+            return sess
