@@ -68,7 +68,7 @@ class ForwardCapture:
     """
 
     def __init__(self, graph: Graph, device: Device = CPU, session_options: ort.SessionOptions | None = None,
-                 attention: dict[str, Block] | None = None):
+                 attention: dict[str, Block] | None = None, prepack: bool = False):
         self.graph = graph
         self.device = device
         self.providers = list(device.providers)
@@ -77,6 +77,8 @@ class ForwardCapture:
         self.shape_exposed: set[str] = set()
         self.session: ort.InferenceSession | None = None
         self.attention = attention or {}
+        self.prepack = prepack and device.name == "cpu"
+        self._initializers_added = False
         self._chunked: dict[int, ort.InferenceSession] = {}  # sessions by chunks per attention block
         self._rank_of: dict[str, int | None] | None = None
         init = graph.model.graph.initializer
@@ -103,7 +105,8 @@ class ForwardCapture:
         self._chunked.clear()
 
     def _session_model(self, chunks: int = 1) -> onnx.ModelProto:
-        """The model with weights as graph inputs and the exposed tensors (and shapes) as extra outputs."""
+        """The model with weights as graph inputs (``prepack``: as initializers whose data onnxruntime reads from
+        our arrays) and the exposed tensors (and shapes) as extra outputs."""
         src = self.graph.model
         model = copy_without_initializers(src)
         weights = set(self.weight_names)
@@ -111,7 +114,9 @@ class ForwardCapture:
             numpy_helper.from_array(self.graph.constant(t.name), t.name) if t.name in self._prepacked else t
             for t in src.graph.initializer if t.name not in weights)
         for t in src.graph.initializer:
-            if t.name in weights:
+            if t.name in weights and self.prepack:
+                model.graph.initializer.append(_external_stub(t))
+            elif t.name in weights:
                 model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         existing = set(self.graph.output_names)
         for name in sorted(self.exposed - existing):
@@ -135,7 +140,13 @@ class ForwardCapture:
         return name not in g.input_names and not g.is_initializer(name) and g.constant(name) is None
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        opts = self.session_options or default_session_options()
+        if self.session_options is None:
+            self.session_options = default_session_options()
+        opts = self.session_options
+        if self.prepack and not self._initializers_added:  # once per options: every session shares them
+            self._ortvalues = [ort.OrtValue.ortvalue_from_numpy(self._weights[n]) for n in self.weight_names]
+            opts.add_external_initializers(list(self.weight_names), self._ortvalues)
+            self._initializers_added = True
         try:
             session = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -200,8 +211,9 @@ class ForwardCapture:
         binding = session.io_binding()
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-        for name, arr in self._weights.items():
-            self._bind_weight(binding, name, arr)
+        if not self.prepack:
+            for name, arr in self._weights.items():
+                self._bind_weight(binding, name, arr)
         for n in names:
             on_host = n.startswith(SHAPE_PREFIX) or self.device.name == "cpu"
             binding.bind_output(n, "cpu" if on_host else self.device.name, 0 if on_host else self.device.index)
@@ -228,6 +240,15 @@ class ForwardCapture:
     @property
     def active_providers(self) -> list[str]:
         return self.session.get_providers() if self.session is not None else []
+
+
+def _external_stub(t: onnx.TensorProto) -> onnx.TensorProto:
+    """A data-less initializer entry; its data comes from ``SessionOptions.add_external_initializers`` (our array,
+    no copy)."""
+    stub = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value="onnx-lrp-array")
+    return stub
 
 
 def chunk_attention(nodes: list[Any], blocks: list[Block], n: int, ranks: dict[str, int | None]

@@ -100,6 +100,7 @@ class Explainer:
         threads: int | None = None,
         blas_threads: int | None = None,
         memory_budget: int | str | None = None,
+        prepack: bool = False,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
         proto, weights, desc = load_split(model)  # from a file: each weight held once, as an array
@@ -134,7 +135,7 @@ class Explainer:
         self.default_output = self._default_output()
         blocks = find_blocks(self.graph, self.analysis.carrying, self.analysis.region_of, self.analysis.regions,
                              set(self.graph.output_names))
-        self._capture = ForwardCapture(self.graph, self._device, session_options, blocks)
+        self._capture = ForwardCapture(self.graph, self._device, session_options, blocks, prepack)
         self._shapes = Shapes(self.graph)
         self._recompute = Recompute(lambda: _threads_like(default_session_options(), session_options))
         self._plan(self.default_output, ())
