@@ -120,12 +120,13 @@ def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:
 
 def compile_plan(
     graph: Graph, analysis: Analysis, output: str, xp: Any, dtype: Any, collect: tuple[str, ...] = (),
-    lean: bool = False,
+    blocks: bool = True, lean: bool = False,
 ) -> Plan:
-    """The plan explaining ``output``. Attention blocks (:mod:`onnx_lrp.ops.attention_blocks`) become one step
-    each that recomputes their probabilities; their masks are recomputed too where their inputs allow
-    (:mod:`onnx_lrp._recompute`), so no tensor of the size ``T x T`` is captured. ``lean``: also recompute what
-    is cheap to recompute from other captured tensors (:func:`_lean`)."""
+    """The plan explaining ``output``, one step per node (or unary region). ``blocks``: attention blocks
+    (:mod:`onnx_lrp.ops.attention_blocks`) become one step each that recomputes their probabilities; their masks
+    are recomputed too where their inputs allow (:mod:`onnx_lrp._recompute`), so no tensor of the size ``T x T``
+    is captured (without: each node's rule reads the captured probabilities, faster on short inputs). ``lean``:
+    also recompute what is cheap to recompute from other captured tensors (:func:`_lean`)."""
     plan = Plan(output, [])
     by_name = {n.name: n for n in graph.nodes}
     gate_cache: dict[str, bool] = {}
@@ -140,7 +141,7 @@ def compile_plan(
         return OpContext(graph, by_name[name], rule, kind, analysis.carrying, xp, dtype, values,
                          plan.shapes if shapes is None else shapes, is_gate, analysis.composite)
 
-    blocks = _blocks(graph, analysis, set(collect), context)
+    blocks = _blocks(graph, analysis, set(collect), context) if blocks else {}
     inside = {u for b in blocks.values() for u in b.units}
     reads: list[set[str]] = []  # values each step reads
     for name in reversed(relevant_nodes(graph, analysis, output)):

@@ -27,7 +27,7 @@ from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
 
 
-ESTIMATE_MIN_ELEMENTS = 1024  # inputs at least this large get a memory estimate before running
+SHORT_INPUT = 512  # elements per input up to which attention probabilities are captured (fastest; _fitting_plan)
 
 
 @dataclass
@@ -135,10 +135,12 @@ class Explainer:
         self.default_output = self._default_output()
         blocks = find_blocks(self.graph, self.analysis.carrying, self.analysis.region_of, self.analysis.regions,
                              set(self.graph.output_names))
-        self._capture = ForwardCapture(self.graph, self._device, session_options, blocks, prepack)
+        # short inputs: attention probabilities captured; long inputs: attention blocks, chunkable (_fitting_plan)
+        self._capture = ForwardCapture(self.graph, self._device, session_options, prepack=prepack)
+        self._capture_long = ForwardCapture(self.graph, self._device, session_options, blocks, prepack)
         self._shapes = Shapes(self.graph)
         self._recompute = Recompute(lambda: _threads_like(default_session_options(), session_options))
-        self._plan(self.default_output, ())
+        self._plan(self.default_output, (), "capture")
 
     # ------------------------------------------------------------------ public
     @property
@@ -196,7 +198,7 @@ class Explainer:
                     f"collect: tensor {name!r} carries no relevance (not in the graph, or a constant for the rules)"
                 )
         feeds = self.prepare_inputs(inputs)
-        plan, chunks = self._fitting_plan(output, collect, feeds)
+        plan, capture, chunks = self._fitting_plan(output, collect, feeds)
         xp, dtype = self.xp, self.dtype
         dynamic = self._captured(plan, feeds)
         static_now = [v for v in dynamic if v in self.graph.static]
@@ -204,7 +206,7 @@ class Explainer:
         outs = set(self.graph.output_names)  # returned anyway: their shapes come from their values
         want_shapes = [s for s in plan.shapes
                        if s not in plan.values and s not in feeds and s not in self._static and s not in outs]
-        values, shapes = self._capture.run(feeds, want_values, want_shapes, chunks)
+        values, shapes = capture.run(feeds, want_values, want_shapes, chunks)
         shapes.update((s, tuple(values[s].shape)) for s in plan.shapes if s in outs and s not in plan.values)
         outputs = {k: values[k] for k in self.graph.output_names}
         for v in static_now:
@@ -259,7 +261,13 @@ class Explainer:
         bad = [n for n in names if n not in self.graph.output_names]
         if bad:
             raise TargetError(f"{self.graph.source}: no graph output(s) {bad}; outputs: {self.graph.output_names}")
-        values, _ = self._capture.run(self.prepare_inputs(inputs), names, [])
+        feeds = self.prepare_inputs(inputs)
+        if max((v.size for v in feeds.values()), default=0) <= SHORT_INPUT:
+            values, _ = self._capture.run(feeds, names, [])
+        else:  # attention in chunks of rows where long; no probabilities kept
+            self._plan(self.default_output, ())
+            values, _ = self._capture_long.run(feeds, names, [], chunks_for(self._capture_long.chunkable(),
+                                                                            self._shapes(feeds)))
         return {k: np.array(to_numpy(v)) for k, v in values.items()}  # copies: values may view ORT's memory
 
     def prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -311,18 +319,22 @@ class Explainer:
             f"{sorted(set(self.analysis.sources.values()))}; outputs: {self.graph.output_names}"
         )
 
-    def _plan(self, output: str, collect: tuple[str, ...], lean: bool = False) -> Plan:
-        key = (output, collect) + ((True,) if lean else ())
+    def _plan(self, output: str, collect: tuple[str, ...], mode: str = "blocks") -> Plan:
+        """The compiled plan (cached): ``mode`` ``"capture"`` (attention probabilities captured), ``"blocks"``
+        (attention recomputed in blocks) or ``"lean"`` (and cheap values recomputed), see
+        :func:`onnx_lrp._engine.compile_plan`; its tensors are added to the capture session that runs it."""
+        key = (output, collect, mode)
         plan = self._plans.get(key)
         if plan is None:
             if output not in self.analysis.carrying:
                 raise TargetError(f"{self.graph.source}: output {output!r} does not depend on any relevance source")
-            plan = compile_plan(self.graph, self.analysis, output, self.xp, self.dtype, collect, lean)
+            plan = compile_plan(self.graph, self.analysis, output, self.xp, self.dtype, collect,
+                                blocks=mode != "capture", lean=mode == "lean")
             for name in list(plan.values) + list(plan.shapes):
                 c = self.graph.constant(name)
                 if c is not None and name not in self._static:
                     self._static[name] = to_compute(self.xp, self.dtype, c)
-            self._capture.prepare(
+            (self._capture if mode == "capture" else self._capture_long).prepare(
                 {v for v in plan.values if v not in self._static} | set(self.graph.output_names),
                 {s for s in plan.shapes if s not in self._static},
             )
@@ -333,32 +345,35 @@ class Explainer:
         """The plan's values the forward run returns (not constants, not inputs)."""
         return [v for v in plan.values if v not in self._static and v not in feeds]
 
-    def _fitting_plan(self, output: str, collect: tuple[str, ...], feeds: dict[str, np.ndarray]) -> tuple[Plan, int]:
-        """The plan for ``output`` and the chunks per attention block of its forward, after checking that the
-        estimated need (:func:`onnx_lrp._memory.estimate`) fits the memory available and ``memory_budget``:
-        if not, the lean plan (cheap values recomputed, :func:`onnx_lrp._engine.compile_plan`); if that does not
-        fit either, :class:`ResourceError`. Inputs of fewer than :data:`ESTIMATE_MIN_ELEMENTS` elements are not
-        estimated (shape inference costs ~0.3 s on a 30-layer model)."""
+    def _fitting_plan(self, output: str, collect: tuple[str, ...], feeds: dict[str, np.ndarray]
+                      ) -> tuple[Plan, ForwardCapture, int]:
+        """The plan for ``output``, the capture that runs its forward and the chunks per attention block.
+
+        Up to :data:`SHORT_INPUT` elements in an input: the plan that reads captured attention probabilities
+        (fastest). Longer: attention blocks recomputed (memory linear in the tokens), after checking that the
+        estimated need (:func:`onnx_lrp._memory.estimate`) fits the memory available and ``memory_budget``; if not,
+        the lean plan (cheap values recomputed too); if that does not fit either, :class:`ResourceError`.
+        """
+        if max((v.size for v in feeds.values()), default=0) <= SHORT_INPUT:
+            return self._plan(output, collect, "capture"), self._capture, 1
         plan = self._plan(output, collect)
-        if max((v.size for v in feeds.values()), default=0) < ESTIMATE_MIN_ELEMENTS:
-            return plan, 1
         shapes = self._shapes(feeds)
-        if not shapes.shapes:
-            return plan, 1
-        chunkable = self._capture.chunkable()
+        cap = self._capture_long
+        if not shapes.shapes:  # shape inference gave up: no estimate
+            return plan, cap, 1
+        chunkable = cap.chunkable()
         chunks = chunks_for(chunkable, shapes)
         avail = available_bytes()
         limits = [(b, w) for b, w in ((avail, "available"), (self.memory_budget, "the memory_budget")) if b]
         if not limits:
-            return plan, chunks
+            return plan, cap, chunks
         limit, what = min(limits)
-        for lean in (False, True):
-            plan = self._plan(output, collect, lean)
-            est = estimate(shapes, self._captured(plan, feeds), self.graph.output_names,
-                           self._capture.attention.values(), chunks, self.dtype.itemsize, BLOCK_BYTES,
-                           chunked={b.pv.name for b in chunkable})
+        for mode in ("blocks", "lean"):
+            plan = self._plan(output, collect, mode)
+            est = estimate(shapes, self._captured(plan, feeds), self.graph.output_names, cap.attention.values(),
+                           chunks, self.dtype.itemsize, BLOCK_BYTES, chunked={b.pv.name for b in chunkable})
             if est.total <= limit:
-                return plan, chunks
+                return plan, cap, chunks
         ids = next((v for k, v in feeds.items() if "ids" in k), max(feeds.values(), key=lambda v: v.size))
         raise ResourceError(
             f"{self.graph.source}: explaining {ids.shape[-1]} tokens (batch {ids.shape[0]}) needs about "

@@ -86,7 +86,7 @@ def test_release_plan_keeps_sources_and_collected():
     ex = Explainer(path)
     mlp = next(n.outputs[0] for n in ex.graph.nodes if n.name.endswith("layers.0/mlp/down_proj/MatMul"))
     res = ex.explain({"input_ids": _ids()}, collect=[mlp])
-    plan = ex._plans[(ex.default_output, (mlp,))]
+    plan = ex._plans[(ex.default_output, (mlp,), "capture")]
     released = {n for names in plan.release for n in names}
     assert released, "nothing is released after its last use"
     assert not released & (plan.keep | set(ex.graph.output_names))

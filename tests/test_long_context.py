@@ -40,10 +40,11 @@ def test_chunked_forward_equals_one_piece(family, shape):
     feeds = _feeds(ex, 23)
     plan = ex._plan(ex.default_output, ())
     names = list(dict.fromkeys(ex.graph.output_names + ex._captured(plan, feeds)))
-    assert ex._capture.chunkable(), "no attention block can be chunked"
-    whole, _ = ex._capture.run(feeds, names, [])
-    parts, _ = ex._capture.run(feeds, names, [], chunks=4)  # 6, 6, 6, 5 rows
-    assert ex._capture.chunked_session(4) is not ex._capture.session
+    cap = ex._capture_long
+    assert cap.chunkable(), "no attention block can be chunked"
+    whole, _ = cap.run(feeds, names, [])
+    parts, _ = cap.run(feeds, names, [], chunks=4)  # 6, 6, 6, 5 rows
+    assert cap.chunked_session(4) is not cap.session
     for n in names:
         np.testing.assert_allclose(parts[n], whole[n], rtol=1e-5, atol=1e-6, err_msg=n)
 
@@ -54,12 +55,13 @@ def test_lean_plan_equals_default_plan(monkeypatch):
     ex = Explainer(path)
     feeds = _feeds(ex, 16)
     ref = ex.explain(feeds)
-    default, lean = ex._plan(ex.default_output, ()), ex._plan(ex.default_output, (), True)
+    default, lean = ex._plan(ex.default_output, ()), ex._plan(ex.default_output, (), "lean")
     assert len(lean.recompute) > len(default.recompute)
-    captured = {v: ex._capture.run(feeds, ex._captured(p, feeds), [])[0] for v, p in (("d", default), ("l", lean))}
+    run = ex._capture_long.run
+    captured = {v: run(feeds, ex._captured(p, feeds), [])[0] for v, p in (("d", default), ("l", lean))}
     assert sum(a.nbytes for a in captured["l"].values()) < 0.8 * sum(a.nbytes for a in captured["d"].values())
     plan = ex._plan
-    monkeypatch.setattr(ex, "_plan", lambda o, c, lean_=False: plan(o, c, True))
+    monkeypatch.setattr(ex, "_fitting_plan", lambda o, c, f: (plan(o, c, "lean"), ex._capture_long, 1))
     res = ex.explain(feeds)
     assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= 1e-6
 
@@ -69,12 +71,12 @@ import json, resource, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 from _support import tiny_model
-from onnx_lrp import Explainer, _engine, _memory
+from onnx_lrp import Explainer, _memory, explainer
 from onnx_lrp.ops import attention_blocks
 _memory.CHUNK_BYTES = 8 << 20              # small chunks and blocks for a tiny model
 attention_blocks.BLOCK_BYTES = 4 << 20
-if {capturing}:
-    _engine._blocks = lambda *a, **k: {{}}
+if {capturing}:  # the plan of short inputs, whatever the length
+    explainer.SHORT_INPUT = 1 << 40
 ex = Explainer(tiny_model("llama", config={config!r})[1], memory_budget="1TB")
 ids = np.random.RandomState(0).randint(3, 120, size=(1, {T})).astype(np.int64)
 ex.explain({{"input_ids": ids[:, :64]}})  # warm-up: sessions built
@@ -128,6 +130,7 @@ def test_memory_budget_is_parsed():
 
 def test_onnxruntime_allocation_failure_is_a_resource_error(monkeypatch):
     ex = Explainer(tiny_model("llama")[1])
+    ex.explain(_feeds(ex, 12))
     session = ex._capture.session
 
     class Failing:

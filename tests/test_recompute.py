@@ -1,8 +1,8 @@
 """Attention blocks explained by recomputing their probabilities equal the node-by-node rules on captured tensors.
 
-The reference is the capturing path: the same Explainer with attention-block recognition switched off, so that
-every node (``MatMul``, mask ``Add``, soft-cap ``Tanh``, ``Softmax``, NaN guard, ``MatMul``) takes its own rule and
-reads the probabilities captured from onnxruntime. Compared: token relevance to 1e-5 (relative to its largest
+The reference is the capturing path (the plan short inputs get): every node (``MatMul``, mask ``Add``, soft-cap
+``Tanh``, ``Softmax``, NaN guard, ``MatMul``) takes its own rule and reads the probabilities captured from
+onnxruntime. The recomputing path is the plan of long inputs, forced here on short ones. Compared: token relevance to 1e-5 (relative to its largest
 entry), with one query row per block (``BLOCK_BYTES`` tiny) and with all rows in one block, on tiny models
 with left and right padding, sliding windows, GQA, ALiBi, soft-caps, several composites and the fused
 onnxruntime attention ops. And: nothing of attention size is captured, masks are recomputed once per explanation.
@@ -14,7 +14,8 @@ import pytest
 from onnx import helper
 
 from onnx_lrp import Explainer
-from onnx_lrp import _engine, _recompute
+from onnx_lrp import _recompute
+from onnx_lrp import explainer as explainer_module
 from onnx_lrp.ops import attention_blocks
 
 from _support import rel_err, tiny_model
@@ -36,24 +37,26 @@ def _inputs(ex: Explainer, seq: int, pad: str, batch: int = 2, seed: int = 0) ->
     return feeds
 
 
-def _capturing(path, composite: str, monkeypatch) -> Explainer:
-    """The reference: no attention blocks, every node's rule on captured tensors."""
+def _explain(path, composite, feeds, monkeypatch, *, recompute: bool, row_blocks: bool = False, **kw):
+    """``Explainer.explain`` with the recomputing plan (``recompute``) or the capturing one, whatever the length;
+    ``row_blocks``: one query row per block."""
     with monkeypatch.context() as m:
-        m.setattr(_engine, "_blocks", lambda *a, **k: {})
-        return Explainer(path, composite)
-
-
-def _compare(path, composite, feeds, monkeypatch, *, blocks: int, **kw) -> Explainer:
-    ex = Explainer(path, composite)
-    assert any(s.op_type == "attention" for s in ex._plan(ex.default_output, ()).steps), "no attention block found"
-    with monkeypatch.context() as m:
-        if blocks > 1:  # one query row per block
+        m.setattr(explainer_module, "SHORT_INPUT", 0 if recompute else 1 << 40)
+        if row_blocks:
             m.setattr(attention_blocks, "BLOCK_BYTES", 1)
+        ex = Explainer(path, composite)
         res = ex.explain(feeds, **kw)
-    ref = _capturing(path, composite, monkeypatch).explain(feeds, target=res.target, position=res.position)
+    mode = "blocks" if recompute else "capture"
+    steps = [s.op_type for s in ex._plans[(ex.default_output, tuple(kw.get("collect", ())), mode)].steps]
+    assert ("attention" in steps) == recompute
+    return res, ex
+
+
+def _compare(path, composite, feeds, monkeypatch, *, blocks: int, **kw):
+    res, _ = _explain(path, composite, feeds, monkeypatch, recompute=True, row_blocks=blocks > 1, **kw)
+    ref, _ = _explain(path, composite, feeds, monkeypatch, recompute=False, target=res.target, position=res.position)
     assert np.abs(ref.relevance["input_ids"]).max() > 0
     assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= TOL
-    return ex
 
 
 MODELS = {  # (family, config, graph shape)
@@ -91,10 +94,10 @@ def test_recompute_equals_capture_other_composites(composite, monkeypatch):
 
 def test_recompute_equals_capture_with_several_targets(monkeypatch):
     path = _path("llama-gqa")
-    ex = Explainer(path)
-    feeds = _inputs(ex, 10, "left")
-    res = ex.explain(feeds, target=np.array([[3, 17], [99, 5]]), position=np.array([[9, 4], [7, 8]]))
-    ref = _capturing(path, "attnlrp", monkeypatch).explain(feeds, target=res.target, position=res.position)
+    feeds = _inputs(Explainer(path), 10, "left")
+    kw = dict(target=np.array([[3, 17], [99, 5]]), position=np.array([[9, 4], [7, 8]]))
+    res, _ = _explain(path, "attnlrp", feeds, monkeypatch, recompute=True, **kw)
+    ref, _ = _explain(path, "attnlrp", feeds, monkeypatch, recompute=False, **kw)
     assert res.relevance["input_ids"].shape == (2, 2, 10)
     assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= TOL
 
@@ -102,12 +105,11 @@ def test_recompute_equals_capture_with_several_targets(monkeypatch):
 def test_recompute_equals_capture_at_a_few_hundred_tokens(monkeypatch):
     """300 tokens, batch 2 with left padding, in blocks of 25 query rows."""
     path = _path("mistral-window")
-    ex = Explainer(path)
-    feeds = _inputs(ex, 300, "left")
+    feeds = _inputs(Explainer(path), 300, "left")
     with monkeypatch.context() as m:
         m.setattr(attention_blocks, "BLOCK_BYTES", 2 * 4 * 25 * 300 * 4)  # (batch, heads, 25 rows, keys) floats
-        res = ex.explain(feeds)
-    ref = _capturing(path, "attnlrp", monkeypatch).explain(feeds, target=res.target, position=res.position)
+        res, _ = _explain(path, "attnlrp", feeds, m, recompute=True)
+    ref, _ = _explain(path, "attnlrp", feeds, monkeypatch, recompute=False, target=res.target, position=res.position)
     assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= TOL
 
 
@@ -120,8 +122,8 @@ def test_nothing_attention_sized_is_captured():
     feeds = ex.prepare_inputs(_inputs(ex, T, "left"))
     plan = ex._plan(ex.default_output, ())
     assert plan.recompute
-    captured = [v for v in plan.values if v not in ex._static and v not in feeds]
-    values, _ = ex._capture.run(feeds, captured, [])
+    captured = ex._captured(plan, feeds)
+    values, _ = ex._capture_long.run(feeds, captured, [])
     assert values
     square = {k: v.shape for k, v in values.items() if sum(d == T for d in v.shape) >= 2}
     assert not square, square
@@ -139,18 +141,19 @@ def test_masks_computed_once_per_distinct_mask(monkeypatch):
     monkeypatch.setattr(_recompute.Recompute, "run", counted)
     for name, distinct in (("gemma3", 2), ("llama-gqa", 1)):
         calls.clear()
-        ex = Explainer(_path(name))
-        ex.explain(_inputs(ex, 9, "left"))
+        path = _path(name)
+        _, ex = _explain(path, "attnlrp", _inputs(Explainer(path), 9, "left"), monkeypatch, recompute=True)
         assert len(ex._plan(ex.default_output, ()).recompute) == 2  # each layer reads its own tensor
         assert len(calls) == distinct, calls
 
 
-def test_collected_tensor_inside_a_block_keeps_the_node_rules():
+def test_collected_tensor_inside_a_block_keeps_the_node_rules(monkeypatch):
     """Collecting the attention probabilities needs them: that block is explained node by node."""
-    ex = Explainer(_path("llama-gqa"))
+    path = _path("llama-gqa")
+    ex = Explainer(path)
     softmax = next(n.outputs[0] for n in ex.graph.nodes if n.op_type == "Softmax")
-    res = ex.explain(_inputs(ex, 8, "none"), collect=[softmax])
-    plan = ex._plans[(ex.default_output, (softmax,))]
+    res, ex = _explain(path, "attnlrp", _inputs(ex, 8, "none"), monkeypatch, recompute=True, collect=[softmax])
+    plan = ex._plans[(ex.default_output, (softmax,), "blocks")]
     assert sum(s.op_type == "attention" for s in plan.steps) == 1  # the other layer's block
     assert np.abs(res.latent[softmax]).sum() > 0
 

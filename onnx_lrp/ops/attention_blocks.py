@@ -331,8 +331,9 @@ def block_backward(block: Block, units: list[ChainUnit], weights: tuple[float, f
         def scores(Z, r0, r1):
             vals = {i: rows_of(v, r0, r1, rows) for i, v in full.items()}
             vals[z] = Z
-            for n in block.chain:
-                vals[n.outputs[0]] = _forward(xp, n, [vals[i] if i else None for i in n.inputs], rows, r1 - r0)
+            with np.errstate(over="ignore"):  # scores + finfo.min masks overflow to -inf, as in onnxruntime
+                for n in block.chain:
+                    vals[n.outputs[0]] = _forward(xp, n, [vals[i] if i else None for i in n.inputs], rows, r1 - r0)
             benv = _BlockEnv(env, vals)
             S = vals[s]
             for n in reshapes:
