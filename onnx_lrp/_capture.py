@@ -30,6 +30,8 @@ from .errors import InputError, ModelLoadError, ResourceError
 from .ops.attention_blocks import Block
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
+# session options given external initializers: id -> (options, names, OrtValues kept alive)
+_EXTERNAL: dict[int, tuple[Any, set, list]] = {}
 # how onnxruntime reports an allocation that failed
 _ALLOCATION_FAILURES = ("Failed to allocate memory", "bad_alloc", "BFCArena", "out of memory")
 # com.microsoft ops that pre-pack their constant inputs when the session is created
@@ -78,7 +80,6 @@ class ForwardCapture:
         self.session: ort.InferenceSession | None = None
         self.attention = attention or {}
         self.prepack = prepack and device.name == "cpu"
-        self._initializers_added = False
         self._chunked: dict[int, ort.InferenceSession] = {}  # sessions by chunks per attention block
         self._rank_of: dict[str, int | None] | None = None
         init = graph.model.graph.initializer
@@ -143,10 +144,14 @@ class ForwardCapture:
         if self.session_options is None:
             self.session_options = default_session_options()
         opts = self.session_options
-        if self.prepack and not self._initializers_added:  # once per options: every session shares them
-            self._ortvalues = [ort.OrtValue.ortvalue_from_numpy(self._weights[n]) for n in self.weight_names]
-            opts.add_external_initializers(list(self.weight_names), self._ortvalues)
-            self._initializers_added = True
+        if self.prepack:  # once per options object: every session made with them reads the same arrays
+            added = _EXTERNAL.setdefault(id(opts), (opts, set(), []))
+            new = [n for n in self.weight_names if n not in added[1]]
+            values = [ort.OrtValue.ortvalue_from_numpy(self._weights[n]) for n in new]
+            if new:
+                opts.add_external_initializers(new, values)
+                added[1].update(new)
+                added[2].extend(values)
         try:
             session = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types

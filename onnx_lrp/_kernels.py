@@ -30,12 +30,22 @@ def usable_cores() -> int:
 
 class Gemm:
     """``a @ b`` (``b`` 2-D) for numpy float32/float64 arrays through onnxruntime's ``Gemm`` with ``threads``
-    intra-op threads; small or other products fall back to numpy."""
+    intra-op threads; small or other products fall back to numpy.
+
+    ``prepack(weights)``: products with one of these arrays (or its transpose) as ``b`` run in a session of their
+    own that holds it as an initializer, which MLAS packs once (a packed copy of each weight) instead of at every
+    call (measured ~20% of a 128-row product).
+    """
 
     def __init__(self, threads: int):
         self.threads = threads
         self._sessions: dict[tuple, Any] = {}
         self._lock = threading.Lock()
+        self._packable: dict[int, np.ndarray] = {}  # data pointer -> weight
+
+    def prepack(self, weights: list[np.ndarray]) -> None:
+        self._packable.update((w.ctypes.data, w) for w in weights if w.ndim == 2 and w.dtype in _TYPES
+                              and w.flags.c_contiguous)
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if (not isinstance(a, np.ndarray) or a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype
@@ -49,16 +59,19 @@ class Gemm:
             return a @ b
         a = np.ascontiguousarray(a)
         out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-        sess = self._session(a.dtype, trans_b)
+        w = self._packable.get(bb.ctypes.data)
+        packed = w is not None and w.shape == bb.shape
+        sess = self._session(a.dtype, trans_b, w if packed else None)
         binding = sess.io_binding()
         binding.bind_cpu_input("a", a)
-        binding.bind_cpu_input("b", bb)
+        if not packed:
+            binding.bind_cpu_input("b", bb)
         binding.bind_output("y", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         sess.run_with_iobinding(binding)
         return out
 
-    def _session(self, dtype: np.dtype, trans_b: int) -> Any:
-        key = (dtype, trans_b)
+    def _session(self, dtype: np.dtype, trans_b: int, weight: np.ndarray | None = None) -> Any:
+        key = (dtype, trans_b, None if weight is None else weight.ctypes.data)
         with self._lock:
             sess = self._sessions.get(key)
             if sess is None:
@@ -66,15 +79,24 @@ class Gemm:
 
                 t = _TYPES[dtype]
                 node = helper.make_node("Gemm", ["a", "b"], ["y"], transB=trans_b)
-                graph = helper.make_graph(
-                    [node], "gemm", [helper.make_tensor_value_info("a", t, ["m", "k"]),
-                                     helper.make_tensor_value_info("b", t, ["n", "k"] if trans_b else ["k", "n"])],
-                    [helper.make_tensor_value_info("y", t, ["m", "n"])])
-                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-                model.ir_version = 8
+                b_shape = ["n", "k"] if trans_b else ["k", "n"]
+                inputs = [helper.make_tensor_value_info("a", t, ["m", "k"])]
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = self.threads
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                inits = []
+                if weight is None:
+                    inputs.append(helper.make_tensor_value_info("b", t, b_shape))
+                else:  # an initializer whose data is the weight itself
+                    stub = TensorProto(name="b", data_type=t, dims=list(weight.shape))
+                    stub.data_location = TensorProto.EXTERNAL
+                    stub.external_data.add(key="location", value="onnx-lrp-array")
+                    inits.append(stub)
+                    opts.add_external_initializers(["b"], [ort.OrtValue.ortvalue_from_numpy(weight)])
+                graph = helper.make_graph([node], "gemm", inputs, [helper.make_tensor_value_info("y", t, ["m", "n"])],
+                                          inits)
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                model.ir_version = 8
                 sess = self._sessions[key] = ort.InferenceSession(model.SerializeToString(), opts,
                                                                   providers=["CPUExecutionProvider"])
             return sess
