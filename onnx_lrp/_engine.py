@@ -411,11 +411,10 @@ _BLAS = None
 
 
 def blas_threads(xp: Any, n: int | None) -> Any:
-    """A context limiting numpy's BLAS to ``n`` threads (via threadpoolctl when installed; else a no-op).
-
-    The relevance pass is a chain of mid-sized GEMMs; on few cores OpenBLAS threading costs more than it
-    gains (measured 6x slower on 2 shared cores), and onnxruntime has its own thread pool for the forward.
-    """
+    """A context limiting numpy's BLAS to ``n`` threads during the relevance pass (via threadpoolctl when
+    installed; else a no-op): the products with the weights run on onnxruntime's kernels
+    (:mod:`onnx_lrp._kernels`), numpy's BLAS takes the attention products, with the same thread count, after the
+    forward's pool has gone idle (no spinning, :func:`onnx_lrp._capture.default_session_options`)."""
     global _BLAS
     if n is None or xp is not np:
         return contextlib.nullcontext()

@@ -355,9 +355,10 @@ class Explainer:
         """The plan for ``output``, the capture that runs its forward and the chunks per attention block.
 
         Up to :data:`SHORT_INPUT` elements in an input: the plan that reads captured attention probabilities
-        (fastest). Longer: attention blocks recomputed (memory linear in the tokens), after checking that the
-        estimated need (:func:`onnx_lrp._memory.estimate`) fits the memory available and ``memory_budget``; if not,
-        the lean plan (cheap values recomputed too); if that does not fit either, :class:`ResourceError`.
+        (fastest). Longer: attention blocks recomputed (memory linear in the tokens) if its estimated need
+        (:func:`onnx_lrp._memory.estimate`) fits ``memory_budget`` and half the memory available (the machine may
+        be shared); else the lean plan (cheap values recomputed too) if it fits the budget and all that is
+        available; else :class:`ResourceError`.
         """
         if max((v.size for v in feeds.values()), default=0) <= SHORT_INPUT:
             return self._plan(output, collect, "capture"), self._capture, 1
@@ -373,11 +374,11 @@ class Explainer:
         if not limits:
             return plan, cap, chunks
         limit, what = min(limits)
-        for mode in ("blocks", "lean"):
+        for mode, share in (("blocks", 0.5), ("lean", 1.0)):
             plan = self._plan(output, collect, mode)
             est = estimate(shapes, self._captured(plan, feeds), self.graph.output_names, cap.attention.values(),
                            chunks, self.dtype.itemsize, BLOCK_BYTES, chunked={b.pv.name for b in chunkable})
-            if est.total <= limit:
+            if est.total <= min(limit, share * avail if avail else limit):
                 return plan, cap, chunks
         ids = next((v for k, v in feeds.items() if "ids" in k), max(feeds.values(), key=lambda v: v.size))
         raise ResourceError(
