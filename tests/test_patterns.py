@@ -433,3 +433,20 @@ def test_left_padding_is_refused_where_the_fused_attention_cannot_express_it():
     ref = Explainer(tiny_model("bert")[1]).explain({"input_ids": ids, "attention_mask": right})
     res = fused.explain({"input_ids": ids, "attention_mask": right})
     np.testing.assert_allclose(res.relevance["input_ids"], ref.relevance["input_ids"], rtol=1e-3, atol=1e-6)
+
+
+def test_inspect_shows_each_decision_and_why(tmp_path, capsys):
+    """``onnx-lrp inspect`` prints, per node, the kind, the rule and the reason, before anything runs."""
+    from onnx_lrp.cli import main
+
+    path = tmp_path / "se.onnx"
+    onnx.save(_se_block(), str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gate: input(s) [1] come from a non-zero-centred function" in out
+    assert "Sigmoid: a non-linear function for which the identity rule is unsound" in out
+    path = tmp_path / "ln.onnx"
+    onnx.save(_jax_layer_norm(), str(path))
+    assert main(["inspect", str(path), "--carrying-only"]) == 0
+    out = capsys.readouterr().out
+    assert "normalisation: 'rs' is a second-moment statistic of 'x'" in out and "held" in out
