@@ -108,6 +108,11 @@ class InputChecks:
         self._session_failed = False
         self._lock = threading.Lock()
 
+    def table_rows(self, name: str) -> int | None:
+        """Rows of the smallest constant table that input ``name``'s ids index directly, or None."""
+        rows = [lk.rows for lk in self.lookups if lk.input == name]
+        return min(rows) if rows else None
+
     # ------------------------------------------------------------------ each array
     def convert(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """``inputs`` as arrays of the declared dtypes, each checked on its own (names, kind, range of the cast,
