@@ -375,8 +375,9 @@ def patch_grids(graph: Graph) -> list[PatchGrid]:
             if conv is not None or cast is None:
                 break
             t = cast.outputs[0]
-        w = static_dims(graph, conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
-        pad_mode = conv.attr("auto_pad", b"NOTSET")
+        if conv is None or len(conv.inputs) < 2:
+            continue
+        w, pad_mode = static_dims(graph, conv.inputs[1]), conv.attr("auto_pad", b"NOTSET")
         if w is None or len(w) != 4 or pad_mode not in (b"NOTSET", b"VALID"):
             continue
         found = _position_table(graph, conv.outputs[0])

@@ -224,12 +224,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _check_writable(args.html, args.json)
     path = _model_path(args.model, args.cache)
     if args.image:
-        from .image import ImageExplainer
+        from .image import ImageExplainer, load_image
 
+        image = load_image(args.image)  # a missing or unreadable image fails before the model is loaded
         with step(f"loading {path}"):
             ix = ImageExplainer(path, **kw)
         with step("explaining the image"):
-            res = ix.explain(args.image, target=_int_or_str(args.target))
+            res = ix.explain(image, target=_int_or_str(args.target))
         print(f"class {res.label!r} (id {res.target}, logit {res.score:.4g}); model predicts {res.prediction_label!r}")
         print(f"pixel relevance: sum {res.heatmap.sum():.4g}, max {res.heatmap.max():.4g}, min {res.heatmap.min():.4g}")
         message(f"wrote {res.save_png(png)}")
