@@ -17,6 +17,7 @@ from .errors import OnnxLrpError
 from .progress import message, step
 
 DEMO_PROMPT = "The capital of France is"
+TITLE = "onnx-lrp: which input tokens made the model produce its output (AttnLRP)"
 
 DESCRIPTION = """\
 Explain transformer models in ONNX form with AttnLRP (layer-wise relevance propagation for transformers):
@@ -87,14 +88,6 @@ def _check_writable(*paths: str | None) -> None:
             raise _UsageError(f"{path}: the folder {str(parent)!r} does not exist")
         if not os.access(p if p.exists() else parent, os.W_OK):
             raise _UsageError(f"{path}: not writable (permission denied)")
-
-
-def _pair_paths(path: str | None) -> tuple[str | None, str | None]:
-    """Output files of a pair explanation: ``path`` for sentence A, ``path-b.ext`` for sentence B."""
-    if not path:
-        return None, None
-    p = Path(path)
-    return path, str(p.with_name(p.stem + "-b" + p.suffix))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -173,17 +166,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- explain
-def _show_text(res, args, heading: str) -> None:
+def _section(res, heading: str, subtitle: str) -> dict:
+    """One explained text as a section of the HTML page."""
+    return {"tokens": res.tokens, "relevance": res.relevance, "special": res.special, "words": res.words(),
+            "heading": heading, "subtitle": subtitle}
+
+
+def _show_text(res, args, heading: str, causal: bool) -> None:
+    """The heatmap in the terminal, and the HTML page / JSON file when asked for."""
     from .visualize import html_page, terminal
 
     print(terminal(res.tokens, res.relevance, title=heading, color=False if args.no_color else None))
     if args.html:
-        _write(args.html, html_page([{
-            "tokens": res.tokens, "relevance": res.relevance, "special": res.special, "words": res.words(),
-            "heading": heading, "subtitle": f"score (logit) {res.score:.4g}; model predicts {res.prediction_text!r}",
-        }], title="onnx-lrp: which input tokens made the model produce its output (AttnLRP)"))
+        own = "the same" if res.prediction == res.target else repr(res.prediction_text)
+        section = _section(res, f"{'next token' if causal else 'class'} {res.target_text!r}",
+                           f"logit {res.score:.4g}; the model's own prediction: {own}")
+        _write(args.html, html_page([section], title=TITLE, data=res.to_dict()))
     if args.json:
         _write(args.json, json.dumps(res.to_dict(), indent=1))
+
+
+def _show_pair(a, b, args) -> None:
+    """Both sentences of a similarity explanation: terminal, one HTML page, one JSON file."""
+    from .visualize import html_page, terminal
+
+    color = False if args.no_color else None
+    print(f"similarity (dot product of mean-pooled embeddings): {a.score:.4g}")
+    headings = ("sentence A (B held fixed)", "sentence B (A held fixed)")
+    for res, heading in zip((a, b), headings):
+        print(terminal(res.tokens, res.relevance, title=heading, color=color))
+    data = {"similarity": float(a.score), "a": a.to_dict(), "b": b.to_dict()}
+    if args.html:
+        sub = f"similarity {a.score:.4g} (dot product of mean-pooled embeddings), explained over this sentence"
+        _write(args.html, html_page([_section(a, headings[0], sub), _section(b, headings[1], sub)],
+                                    title="onnx-lrp: which tokens make the two sentences similar (AttnLRP)",
+                                    data=data))
+    if args.json:
+        _write(args.json, json.dumps(data, indent=1))
 
 
 def _explain_generation(tx, args) -> None:
@@ -204,7 +223,7 @@ def _explain_generation(tx, args) -> None:
             "heading": f"prompt + generated text: {''.join(gen.generated)!r}",
             "subtitle": "colour: relevance summed over all generated tokens",
             "matrix": gen.matrix[:, :-1], "outputs": gen.generated,
-        }], title="onnx-lrp: generated span"))
+        }], title="onnx-lrp: which tokens made the model generate this span (AttnLRP)", data=gen.to_dict()))
     if args.json:
         _write(args.json, json.dumps(gen.to_dict(), indent=1))
 
@@ -218,8 +237,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise _UsageError("explain: --png needs --image FILE")
         png = args.png or str(Path(args.image).with_suffix("")) + "-lrp.png"
         _check_writable(png, args.json)
-    elif args.pair is not None:
-        _check_writable(*_pair_paths(args.html), *_pair_paths(args.json))
     else:
         _check_writable(args.html, args.json)
     path = _model_path(args.model, args.cache)
@@ -251,16 +268,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _explain_generation(tx, args)
         return 0
     if args.pair is not None:
-        a, b = tx.similarity(args.text, args.pair)
-        print(f"similarity (dot product of mean-pooled embeddings): {a.score:.4g}")
-        _show_text(a, args, "sentence A (B held fixed)")
-        args.html, args.json = _pair_paths(args.html)[1], _pair_paths(args.json)[1]
-        _show_text(b, args, "sentence B (A held fixed)")
+        _show_pair(*tx.similarity(args.text, args.pair), args)
         return 0
     with step("explaining"):
         res = tx.explain(args.text, target=_int_or_str(args.target), chat=args.chat, system=args.system)
     heading = f"relevance for {res.target_text!r} (logit {res.score:.4g}); model predicts {res.prediction_text!r}"
-    _show_text(res, args, heading)
+    _show_text(res, args, heading, tx.kind == "causal")
     return 0
 
 
@@ -283,8 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with step(f"explaining the next token after {args.prompt!r}"):
         res = tx.explain(args.prompt)
     heading = f"{args.prompt!r} -> {res.target_text!r} (logit {res.score:.4g}): which tokens made the model say it?"
-    args.text, args.chat, args.system, args.generate = args.prompt, False, None, 0
-    _show_text(res, args, heading)
+    _show_text(res, args, heading, True)
     return 0
 
 

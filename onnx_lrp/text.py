@@ -123,17 +123,24 @@ class Tokenizer:
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The text each token adds to the decoded string (spaces included, ``##`` joined), so that
-        ``"".join(pieces)`` reads as the text; tokens that decode to nothing alone show their own form."""
+        ``"".join(pieces)`` reads as the text. A character split over several tokens (emoji, CJK in byte-level
+        BPE) belongs to the token that completes it; the tokens before add ``""``. Where the decoder rewrites
+        earlier text (clean-up), the token's own form is shown."""
         out: list[str] = []
-        prev = ""
+        shown = ""  # the decoded text so far, up to the last complete character
+        cur = ""
         for k in range(len(ids)):
             cur = self.decode(ids[: k + 1])
-            if cur.startswith(prev) and "\ufffd" not in cur[len(prev):]:
-                out.append(cur[len(prev):])
-                prev = cur
-            else:  # clean-up or an unfinished multi-byte character: fall back to the token alone
+            if not cur.startswith(shown):  # clean-up changed earlier text: the token alone
                 out.append(self.decode([ids[k]]))
-                prev = cur
+                shown = cur
+            elif "\ufffd" in cur[len(shown):]:  # an unfinished multi-byte character: its token comes later
+                out.append("")
+            else:
+                out.append(cur[len(shown):])
+                shown = cur
+        if out and cur.startswith(shown) and cur != shown:  # bytes that never formed a character
+            out[-1] += cur[len(shown):]
         return out
 
 
