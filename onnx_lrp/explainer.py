@@ -51,29 +51,42 @@ class Explainer:
 
     Parameters
     ----------
-    model: path to an ``.onnx`` file (external data next to it is read), a folder holding one, or a
+    model
+        path to an ``.onnx`` file (external data next to it is read), a folder holding one, or a
         ``onnx.ModelProto`` (left unchanged; tensors it keeps in external files are read from ``base_dir``).
-    composite: ``"attnlrp"`` (default), ``"cp-lrp"``, ``"gradient-x-input"``, ``"gradient"``, ``"vit-lrp"``
+    composite
+        ``"attnlrp"`` (default), ``"cp-lrp"``, ``"gradient-x-input"``, ``"gradient"``, ``"vit-lrp"``
         or a :class:`~onnx_lrp.composites.Composite`.
-    overrides: extra rules by op type or node-name pattern, e.g. ``{"/model/layers.0/*": Gradient()}``.
-    providers: onnxruntime execution providers (default CPU).
-    dtype: compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
+    overrides
+        extra rules by op type or node-name pattern, e.g. ``{"/model/layers.0/*": Gradient()}``.
+    providers
+        onnxruntime execution providers (default CPU).
+    dtype
+        compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
         are explained in this dtype.
-    sources: graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
+    sources
+        graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
         lookups enter the model as a term: token, segment, learned position ids, not RoPE position ids; see
         :func:`onnx_lrp._analysis.is_additive_lookup`).
-    allow_unsupported: treat ops without a rule as constants instead of failing.
-    session_options: ``onnxruntime.SessionOptions`` for the forward session (default:
+    allow_unsupported
+        treat ops without a rule as constants instead of failing.
+    session_options
+        ``onnxruntime.SessionOptions`` for the forward session (default:
         :func:`onnx_lrp._capture.default_session_options`: priority-based execution order, no thread spinning;
         start from it when tuning threads).
-    device: ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
+    device
+        ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
         relevance pass; raises :class:`~onnx_lrp._device.DeviceError` naming what is missing) or ``"auto"``
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
-    blas_threads: numpy BLAS threads during the relevance pass (default 1, fastest measured on few cores;
+    blas_threads
+        numpy BLAS threads during the relevance pass (default 1, fastest measured on few cores;
         needs ``threadpoolctl``); ``None`` leaves BLAS as configured.
-    base_dir: the folder holding the external data files of a ``ModelProto`` ``model`` (never the working
+    base_dir
+        the folder holding the external data files of a ``ModelProto`` ``model`` (never the working
         directory); not needed for paths.
 
+    Notes
+    -----
     One Explainer may be used from several threads: plans and sessions are built under a lock.
     """
 
@@ -161,7 +174,9 @@ class Explainer:
             or ``(batch, k)`` with k targets. Default: the last non-padding token (from ``attention_mask``).
         output_relevance: start weights ``w`` replacing the one-hot: ``R_out = w * y`` (e.g. ``+1``/``-1``
             for a contrastive explanation); the output's shape, or ``(k,) + shape`` for k explanations.
+
         collect: intermediate tensor names whose relevance is returned in ``latent``.
+
         as_numpy: return numpy arrays (default); ``False`` keeps CuPy arrays on ``device="cuda"``.
         """
         output = output or self.default_output
