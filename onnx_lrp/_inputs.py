@@ -134,8 +134,8 @@ class InputChecks:
         try:
             arr = np.asarray(value)
         except (ValueError, TypeError) as exc:
-            raise InputError(f"{src}: input {name!r} is not a rectangular array {want} (rows of different "
-                             f"lengths? pad them and pass an attention_mask): {exc}") from None
+            raise InputError(f"{src}: input {name!r} is not a rectangular array (rows of different lengths? pad "
+                             f"them and pass an attention_mask); the model expects {want}: {exc}") from None
         if arr.dtype.kind not in "biuf":
             raise InputError(f"{src}: input {name!r} must hold numbers {want}, got dtype {arr.dtype}")
         if spec.is_int and arr.dtype.kind not in "iub":
@@ -157,7 +157,8 @@ class InputChecks:
                              f"got shape {arr.shape}")
         for k, (d, a) in enumerate(zip(spec.shape, arr.shape)):
             if isinstance(d, int) and d > 0 and d != a:
-                raise InputError(f"{src}: input {name!r} axis {k} must be {d} {tuple(spec.shape)}, got shape {arr.shape}")
+                raise InputError(f"{src}: input {name!r} axis {k} must be {d} {tuple(spec.shape)}, "
+                                 f"got shape {arr.shape}")
         if arr.size == 0 and (not spec.is_float or name in self.sources):
             raise InputError(f"{src}: input {name!r} is empty (shape {arr.shape}, declared {tuple(spec.shape)}): "
                              "give at least one batch element and one token/value")
@@ -234,14 +235,15 @@ class InputChecks:
         n = math.isqrt(g.patches)
         if h * w == g.patches and (n * n != g.patches or h == w):  # a square table: the patches of a square grid
             return
-        want = (f"{g.side(n, 0)} x {g.side(n, 1)} images ({n} x {n} patches)" if n * n == g.patches else
+        square = n * n == g.patches
+        want = (f"{g.side(n, 0)} x {g.side(n, 1)} images ({n} x {n} patches)" if square else
                 f"images of h x w patches with h * w = {g.patches}")
         raise InputError(
             f"{self.graph.source}: input {g.input!r} of shape {shape} gives {h} x {w} = {h * w} patches (node "
             f"{g.conv!r}: kernel {list(g.kernel)}, stride {list(g.stride)}), but the model's position embeddings "
-            f"{g.table!r} hold {g.patches} patches (+ {g.extra} other tokens){' in a square grid' if n * n == g.patches else ''}: "
-            f"give {want}, the size the model was "
-            "exported for (ImageExplainer resizes images to it from preprocessor_config.json)")
+            f"{g.table!r} hold {g.patches} patches (+ {g.extra} other token(s)){' in a square grid' if square else ''}"
+            f": give {want}, the size the model was exported for (ImageExplainer resizes images to it from "
+            "preprocessor_config.json)")
 
     def _check_lookup(self, lk: TableLookup, ids: np.ndarray, given: bool, feeds: Mapping[str, np.ndarray]) -> None:
         if not ids.size:

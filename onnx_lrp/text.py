@@ -412,10 +412,11 @@ class TextExplainer:
         ``"none"`` when the chosen output already is a pooled ``(batch, hidden)`` embedding.
         """
         if self.kind != "encoder" and pooling != "none":
+            holds = "next-token logits (a causal LM)" if self.kind == "causal" else "class scores"
             raise TargetError(
                 f"{self.explainer.graph.source}: similarity() compares sentence embeddings of an encoder, but output "
-                f"{self.output!r} holds {'next-token logits (a causal LM)' if self.kind == 'causal' else 'class scores'}"
-                "; use explain(), or TextExplainer(..., output=<hidden-state output>) for a model that has one")
+                f"{self.output!r} holds {holds}; use explain(), or TextExplainer(..., output=<hidden-state output>) "
+                "for a model that has one")
         ex = self.explainer
         feeds = [self._feeds(self.tokenizer.encode(s)) for s in (a, b)]
         ys = [ex.forward(f, [self.output])[self.output] for f in feeds]

@@ -145,7 +145,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;max-widt
 h1{font-size:1.3em} h2{font-size:1.1em;margin-top:1.6em} .meta{color:#555}
 .text{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:1.1em;line-height:2.1em;white-space:pre-wrap;
  border:1px solid #ddd;padding:.8em;border-radius:6px}
-.tok{border-radius:3px;padding:.15em 0;box-shadow:inset 0 0 0 1px rgba(255,255,255,.7)} .special{outline:1px dashed #999}
+.tok{border-radius:3px;padding:.15em 0;box-shadow:inset 0 0 0 1px rgba(255,255,255,.7)}
+.special{outline:1px dashed #999}
 .part{color:#999} .download{margin:1.2em 0}
 .legend{display:flex;align-items:center;gap:.6em;margin:.8em 0;font-size:.9em}
 .bar{width:16em;height:.9em;border:1px solid #ccc;

@@ -113,7 +113,8 @@ def test_image_inputs_never_raise_foreign_errors(how):
     explained = []
 
     @SETTINGS
-    @given(shape=st.sampled_from([(1, 3, 16, 16)] * 3 + [(2, 3, 16, 16), (1, 3, 20, 20), (1, 1, 16, 16), (1, 3, 8, 32)]),
+    @given(shape=st.sampled_from([(1, 3, 16, 16)] * 3 + [(2, 3, 16, 16), (1, 3, 20, 20), (1, 1, 16, 16),
+                                                         (1, 3, 8, 32)]),
            scale=st.sampled_from([1.0, 0.01, 100.0]), seed=st.integers(0, 2**16), target=targets)
     def run(shape, scale, seed, target):
         rng = np.random.RandomState(seed)
