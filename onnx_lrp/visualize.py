@@ -172,8 +172,9 @@ def _text_block(tokens: Sequence[str], rel: np.ndarray, special: Sequence[bool] 
         cls = "tok" + (" special" if sp else "") + ("" if tok else " part")
         tip = f"{tok!r}: {r:+.4g}" if tok else f"part of the next character (a byte-level piece): {r:+.4g}"
         style = _chip_style(c) if tok else f"background:{_rgb(c)}"
+        shown = (tok or PART).replace("\n", "\u21b5")  # a line break shows as a visible mark, then breaks the line
         spans.append(f'<span class="{cls}" style="{style}" title="{_html.escape(tip)}">'
-                     f'{_html.escape(tok or PART)}</span>')
+                     f'{_html.escape(shown)}</span>' + "\n" * tok.count("\n"))
     return '<div class="text">' + "".join(spans) + "</div>"
 
 
