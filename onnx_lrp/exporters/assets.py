@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .._files import read_json
 from ..progress import step
 from ._optimum import export, quiet_libraries
 
@@ -165,4 +166,8 @@ def minilm_sentiment(cache: str | os.PathLike | None = None) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: build the fine-tuned classifier once with "
                                 "`python benchmarks/finetune_minilm.py` (about 5 minutes on 2 cores; cached)")
+    labels = read_json(path.parent / "config.json").get("id2label", {})
+    if sorted(labels.values()) != ["negative", "positive"]:
+        raise FileNotFoundError(f"{path.parent / 'config.json'}: the classifier has no label names "
+                                f"({labels}); run `python benchmarks/finetune_minilm.py` once more to name them")
     return path
