@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnx_lrp import Explainer, InputError, ModelLoadError, TargetError
 from onnx_lrp._device import DeviceError

@@ -20,7 +20,7 @@ import pytest
 from onnx_lrp.cli import main
 from onnx_lrp.visualize import PART, colours, html_page, ink, terminal, terminal_matrix, width
 
-from _support import CACHE, tiny_model
+from _support import word_level_folder
 from test_frontends import text_model  # noqa: F401 - the tiny Llama with a word-level tokenizer (a fixture)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -130,20 +130,9 @@ def test_cli_page_headings_and_json_download(text_model, tmp_path, capsys):  # n
 @pytest.fixture(scope="module")
 def encoder_folder():
     """Tiny random BERT (feature extraction) with a word-level tokenizer: an encoder for pair similarity."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    _, onnx_path = tiny_model("bert_feat")
-    folder = CACHE / "bert-feat-pages"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(onnx_path, folder / "model.onnx")
-    words = "[PAD] [UNK] [CLS] [SEP] a man is eating food eats bread .".split()
-    vocab = {w: i for i, w in enumerate(words)}
-    vocab.update({f"w{i}": i for i in range(len(vocab), 128)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
+    path, _ = word_level_folder("bert_feat", "bert-feat-pages", ["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
+                                "a man is eating food eats bread .".split())
+    return path.parent
 
 
 def test_pair_page_says_similarity(encoder_folder, tmp_path, capsys):
