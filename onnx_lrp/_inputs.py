@@ -143,9 +143,10 @@ class InputChecks:
         if spec.is_float and arr.dtype.kind != "f":
             raise InputError(f"{src}: input {name!r} must hold floats {want}, got {arr.dtype} (images: convert to "
                              "float and normalise as the model's preprocessor does)")
-        if spec.elem_type == onnx.TensorProto.BOOL and arr.dtype.kind in "iu" and arr.size and (
-                arr.min() < 0 or arr.max() > 1):
-            raise InputError(f"{src}: input {name!r} is boolean {want}; got integers outside 0/1")
+        if spec.elem_type == onnx.TensorProto.BOOL and (arr.dtype.kind == "f" or arr.dtype.kind in "iu" and arr.size
+                                                        and (arr.min() < 0 or arr.max() > 1)):
+            raise InputError(f"{src}: input {name!r} is boolean {want}: give bools or 0/1 integers, got {arr.dtype}"
+                             + (f" in [{arr.min()}, {arr.max()}]" if arr.dtype.kind in "iu" else ""))
         if spec.elem_type and arr.dtype != spec.numpy_dtype:
             arr = _cast(arr, spec.numpy_dtype, name, src)
         if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
@@ -213,7 +214,7 @@ class InputChecks:
         ids = next((feeds[n] for n in ("input_ids", "decoder_input_ids") if n in feeds), None)
         for name in MASK_INPUTS:
             m = feeds.get(name)
-            if m is None or name not in given or m.dtype.kind == "f" or not m.size:
+            if m is None or name not in given or m.dtype.kind == "f" or not m.size or not m.ndim:
                 continue
             if m.min() < 0 or m.max() > 1:
                 raise InputError(f"{src}: input {name!r} must hold 0 (padding) and 1 (token), got values in "

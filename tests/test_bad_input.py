@@ -119,6 +119,22 @@ def test_fixed_sizes_and_float_inputs(vit):
         vit.explain({"pixel_values": np.full((1, 3, 16, 16), 1e300)})
 
 
+def test_boolean_inputs():
+    g = helper.make_graph([helper.make_node("Where", ["m", "x", "z"], ["y"], name="w")], "g",
+                          [helper.make_tensor_value_info("m", onnx.TensorProto.BOOL, [2]),
+                           helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+                          [helper.make_tensor("z", onnx.TensorProto.FLOAT, [2], [0.0, 0.0])])
+    ex = Explainer(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    run = dict(output_relevance=np.ones(2, np.float32))
+    np.testing.assert_array_equal(ex.explain({"m": np.array([1, 0]), "x": np.ones(2, np.float32)}, **run)
+                                  .relevance["x"], [1, 0])  # 0/1 integers are bools
+    with _raises(InputError, "'m'", "boolean", "0/1", "[0, 2]"):
+        ex.explain({"m": np.array([2, 0]), "x": np.ones(2, np.float32)}, **run)
+    with _raises(InputError, "'m'", "boolean", "float64"):  # 0.5 would silently be True
+        ex.explain({"m": np.array([0.5, 1.0]), "x": np.ones(2, np.float32)}, **run)
+
+
 # ---------------------------------------------------------------------------------------------- across inputs
 def test_named_axes_agree(bert, llama):
     with _raises(InputError, "attention_mask", "axis 0 is 3", "input_ids", "axis 0 is 2", "batch_size"):
