@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -380,16 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings during a command as one line each, ``onnx-lrp: warning: ...`` (no source line)."""
+    print(f"onnx-lrp: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 1 ``inspect`` found ops without a rule, 2 an error: one line
-    ``onnx-lrp: error: ...`` on stderr (``--debug`` adds the traceback), 130 interrupted."""
+    ``onnx-lrp: error: ...`` on stderr (``--debug`` adds the traceback), 130 interrupted. Warnings are one line
+    ``onnx-lrp: warning: ...`` each."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("onnx-lrp: interrupted", file=sys.stderr)
         return 130

@@ -368,6 +368,34 @@ def test_unavailable_providers(capfd):
     assert "Specified provider" not in capfd.readouterr().err
 
 
+def test_overrides_and_rule_parameters(llama):
+    """The lead's override and rule checks (issue 11), as a user meets them."""
+    from onnx_lrp import ConfigError, Epsilon, Gamma, Gradient, Uniform
+
+    path = tiny_model("llama")[1]
+    with _raises(ConfigError, "override 'node:/nope/*'", "no node of the model is named"):
+        Explainer(path, overrides={"node:/nope/*": Gradient()})
+    with _raises(ConfigError, "override 'op:Mtmul'", "knows no op type 'Mtmul'"):
+        Explainer(path, overrides={"op:Mtmul": Gradient()})
+    with _raises(ConfigError, "override 'node:/model/norm/*'", "Uniform", "fits none of the nodes"):
+        Explainer(path, overrides={"node:/model/norm/*": Uniform()})
+    with _raises(ValueError, "Epsilon", "epsilon", "-1"):
+        Epsilon(-1)
+    with _raises(ValueError, "Gamma", "gamma", "nan"):
+        Gamma(float("nan"))
+
+
+@pytest.mark.slow
+def test_composite_whose_relevance_explodes_is_reported(capsys):
+    """vit-lrp's gamma rule on an LLM (SmolLM2): the relevance sums to ~1e3x the logit; the CLI says so in one
+    warning line naming where it blew up, and still explains."""
+    code = main(["explain", "smollm2", "The capital of France is", "--composite", "vit-lrp", "--no-color"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("onnx-lrp: warning:")]
+    assert code == 0 and len(lines) == 1 and "not conserved" in lines[0] and "vit-lrp" in lines[0]
+    assert "first exceeds 10x the score at tensor" in lines[0] and "Traceback" not in err
+
+
 def test_similarity_on_a_causal_lm(text_model):  # noqa: F811
     from onnx_lrp.text import TextExplainer
 
