@@ -143,7 +143,7 @@ def usable_providers(providers: list) -> list:
     if missing:
         warnings.warn(f"onnx-lrp: execution provider(s) {missing} are not available in this onnxruntime "
                       f"{ort.__version__} build (available: {available}); using {[n for n in names if n in available]}",
-                      stacklevel=3)
+                      stacklevel=4)
     return kept
 
 
