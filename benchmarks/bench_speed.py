@@ -13,6 +13,7 @@ loading included) and the peak during the runs only (the kernel's mark reset aft
 Variants of the memory runs:
   ort      plain onnxruntime forward of the exported graph (the user's graph, default session options)
   explain  onnx-lrp ``Explainer.explain`` (forward capture + relevance pass), default AttnLRP composite
+  prepack  the same with ``Explainer(prepack=True)`` (weights pre-packed by onnxruntime: faster, more memory)
   lxt      LXT 2.1 efficient engine: PyTorch forward + backward from the explained logit, same weights
   torch    plain PyTorch forward (``torch.no_grad``)
   multi    onnx-lrp with k targets: one batched pass vs k separate passes
@@ -20,7 +21,7 @@ GPU variants (``ort_cuda``, ``explain_cuda``, ``lxt_cuda``) run only when a CUDA
 
 ``--long``: the scaling table, time and peak memory against tokens (128 .. 8,192, batch 1) and batch (1, 2, 4 at
 1,024 tokens), every point of every variant in its own subprocess (``--long-points`` to choose). LXT runs only
-where its estimated need (the attention probabilities and scores autograd keeps, 2 x layers x batch x heads x
+where its estimated need (the attention scores and probabilities autograd keeps, 3 x layers x batch x heads x
 T^2 x 4 bytes, plus the weights) stays under ``--lxt-limit`` GB (default 10: beyond, it could take the shared
 machine's memory from everyone); onnx-lrp refuses (ResourceError) what does not fit the memory available.
 
@@ -46,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODELS_DIR = Path(os.environ.get("ONNX_LRP_MODELS", Path.home() / ".cache" / "onnx-lrp" / "models"))
-CPU_VARIANTS = ("ort", "explain", "lxt", "torch")
+CPU_VARIANTS = ("ort", "explain", "prepack", "lxt", "torch")
 GPU_VARIANTS = ("ort_cuda", "explain_cuda", "lxt_cuda")
 
 
@@ -151,13 +152,17 @@ def _ort_runner(spec, device):
     return lambda ids: sess.run(None, onnx_feeds(names, ids))
 
 
-def _explain_runner(spec, device):
+def _explain_runner(spec, device, prepack: bool = False):
     sys.path.insert(0, str(ROOT))
     from onnx_lrp import Explainer
 
-    ex = Explainer(spec["onnx"], device=device, threads=spec.get("threads"))
+    ex = Explainer(spec["onnx"], device=device, threads=spec.get("threads"), prepack=prepack)
     kw = {} if spec["causal"] else {"position": 0}
     return lambda ids: ex.explain(onnx_feeds(ex.input_names, ids), **kw)
+
+
+def _prepack_runner(spec, device):
+    return _explain_runner(spec, device, prepack=True)
 
 
 def _torch_model(spec, device, lxt: bool):
@@ -225,7 +230,8 @@ def _torch_runner(spec, device):
     return run
 
 
-RUNNERS = {"ort": _ort_runner, "explain": _explain_runner, "lxt": _lxt_runner, "torch": _torch_runner}
+RUNNERS = {"ort": _ort_runner, "explain": _explain_runner, "prepack": _prepack_runner, "lxt": _lxt_runner,
+           "torch": _torch_runner}
 
 
 def interleaved(spec: dict, req: dict) -> list[dict]:
@@ -247,9 +253,10 @@ def interleaved(spec: dict, req: dict) -> list[dict]:
                     times[v].append(time.perf_counter() - t)
             row = dict(batch=batch, seq=seq, rounds=len(times["explain"]), times_s=times,
                        median_s={v: statistics.median(t) for v, t in times.items()})
-            for other in ("ort", "lxt"):
-                if other in times:
-                    row[f"explain/{other}"] = statistics.median(e / o for e, o in zip(times["explain"], times[other]))
+            for ours in ("explain", "prepack"):
+                for other in ("ort", "lxt"):
+                    if ours in times and other in times:
+                        row[f"{ours}/{other}"] = statistics.median(e / o for e, o in zip(times[ours], times[other]))
             rows.append(row)
     return rows
 
@@ -342,10 +349,11 @@ def run_worker(req: dict) -> dict:
 
 
 def lxt_need_gb(spec: dict, batch: int, seq: int) -> float:
-    """What LXT's eager attention keeps for the backward: scores and probabilities of every layer, plus weights."""
+    """What LXT's eager attention keeps for the backward, every layer: scores, probabilities and the masked scores
+    (3 x layers x batch x heads x T^2 floats), plus the weights."""
     cfg = json.loads((Path(spec["pt"]) / "config.json").read_text())
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    return (2 * layers * batch * heads * seq * seq * 4 + 0.6e9) / 1e9
+    return (3 * layers * batch * heads * seq * seq * 4 + 0.6e9) / 1e9
 
 
 LONG_POINTS = "1x128,1x512,1x1024,1x2048,1x4096,1x8192,2x1024,4x1024"
@@ -454,18 +462,18 @@ def report(name: str, threads: int, res: dict) -> None:
     rows = res["interleaved"].get("rows", [])
     print("  time (s, median of interleaved rounds) | ratios (median of per-round ratios) | peak MB with loading / "
           "during runs (own process)")
-    print(f"  batch  seq rounds {'ort':>8} {'explain':>8} {'lxt':>8} {'torch':>8}   b/a   b/c   "
-          f"{'explain MB':>11} {'lxt MB':>11} {'ort MB':>11}")
+    print(f"  batch  seq rounds {'ort':>8} {'explain':>8} {'prepack':>8} {'lxt':>8} {'torch':>8}   b/a   b/c   p/a   p/c"
+          f"   {'explain MB':>11} {'prepack MB':>11} {'lxt MB':>11} {'ort MB':>11}")
     for r in rows:
         m = r["median_s"]
         mem = {v: next((x for x in res.get(v, {}).get("rows", []) if x["batch"] == r["batch"] and x["seq"] == r["seq"]),
-                       None) for v in ("explain", "lxt", "ort")}
+                       None) for v in ("explain", "prepack", "lxt", "ort")}
         cell = lambda x: f"{x['peak_mb']:5.0f}/{x['run_peak_mb']:<5.0f}" if x else f"{'-':>11}"  # noqa: E731
         t = lambda v: f"{m[v]:8.4f}" if v in m else f"{'-':>8}"  # noqa: E731
         ratio = lambda k: f"{r[k]:5.2f}" if k in r else f"{'-':>5}"  # noqa: E731
-        print(f"  {r['batch']:5d} {r['seq']:4d} {r['rounds']:6d} {t('ort')} {t('explain')} {t('lxt')} {t('torch')} "
-              f"{ratio('explain/ort')} {ratio('explain/lxt')}   {cell(mem['explain'])} {cell(mem['lxt'])} "
-              f"{cell(mem['ort'])}")
+        print(f"  {r['batch']:5d} {r['seq']:4d} {r['rounds']:6d} {t('ort')} {t('explain')} {t('prepack')} {t('lxt')} "
+              f"{t('torch')} {ratio('explain/ort')} {ratio('explain/lxt')} {ratio('prepack/ort')} {ratio('prepack/lxt')}"
+              f"   {cell(mem['explain'])} {cell(mem['prepack'])} {cell(mem['lxt'])} {cell(mem['ort'])}")
     for r in res.get("multi", {}).get("rows", []):
         print(f"  {r['k']} targets at seq {r['seq']}: batched {r['batched_s']:.3f} s, separate {r['separate_s']:.3f} s "
               f"({r['speedup']:.1f}x)")

@@ -10,6 +10,7 @@ numpy arrays on the CPU, as CuPy arrays on CUDA (the same code path on both devi
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +27,8 @@ from onnx import helper, numpy_helper
 from ._device import CPU, Device, check_session
 from ._graph import Graph
 from ._stream import copy_without_initializers, is_weight
-from .errors import InputError, ModelLoadError, ResourceError
+from ._inputs import ort_failure, quiet_run
+from .errors import ModelLoadError, ResourceError
 from .ops.attention_blocks import Block
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
@@ -52,9 +54,11 @@ def default_session_options() -> ort.SessionOptions:
     - idle pool threads sleep instead of spinning: the relevance pass runs right after the forward and would
       otherwise compete with them for the cores (measured 20% faster on 2 cores);
     - priority-based execution order: with the default order the ``Shape`` nodes added for the rules run
-      late and keep their tensors alive to the end of the run (SmolLM2, 512 tokens: +2.2 GB vs +0.85 GB).
+      late and keep their tensors alive to the end of the run (SmolLM2, 512 tokens: +2.2 GB vs +0.85 GB);
+    - onnxruntime logs errors only (its warnings about the graph are not for the user; failures are raised).
     """
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return opts
@@ -88,6 +92,7 @@ class ForwardCapture:
         self._weights = {n: device.to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
         device.synchronize()  # uploads finish before onnxruntime's stream reads them
         self._float_outputs: set[str] = set()
+        self._lock = threading.Lock()
 
     @property
     def weights(self) -> dict[str, Any]:
@@ -95,19 +100,22 @@ class ForwardCapture:
         return self._weights
 
     def prepare(self, values: set[str], shapes: set[str]) -> None:
-        """Make sure the session returns ``values`` and the shapes of ``shapes``."""
+        """Make sure the session returns ``values`` and the shapes of ``shapes`` (thread-safe: the new session
+        and what it exposes are swapped in together)."""
         values = {v for v in values if self._needs_output(v)}
         shapes = {s for s in shapes if self._needs_output(s)}  # also for returned tensors: run() asks Shape nodes
-        if self.session is not None and values <= self.exposed and shapes <= self.shape_exposed:
-            return
-        self.exposed |= values
-        self.shape_exposed |= shapes
-        self.session = self._session(self._session_model())
-        self._chunked.clear()
+        with self._lock:
+            if self.session is not None and values <= self.exposed and shapes <= self.shape_exposed:
+                return
+            exposed, shape_exposed = self.exposed | values, self.shape_exposed | shapes
+            session = self._session(self._session_model(exposed, shape_exposed))
+            self.session, self.exposed, self.shape_exposed = session, exposed, shape_exposed
+            self._chunked = {}
 
-    def _session_model(self, chunks: int = 1) -> onnx.ModelProto:
+    def _session_model(self, exposed: set[str], shape_exposed: set[str], chunks: int = 1) -> onnx.ModelProto:
         """The model with weights as graph inputs (``prepack``: as initializers whose data onnxruntime reads from
-        our arrays) and the exposed tensors (and shapes) as extra outputs."""
+        our arrays), the ``exposed`` tensors (and the shapes of ``shape_exposed``) as extra outputs, and
+        attention blocks in ``chunks`` chunks of query rows."""
         src = self.graph.model
         model = copy_without_initializers(src)
         weights = set(self.weight_names)
@@ -120,19 +128,19 @@ class ForwardCapture:
             elif t.name in weights:
                 model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         existing = set(self.graph.output_names)
-        for name in sorted(self.exposed - existing):
+        for name in sorted(exposed - existing):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
         # each Shape node right after the producer of its tensor (see default_session_options)
         del model.graph.node[:]
-        nodes = (chunk_attention(self.graph.nodes, self.chunkable(), chunks, self._ranks()) if chunks > 1
-                 else [n.proto for n in self.graph.nodes])
+        nodes = (chunk_attention(self.graph.nodes, self.chunkable(exposed | shape_exposed), chunks, self._ranks())
+                 if chunks > 1 else [n.proto for n in self.graph.nodes])
         for node in nodes:
             model.graph.node.append(node)
             for o in node.output:
-                if o in self.shape_exposed:
+                if o in shape_exposed:
                     out = SHAPE_PREFIX + o
                     model.graph.node.append(helper.make_node("Shape", [o], [out], name=out))
-        for name in sorted(self.shape_exposed):
+        for name in sorted(shape_exposed):
             model.graph.output.append(onnx.ValueInfoProto(name=SHAPE_PREFIX + name))
         return model
 
@@ -159,10 +167,10 @@ class ForwardCapture:
         check_session(session, self.device.name, self.graph.source)
         return session
 
-    def chunkable(self) -> list[Block]:
-        """Blocks whose inner tensors are neither returned nor shape-read, that reshape no scores, and whose
-        chain operands have known ranks."""
-        seen = self.exposed | self.shape_exposed | set(self.graph.output_names)
+    def chunkable(self, seen: set[str] | None = None) -> list[Block]:
+        """Blocks whose inner tensors are neither returned nor shape-read (``seen``: by default what the session
+        exposes), that reshape no scores, and whose chain operands have known ranks."""
+        seen = (self.exposed | self.shape_exposed if seen is None else seen) | set(self.graph.output_names)
         ranks = self._ranks()
         out = []
         for b in self.attention.values():
@@ -190,22 +198,26 @@ class ForwardCapture:
 
     def chunked_session(self, chunks: int) -> ort.InferenceSession:
         """The session whose attention blocks run in ``chunks`` chunks of query rows (1: the plain one)."""
-        assert self.session is not None
-        if chunks <= 1 or not self.chunkable():
-            return self.session
-        sess = self._chunked.get(chunks)
-        if sess is None:
-            sess = self._chunked[chunks] = self._session(self._session_model(chunks))
-        return sess
+        with self._lock:
+            session = self.session
+            assert session is not None
+            if chunks <= 1 or not self.chunkable():
+                return session
+            sess = self._chunked.get(chunks)
+            if sess is None:
+                sess = self._chunked[chunks] = self._session(
+                    self._session_model(self.exposed, self.shape_exposed, chunks))
+            return sess
 
     def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str],
             chunks: int = 1) -> tuple[dict, dict]:
         """Run once; returns (tensor values by name, shapes by name). Values live on the capture's device.
-        ``chunks``: attention blocks in that many chunks of query rows (:meth:`chunked_session`)."""
-        assert self.session is not None
+        ``chunks``: attention blocks in that many chunks of query rows (:meth:`chunked_session`); one session
+        throughout (prepare() may swap in a new one meanwhile)."""
+        session = self.chunked_session(chunks)
         names = list(dict.fromkeys(list(values) + [SHAPE_PREFIX + s for s in shapes]))
         out_values, out_shapes = {}, {}
-        for n, ov in zip(names, self._run(self.chunked_session(chunks), feeds, names)):
+        for n, ov in zip(names, self._run(session, feeds, names)):
             if n.startswith(SHAPE_PREFIX):
                 out_shapes[n[len(SHAPE_PREFIX) :]] = tuple(int(d) for d in ov.numpy())
             else:
@@ -223,13 +235,13 @@ class ForwardCapture:
             on_host = n.startswith(SHAPE_PREFIX) or self.device.name == "cpu"
             binding.bind_output(n, "cpu" if on_host else self.device.name, 0 if on_host else self.device.index)
         try:
-            session.run_with_iobinding(binding)
-        except Exception as exc:
-            sizes = {k: tuple(v.shape) for k, v in feeds.items()}
+            session.run_with_iobinding(binding, quiet_run())
+        except Exception as exc:  # onnxruntime raises its own exception types
             if isinstance(exc, MemoryError) or any(m in str(exc) for m in _ALLOCATION_FAILURES):
+                sizes = {k: tuple(v.shape) for k, v in feeds.items()}
                 raise ResourceError(f"{self.graph.source}: onnxruntime ran out of memory on inputs of shapes {sizes} "
                                     f"({exc}); explain fewer tokens or a smaller batch") from exc
-            raise InputError(f"{self.graph.source}: onnxruntime failed on inputs of shapes {sizes}: {exc}") from exc
+            raise ort_failure(self.graph, feeds, exc) from exc
         return binding.get_outputs()
 
     def _bind_weight(self, binding: Any, name: str, arr: Any) -> None:

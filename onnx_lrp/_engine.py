@@ -13,15 +13,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._analysis import LINEAR_OPS, Analysis
+from ._analysis import Analysis
 from ._graph import Graph
+from ._patterns import epsilon_site
 from ._recompute import Program, RecomputeCache, find_program
 from .errors import OnnxLrpError
-from .ops import REGISTRY, OpContext
-from .ops.activation import region_backward
+from .ops import OpContext, region_backward, spec_of
 from .ops.attention_blocks import Block, ChainUnit, block_backward, find_blocks
-from .ops._base import stabilise
-from .ops.linear import following_bias, product_weights
+from .ops.linear import product_weights
 from .rules import Epsilon, Rule
 
 
@@ -33,7 +32,7 @@ class Step:
     inputs: list[str | None]  # carrying inputs, aligned with what ``backward`` returns
     outputs: list[str]
     backward: Callable
-    epsilon: float = 0.0  # eps-LRP modifier on the output gradient (needs the output value)
+    stabilise: bool = False  # eps-LRP on the output gradient: G_z * z / stab(z) (needs the output value)
     eps_bias: Any = None  # bias added to the output for eps-LRP's z (a linear map's bias in the next node)
 
 
@@ -57,7 +56,7 @@ class Env:
         self._values, self._shapes, self._static = values, shapes, static
         self._recomputed = recomputed
         self._memo: dict[str, Any] = {}
-        self.matmul = matmul or _matmul
+        self.matmul = matmul or _matmul  # 2-D products with weights (onnx_lrp._kernels.Gemm on the CPU)
 
     def __getitem__(self, name: str):
         v = self._values.get(name)
@@ -111,7 +110,7 @@ def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:
             found[region.name] = max(n.index for n in region.nodes)
             stack.append(region.x)
             continue
-        if p.name not in analysis.kinds:
+        if p.name not in analysis.decisions:
             continue
         found[p.name] = p.index
         stack.extend(i for i in p.inputs if i and i in analysis.carrying)
@@ -129,30 +128,26 @@ def compile_plan(
     also recompute what is cheap to recompute from other captured tensors (:func:`_lean`)."""
     plan = Plan(output, [])
     by_name = {n.name: n for n in graph.nodes}
-    gate_cache: dict[str, bool] = {}
-
-    def is_gate(t: str) -> bool:
-        return _is_gate(graph, analysis, t, gate_cache)
+    kinds = analysis.kinds
 
     def context(name: str, values: set[str], shapes: set[str] | None = None) -> OpContext:
-        region = analysis.regions.get(name)
-        rule = region.rule if region is not None else analysis.rules[name]
-        kind = "unary" if region is not None else analysis.kinds[name]
-        return OpContext(graph, by_name[name], rule, kind, analysis.carrying, xp, dtype, values,
-                         plan.shapes if shapes is None else shapes, is_gate, analysis.composite)
+        decision = analysis.decisions[name]
+        rule = analysis.region_rules[name] if name in analysis.regions else decision.rule
+        return OpContext(graph, by_name[name], rule, decision.kind, analysis.carrying, xp, dtype, values,
+                         plan.shapes if shapes is None else shapes, decision.gates, analysis.composite)
 
-    blocks = _blocks(graph, analysis, set(collect), context) if blocks else {}
-    inside = {u for b in blocks.values() for u in b.units}
+    found = _blocks(graph, analysis, set(collect), kinds) if blocks else {}
+    inside = {u for b in found.values() for u in b.units}
     reads: list[set[str]] = []  # values each step reads
     for name in reversed(relevant_nodes(graph, analysis, output)):
         if name in inside:
             continue
         step_values: set[str] = set()
         ctx = context(name, step_values)
-        if name in blocks:
-            step = _block_step(graph, analysis, blocks[name], ctx, context, step_values, plan.recompute)
+        if name in found:
+            step = _block_step(graph, analysis, found[name], ctx, context, step_values, plan.recompute, kinds)
         else:
-            step = _unit_step(ctx, analysis, name)
+            step = _unit_step(graph, analysis, name, ctx, kinds)
         if step is None:
             continue
         plan.steps.append(step)
@@ -167,6 +162,44 @@ def compile_plan(
     plan.values.update(collect)
     plan.release = _last_reads(reads, plan.keep | set(graph.output_names))
     return plan
+
+
+def _is_region_step(analysis: Analysis, name: str) -> bool:
+    """A region of several nodes, or of one node that reads x more than once (``x * x``): the region's rule."""
+    region = analysis.regions.get(name)
+    return region is not None and (len(region.nodes) > 1 or [
+        i for i in region.nodes[0].inputs if i in analysis.carrying] != [region.x])
+
+
+def _unit_step(graph: Graph, analysis: Analysis, name: str, ctx: OpContext, kinds: dict[str, str]) -> Step | None:
+    """The step of one node, or of a unary region (by the name of its last node)."""
+    node, rule = ctx.node, ctx.rule
+    if _is_region_step(analysis, name):
+        region = analysis.regions[name]
+        back = region_backward(ctx, region.x, region.y)
+        ctx.value(region.x), ctx.value(region.y)
+        return Step(name, "region", rule, [region.x], [region.y], back)
+    spec = spec_of(node)
+    if spec is None or spec.builder is None:
+        raise OnnxLrpError(f"node {name!r}: no rule for op type {node.op_type} (domain {node.domain or 'ai.onnx'})")
+    back = spec.builder(ctx)
+    if back is None:
+        return None
+    site, eps_bias = _stabilised(graph, analysis, node, rule, ctx.kind, kinds)
+    if site:
+        ctx.value(node.outputs[0])
+    inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
+    return Step(name, node.op_type, rule, inputs, list(node.outputs), back, site,
+                ctx.array(eps_bias) if eps_bias is not None else None)
+
+
+def _stabilised(graph: Graph, analysis: Analysis, node: Any, rule: Rule, kind: str, kinds: dict[str, str]
+                ) -> tuple[bool, Any]:
+    """Whether eps-LRP stabilises the node's output (:func:`onnx_lrp._patterns.epsilon_site`), and the bias."""
+    spec = spec_of(node)
+    if not (isinstance(rule, Epsilon) and rule.epsilon) or spec is None:
+        return False, None
+    return epsilon_site(graph, node, spec.layer, kind, kinds, analysis.carrying)
 
 
 # data movement (and scaling by a constant) that a recomputed head expansion may pass through
@@ -202,43 +235,21 @@ def _lean(graph: Graph, analysis: Analysis, plan: Plan, reads: list[set[str]]) -
     plan.recompute.update(progs)
 
 
-def _unit_step(ctx: OpContext, analysis: Analysis, name: str) -> Step | None:
-    """The step of one node, or of a unary region (by the name of its last node)."""
-    region = analysis.regions.get(name)
-    node, rule = ctx.node, ctx.rule
-    # a region of several nodes, or of one node whose op computes y = f(x) from x read twice (x * x)
-    if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
-        back = region_backward(ctx, region.x, region.y)
-        ctx.value(region.x), ctx.value(region.y)
-        return Step(name, "region", rule, [region.x], [region.y], back)
-    builder = REGISTRY.get(node.op_type)
-    if builder is None:
-        raise OnnxLrpError(f"node {name!r}: no rule for op type {node.op_type}")
-    back = builder(ctx)
-    if back is None:
-        return None
-    eps, eps_bias = _epsilon_site(ctx, ctx.kind, analysis.kinds)
-    if eps:
-        ctx.value(node.outputs[0])
-    inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
-    return Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps, eps_bias)
-
-
-def _blocks(graph: Graph, analysis: Analysis, collect: set[str], context: Callable) -> dict[str, Block]:
+def _blocks(graph: Graph, analysis: Analysis, collect: set[str], kinds: dict[str, str]) -> dict[str, Block]:
     """The attention blocks whose inner nodes take no eps-LRP stabiliser (it would need their ``T x T`` output)."""
     found = find_blocks(graph, analysis.carrying, analysis.region_of, analysis.regions,
                         collect | set(graph.output_names))
     out = {}
     for name, b in found.items():
-        inner = [n for n in b.nodes if n is not b.pv and n.name in analysis.kinds]
-        if all(not _epsilon_site(context(n.name, set(), set()), analysis.kinds[n.name], analysis.kinds)[0]
-               for n in inner):
+        inner = [n for n in b.nodes if n is not b.pv and n.name in analysis.decisions]
+        if not any(_stabilised(graph, analysis, n, analysis.decisions[n.name].rule, kinds[n.name], kinds)[0]
+                   for n in inner):
             out[name] = b
     return out
 
 
 def _block_step(graph: Graph, analysis: Analysis, block: Block, ctx: OpContext, context: Callable,
-                values: set[str], recompute: dict[str, Program]) -> Step:
+                values: set[str], recompute: dict[str, Program], kinds: dict[str, str]) -> Step:
     """One step for an attention block (by its ``P V`` MatMul): rules of ``A Bt``, the score chain and ``P V``."""
     carrying = analysis.carrying
     ca, cb, cp, cv = (t in carrying for t in (block.a, block.bt, block.pv.inputs[0], block.v))
@@ -246,14 +257,14 @@ def _block_step(graph: Graph, analysis: Analysis, block: Block, ctx: OpContext, 
               else (float(ca), float(cb)))
     wp, wv = product_weights(ctx, [0, 1]) if (cp and cv) else (float(cp), float(cv))
     units = []
-    for name in [u for u in dict.fromkeys(analysis.region_of.get(n.name, n.name) for n in block.chain)]:
+    for name in dict.fromkeys(analysis.region_of.get(n.name, n.name) for n in block.chain):
         uctx = context(name, set(), set())  # they read the block's own values and shapes (_BlockEnv)
-        region = analysis.regions.get(name)
-        if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
+        if _is_region_step(analysis, name):
+            region = analysis.regions[name]
             units.append(ChainUnit(region_backward(uctx, region.x, region.y)))
         else:
             chain_in = next(k for k, i in enumerate(uctx.node.inputs) if i in carrying)
-            units.append(ChainUnit(REGISTRY[uctx.node.op_type](uctx), chain_in))
+            units.append(ChainUnit(spec_of(uctx.node).builder(uctx), chain_in))
     values.update((block.a, block.bt, block.v))
     chain_out = {n.outputs[0] for n in block.chain} | {block.qk.outputs[0]}
     for n in block.chain:
@@ -266,76 +277,13 @@ def _block_step(graph: Graph, analysis: Analysis, block: Block, ctx: OpContext, 
         if prog is not None:
             recompute[side] = prog
             values.update(prog.cuts)
-    eps, eps_bias = _epsilon_site(ctx, ctx.kind, analysis.kinds)
-    if eps:
+    site, eps_bias = _stabilised(graph, analysis, block.pv, ctx.rule, ctx.kind, kinds)
+    if site:
         values.add(block.pv.outputs[0])
     back = block_backward(block, units, (wa, wb, wp, wv), (ca, cb, cv), ctx.xp)
     inputs = [block.a if ca else None, block.bt if cb else None, block.v if cv else None]
-    return Step(block.pv.name, "attention", ctx.rule, inputs, list(block.pv.outputs), back, eps, eps_bias)
-
-
-SUM_OPS = ("Add", "Sub", "Sum")
-
-
-def _epsilon_site(ctx: OpContext, kind: str, kinds: dict[str, str]) -> tuple[float, Any]:
-    """(eps, bias) of the eps-LRP stabiliser at this node: once per *layer*, whatever ops a graph splits it into.
-
-    Layers: a linear map with its bias, ``z = x W + b`` (``MatMul``/``Einsum`` take the bias from the node that adds
-    it, :func:`~onnx_lrp.ops.linear.following_bias`: a bias ``Add`` or a fused op holding it; ``Gemm``/``Conv``
-    hold it); a sum of several carrying tensors, ``z`` being the whole chain of ``Add`` nodes it is written as
-    (``word + segment + position``, in any order), stabilised at the chain's last ``Add``; a pooling (``reduce``).
-    Element-wise scaling or shifting by a tensor that carries no relevance (a bias ``Add`` after its ``MatMul``,
-    attention's ``1/sqrt(d)`` and mask, GELU's ``0.5``, a detached norm statistic) belongs to its neighbouring layer:
-    no stabiliser, as in the fused ops (``Attention``, ``BiasGelu``, ``Skip*Normalization``) that compute it inside.
-    A written-out LayerNorm's centring ``x - mean(x)`` gets none either, as inside ``LayerNormalization``.
-    """
-    rule, node, graph = ctx.rule, ctx.node, ctx.graph
-    if not isinstance(rule, Epsilon) or not rule.epsilon or _centres(graph, node):
-        return 0.0, None
-    if node.op_type in SUM_OPS and kind in ("add", "linear"):
-        if _continues_sum(graph, node):
-            return 0.0, None
-        return (rule.epsilon, None) if _sums_carrying_terms(graph, node, kinds) else (0.0, None)
-    if kind == "reduce":
-        return rule.epsilon, None
-    if kind != "linear" or node.op_type not in LINEAR_OPS:
-        return 0.0, None
-    if node.op_type in ("Gemm", "Conv", "ConvTranspose") and ctx.input(2):
-        return rule.epsilon, None
-    bias = following_bias(ctx)
-    return rule.epsilon, (ctx.array(bias) if bias is not None else None)
-
-
-def _centres(graph: Graph, node: Any) -> bool:
-    """``Sub(x, ReduceMean(x))`` (a written-out LayerNorm's centring), or that ``ReduceMean`` read only by it."""
-    if node.op_type == "ReduceMean":
-        cons = graph.consumers.get(node.outputs[0], [])
-        return bool(cons) and all(_centres(graph, c) for c in cons)
-    if node.op_type != "Sub" or len(node.inputs) < 2:
-        return False
-    p = graph.producer.get(node.inputs[1])
-    return p is not None and p.op_type == "ReduceMean" and p.inputs[0] == node.inputs[0]
-
-
-def _continues_sum(graph: Graph, node: Any) -> bool:
-    """Whether the node's output is read only by one more ``Add``/``Sub``/``Sum`` (the sum goes on there)."""
-    out = node.outputs[0]
-    cons = graph.consumers.get(out, [])
-    return len(cons) == 1 and cons[0].op_type in SUM_OPS and out not in graph.output_names
-
-
-def _sums_carrying_terms(graph: Graph, node: Any, kinds: dict[str, str]) -> bool:
-    """Whether the chain of sums ending at ``node`` adds several carrying tensors (some node of it is ``add``)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if kinds.get(n.name) == "add":
-            return True
-        for i in n.inputs:
-            p = graph.producer.get(i) if i else None
-            if p is not None and p.op_type in SUM_OPS and _continues_sum(graph, p):
-                stack.append(p)
-    return False
+    return Step(block.pv.name, "attention", ctx.rule, inputs, list(block.pv.outputs), back, site,
+                ctx.array(eps_bias) if eps_bias is not None else None)
 
 
 def _last_reads(reads: list[set[str]], keep: set[str]) -> list[tuple[str, ...]]:
@@ -351,24 +299,6 @@ def _last_reads(reads: list[set[str]], keep: set[str]) -> list[tuple[str, ...]]:
     return [tuple(sorted(x)) for x in out]
 
 
-def _is_gate(graph: Graph, analysis: Analysis, t: str, cache: dict[str, bool]) -> bool:
-    """Whether ``t`` is computed by a non-linearity (activation, softmax, top-k), looking through data
-    movement and products of such values: the factor CP-LRP treats as a constant."""
-    if t in cache:
-        return cache[t]
-    cache[t] = False
-    p = graph.producer.get(t)
-    result = False
-    if p is not None and t in analysis.carrying:
-        kind = analysis.kinds.get(p.name)
-        if p.name in analysis.region_of or kind in ("unary", "softmax") or p.op_type in ("TopK", "Sigmoid"):
-            result = True
-        elif kind in ("movement", "product", "linear") and p.op_type not in ("MatMul", "Gemm", "Conv", "Einsum"):
-            result = any(_is_gate(graph, analysis, i, cache) for i in p.inputs if i and i in analysis.carrying)
-    cache[t] = result
-    return result
-
-
 def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
     """Propagate the start gradients through the plan; returns the gradients at ``plan.keep``."""
     xp = env.xp
@@ -380,11 +310,11 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
         if all(g is None for g in gy):
             env.end_step(release)
             continue
-        if step.epsilon:
+        if step.stabilise:
             z = env[step.outputs[0]]
             if step.eps_bias is not None:
                 z = z + step.eps_bias
-            gy[0] = gy[0] * (z / stabilise(xp, z, step.epsilon))
+            gy[0] = gy[0] * step.rule.output_scale(z)
         try:
             gx = step.backward(env, gy)
         except OnnxLrpError:

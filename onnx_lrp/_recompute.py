@@ -9,7 +9,7 @@ rule reads the tensor.
 
 A program may also start from captured *leaves*: when memory is short, a written-out activation ``x sigmoid(x)`` is
 recomputed from its captured input, a GQA head expansion from the keys before it (element-wise and data-movement
-ops only, :data:`CHEAP_OPS`).
+ops only).
 
 Programs that differ only in node names share one session, and results of equal inputs are computed once per
 explanation: every layer of a Llama reads its own ``Where`` of the same causal mask, computed once.
@@ -24,14 +24,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._analysis import ELEMENTWISE
 from ._graph import Graph
+from ._patterns import elementwise
 
 _CUT_OPS = ("Shape", "Size")  # their output is a few integers, whatever the size of their (carrying) input
 _MAX_NODES = 400
-# what a program may compute from carrying leaves: element-wise maps and data movement, never a layer
-CHEAP_OPS = ELEMENTWISE | {"Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Flatten", "Tile", "Slice",
-                           "Concat", "Split", "Gather", "Neg", "Identity", "Cast"}
+# data movement a program may compute from carrying leaves (besides element-wise maps), never a layer
+_MOVEMENT = {"Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Flatten", "Tile", "Slice", "Concat", "Split",
+             "Gather", "Neg", "Identity", "Cast"}
 
 
 @dataclass
@@ -60,7 +60,7 @@ def find_program(graph: Graph, carrying: set[str], output: str, leaves: frozense
                  ) -> Program | None:
     """The program computing ``output`` from graph inputs, constants, shapes of carrying tensors and the captured
     ``leaves``, or None (it then has to be captured). Carrying tensors other than leaves may be computed only by
-    :data:`CHEAP_OPS` from leaves; no layer (``MatMul``, norm, softmax) is ever recomputed."""
+    element-wise maps and data movement from leaves; no layer (``MatMul``, norm, softmax) is ever recomputed."""
     nodes: dict[str, Any] = {}
     stack, seen = [output], set()
     while stack:
@@ -72,7 +72,7 @@ def find_program(graph: Graph, carrying: set[str], output: str, leaves: frozense
         if p is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                             for a in (p.proto.attribute if p.proto is not None else [])):
             return None
-        if t in carrying and p.op_type not in CHEAP_OPS:
+        if t in carrying and not (elementwise(p) or p.op_type in _MOVEMENT):
             return None
         if t not in carrying and any(i in carrying and i not in leaves for i in p.inputs if i):
             if p.op_type not in _CUT_OPS:

@@ -46,6 +46,14 @@ class TargetError(OnnxLrpError, ValueError):
     """The target, position or output to explain is invalid."""
 
 
+class ConfigError(OnnxLrpError, ValueError):
+    """A composite, rule, override or option is invalid for this model (names nothing, does not fit, ...)."""
+
+
+class RelevanceWarning(UserWarning):
+    """The relevance is implausible for the rules used (e.g. far from conserving the explained score)."""
+
+
 class ResourceError(OnnxLrpError, MemoryError):
     """The explanation needs more memory than is available (estimated before running, or onnxruntime failed to
     allocate). The message names the input size, the estimated need, the memory available and what helps."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -10,20 +11,21 @@ import numpy as np
 import onnx
 
 from ._analysis import Analysis, analyse, graph_output_is_float
+from ._canonize import expand_embed_layer_norm
 from ._capture import ForwardCapture, default_session_options
 from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
-from ._recompute import Recompute, RecomputeCache
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
+from ._inputs import InputChecks, past_length
 from ._kernels import Gemm, usable_cores
 from ._memory import Shapes, available_bytes, chunks_for, estimate, human, parse_bytes
+from ._recompute import Recompute, RecomputeCache
 from .composites import Composite, get_composite
-from .errors import InputError, ResourceError, TargetError
-from .ops import REGISTRY
+from ._patterns import output_layout, right_padding_only
+from .errors import InputError, RelevanceWarning, ResourceError, TargetError
 from .ops.attention_blocks import BLOCK_BYTES, find_blocks
 from .ops.contrib_attention import cache_head_size
-from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
 
 
@@ -57,35 +59,55 @@ class Explainer:
 
     Parameters
     ----------
-    model: path to an ``.onnx`` file (external data next to it is read), a folder holding one, or a
-        ``onnx.ModelProto`` (left unchanged).
-    composite: ``"attnlrp"`` (default), ``"cp-lrp"``, ``"gradient-x-input"``, ``"gradient"``, ``"vit-lrp"``
+    model
+        path to an ``.onnx`` file (external data next to it is read), a folder holding one, or a
+        ``onnx.ModelProto`` (left unchanged; tensors it keeps in external files are read from ``base_dir``).
+    composite
+        ``"attnlrp"`` (default), ``"cp-lrp"``, ``"gradient-x-input"``, ``"gradient"``, ``"vit-lrp"``
         or a :class:`~onnx_lrp.composites.Composite`.
-    overrides: extra rules by op type or node-name pattern, e.g. ``{"/model/layers.0/*": Gradient()}``.
-    providers: onnxruntime execution providers (default CPU).
-    dtype: compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
+    overrides
+        extra rules by op type or node-name pattern, e.g. ``{"/model/layers.0/*": Gradient()}``.
+    providers
+        onnxruntime execution providers (default CPU).
+    dtype
+        compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
         are explained in this dtype.
-    sources: graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
+    sources
+        graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
         lookups enter the model as a term: token, segment, learned position ids, not RoPE position ids; see
         :func:`onnx_lrp._analysis.is_additive_lookup`).
-    allow_unsupported: treat ops without a rule as constants instead of failing.
-    session_options: ``onnxruntime.SessionOptions`` for the forward session (default:
-        :func:`onnx_lrp._capture.default_session_options`: priority-based execution order, no thread spinning;
-        start from it when tuning threads).
-    device: ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
+    allow_unsupported
+        treat ops without a rule as constants instead of failing.
+    session_options
+        ``onnxruntime.SessionOptions`` for the forward session (default:
+        :func:`onnx_lrp._capture.default_session_options` with ``threads`` intra-op threads: priority-based
+        execution order, no thread spinning).
+    device
+        ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
         relevance pass; raises :class:`~onnx_lrp._device.DeviceError` naming what is missing) or ``"auto"``
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
-    threads: threads of the forward pass (onnxruntime's intra-op pool, unless ``session_options`` say otherwise)
-        and of the relevance pass's matrix products (:mod:`onnx_lrp._kernels`, onnxruntime's MLAS kernels) and
-        numpy BLAS (via ``threadpoolctl``); default: the cores this process may use. The two passes run one after
-        the other, so they never compete for the cores.
-    blas_threads: deprecated (use ``threads``): numpy BLAS threads during the relevance pass.
-    prepack: let onnxruntime pre-pack the weights for its matrix kernels, in the forward pass and for the
-        relevance pass's products (faster, most on short inputs; costs about one more copy of the weights per
-        use: SmolLM2 +1.1 GB). Default: each weight held once, packed at every product.
-    memory_budget: the most memory an explanation may take beyond the loaded model (bytes, or ``"6GB"``);
-        default: the memory available. Inputs whose estimated need exceeds it raise
-        :class:`~onnx_lrp.errors.ResourceError` before anything runs (:mod:`onnx_lrp._memory`).
+    threads
+        threads of the forward pass (onnxruntime's intra-op pool, unless ``session_options`` say otherwise) and of
+        the relevance pass's matrix products (:mod:`onnx_lrp._kernels`, onnxruntime's MLAS kernels) and numpy BLAS
+        (via ``threadpoolctl``); default: the cores this process may use. The two passes run one after the other,
+        so they never compete for the cores.
+    blas_threads
+        deprecated (use ``threads``): numpy BLAS threads during the relevance pass.
+    memory_budget
+        the most memory an explanation may take beyond the loaded model (bytes, or ``"6GB"``); default: the
+        memory available. Long inputs whose estimated need exceeds it raise :class:`~onnx_lrp.errors.ResourceError`
+        before anything runs (:mod:`onnx_lrp._memory`); a tighter budget selects the lean plan (more recomputed).
+    prepack
+        let onnxruntime pre-pack the weights for its matrix kernels, in the forward pass and for the relevance
+        pass's products (faster, most on short inputs; costs about one more copy of the weights per use: SmolLM2
+        +1.4 GB). Default: each weight held once, packed at every product.
+    base_dir
+        the folder holding the external data files of a ``ModelProto`` ``model`` (never the working
+        directory); not needed for paths.
+
+    Notes
+    -----
+    One Explainer may be used from several threads: plans and sessions are built under a lock.
     """
 
     def __init__(
@@ -104,16 +126,10 @@ class Explainer:
         blas_threads: int | None = None,
         memory_budget: int | str | None = None,
         prepack: bool = False,
+        base_dir: str | os.PathLike | None = None,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
-        proto, weights, desc = load_split(model)  # from a file: each weight held once, as an array
-        if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
-            if proto is model:  # never change the user's ModelProto
-                proto = onnx.ModelProto()
-                proto.CopyFrom(model)
-            expand_embed_layer_norm(proto)
-        self.graph = Graph(proto, desc, weights)
-        del proto, weights
+        self.graph = load_graph(model, base_dir)
         self.composite = get_composite(composite, overrides)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -125,15 +141,19 @@ class Explainer:
         if blas_threads is not None:
             warnings.warn("Explainer(blas_threads=...) is deprecated: use threads=...", DeprecationWarning, stacklevel=2)
         self.blas_threads = blas_threads or self.threads
+        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
         if session_options is None:
             session_options = default_session_options()
             session_options.intra_op_num_threads = self.threads
         self._gemm = Gemm(self.threads) if self._device.name == "cpu" else None
-        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
         self.analysis: Analysis = analyse(
-            self.graph, self.composite, set(REGISTRY), list(sources) if sources is not None else None, allow_unsupported
+            self.graph, self.composite, list(sources) if sources is not None else None, allow_unsupported
         )
+        self._checks = InputChecks(self.graph, set(self.analysis.sources.values()) | self.analysis.token_inputs)
         self._plans: dict[tuple, Plan] = {}
+        self._lock = threading.Lock()
+        self._warned = False  # the conservation guard warns once per Explainer
+        self._right_padded = right_padding_only(self.graph)
         self._static: dict[str, Any] = {}
         self.default_output = self._default_output()
         blocks = find_blocks(self.graph, self.analysis.carrying, self.analysis.region_of, self.analysis.regions,
@@ -143,8 +163,8 @@ class Explainer:
         self._capture_long = ForwardCapture(self.graph, self._device, session_options, blocks, prepack)
         if prepack and self._gemm is not None:  # the relevance pass's products with the weights too
             self._gemm.prepack(list(self._capture.weights.values()))
-        self._shapes = Shapes(self.graph)
         self._recompute = Recompute(lambda: _threads_like(default_session_options(), session_options))
+        self._shapes = Shapes(self.graph)
         self._plan(self.default_output, (), "capture")
 
     # ------------------------------------------------------------------ public
@@ -181,6 +201,9 @@ class Explainer:
         output_relevance: np.ndarray | None = None,
         collect: Sequence[str] = (),
         as_numpy: bool = True,
+        batch_axis: int | None = None,
+        position_axis: int | None = None,
+        check_conservation: bool = True,
     ) -> Explanation:
         """Explain ``output`` at ``target`` (class/token id) and ``position`` (sequence index).
 
@@ -190,8 +213,17 @@ class Explainer:
             or ``(batch, k)`` with k targets. Default: the last non-padding token (from ``attention_mask``).
         output_relevance: start weights ``w`` replacing the one-hot: ``R_out = w * y`` (e.g. ``+1``/``-1``
             for a contrastive explanation); the output's shape, or ``(k,) + shape`` for k explanations.
+
         collect: intermediate tensor names whose relevance is returned in ``latent``.
+
         as_numpy: return numpy arrays (default); ``False`` keeps CuPy arrays on ``device="cuda"``.
+
+        batch_axis, position_axis: the output's batch and sequence axes (default: read from the graph, which names
+            the output's batch dimension after the inputs' batch, e.g. ``(T, N, C)`` of a CTC recogniser; else from the
+            sizes; else ``(batch, seq, classes)``); classes are the last axis.
+        check_conservation: under a conserving composite, warn once (:class:`~onnx_lrp.errors.RelevanceWarning`)
+            when the summed input relevance is more than 10x the explained score, naming the first tensor where it
+            blew up.
         """
         output = output or self.default_output
         if output not in self.graph.output_names:
@@ -203,6 +235,7 @@ class Explainer:
                     f"collect: tensor {name!r} carries no relevance (not in the graph, or a constant for the rules)"
                 )
         feeds = self.prepare_inputs(inputs)
+        self._check_padding(feeds)
         plan, capture, chunks = self._fitting_plan(output, collect, feeds)
         xp, dtype = self.xp, self.dtype
         dynamic = self._captured(plan, feeds)
@@ -222,7 +255,8 @@ class Explainer:
             run_values[k] = to_compute(xp, dtype, v)
         del values  # run_values holds the only references: the engine frees each tensor after its last use
         y = outputs[output]
-        w, lead, tgt, pos = self._start(to_numpy(y), target, position, output_relevance, feeds)
+        w, lead, tgt, pos, b = self._start(to_numpy(y), target, position, output_relevance, feeds, output,
+                                           batch_axis, position_axis)
         recomputed = None
         if plan.recompute:
             def leaf(t):
@@ -234,9 +268,13 @@ class Explainer:
         with blas_threads(xp, self.blas_threads):
             grads = run_plan(plan, env, {output: w})
         # score = sum(w * y) per batch element (and target), without a temporary of the output's size
-        w2 = w.reshape(w.shape[: lead + 1] + (-1,))
-        score = xp.einsum("...bn,bn->...b", w2, xp.asarray(y, dtype=dtype).reshape(w2.shape[lead], -1))
+        wb = xp.moveaxis(w, lead + b, lead)
+        w2 = wb.reshape(wb.shape[: lead + 1] + (-1,))
+        yb = xp.moveaxis(xp.asarray(y, dtype=dtype), b, 0)
+        score = xp.einsum("...bn,bn->...b", w2, yb.reshape(w2.shape[lead], -1))
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
+        if check_conservation and self.composite.conserving and not self._warned:
+            self._check_conservation(relevance, score, lead, inputs, output, w, y)
         latent = {}
         for name in collect:
             g = grads.get(name)
@@ -277,41 +315,18 @@ class Explainer:
 
     def prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The feeds :meth:`explain` and :meth:`forward` run the model on: ``inputs`` checked against the
-        model's inputs (names, integer/float kind, rank, fixed sizes; cast to the declared dtype) and the
-        inputs transformers fills itself added (``attention_mask``, ``position_ids``, ``token_type_ids``,
-        empty ``past_*`` caches). Raises :class:`~onnx_lrp.errors.InputError` naming what is wrong."""
-        if not isinstance(inputs, Mapping):
-            raise InputError(f"inputs must be a dict of input name -> array, got {type(inputs).__name__}")
-        src = self.graph.source
+        model (:mod:`onnx_lrp._inputs`: names, kind, rank, fixed and named sizes, finite values, masks, ids and
+        positions inside the model's tables; cast to the declared dtypes) and the inputs transformers fills
+        itself added (``attention_mask``, ``position_ids``, ``token_type_ids``, empty ``past_*`` caches).
+        Raises :class:`~onnx_lrp.errors.InputError` naming the input, what the model expects and what was given."""
+        feeds = self._checks.convert(inputs)
         expected = {i.name: i for i in self.graph.inputs}
-        unknown = [k for k in inputs if k not in expected]
-        if unknown:
-            raise InputError(f"{src}: unknown input name(s) {unknown}; the model's inputs are {list(expected)}")
-        feeds: dict[str, np.ndarray] = {}
-        for name, spec in expected.items():
-            if name not in inputs:
-                continue
-            arr = np.asarray(inputs[name])
-            want = spec.numpy_dtype
-            if spec.is_int and arr.dtype.kind not in "iu":
-                raise InputError(f"{src}: input {name!r} must hold integers ({want}), got {arr.dtype}")
-            if spec.is_float and arr.dtype.kind != "f":
-                raise InputError(f"{src}: input {name!r} must hold floats ({want}), got {arr.dtype}")
-            if spec.elem_type and arr.dtype != want and arr.dtype.kind in "iuf":
-                arr = arr.astype(want)
-            if spec.shape and arr.ndim != len(spec.shape):
-                raise InputError(
-                    f"{src}: input {name!r} must have rank {len(spec.shape)} {tuple(spec.shape)}, "
-                    f"got shape {arr.shape}"
-                )
-            for k, (d, a) in enumerate(zip(spec.shape, arr.shape)):
-                if isinstance(d, int) and d > 0 and d != a:
-                    raise InputError(f"{src}: input {name!r} axis {k} must be {d}, got shape {arr.shape}")
-            feeds[name] = arr
         self._fill_defaults(feeds, expected)
         missing = [n for n in expected if n not in feeds]
         if missing:
-            raise InputError(f"{src}: missing input(s) {missing}; the model's inputs are {list(expected)}")
+            raise InputError(f"{self.graph.source}: missing input(s) {missing}; the model's inputs are "
+                             f"{list(expected)}")
+        self._checks.check(feeds, given=inputs)
         return feeds
 
     # ------------------------------------------------------------------ internals
@@ -329,6 +344,14 @@ class Explainer:
         (attention recomputed in blocks) or ``"lean"`` (and cheap values recomputed), see
         :func:`onnx_lrp._engine.compile_plan`; its tensors are added to the capture session that runs it."""
         key = (output, collect, mode)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        with self._lock:  # one thread compiles a plan and extends the capture session at a time
+            return self._compile(key)
+
+    def _compile(self, key: tuple[str, tuple[str, ...], str]) -> Plan:
+        output, collect, mode = key
         plan = self._plans.get(key)
         if plan is None:
             if output not in self.analysis.carrying:
@@ -401,7 +424,7 @@ class Explainer:
             if name in feeds:
                 continue
             if name == "attention_mask":
-                past = self._past_length(feeds)
+                past = past_length(feeds)
                 feeds[name] = np.ones(lead + (s + past,), dtype=spec.numpy_dtype)
             elif name in ("token_type_ids", "global_attention_mask"):
                 feeds[name] = np.zeros(lead + (s,), dtype=spec.numpy_dtype)
@@ -410,7 +433,7 @@ class Explainer:
                 if len(dims) == 4 and not dims[3]:  # head size left symbolic (onnxruntime-genai graphs)
                     dims[3] = cache_head_size(self.graph, name) or 0
                 feeds[name] = np.zeros(dims, dtype=spec.numpy_dtype)
-        past = self._past_length(feeds)
+        past = past_length(feeds)
         mask = feeds.get("attention_mask")
         if "seqlens_k" in expected and "seqlens_k" not in feeds:  # GroupQueryAttention: valid length - 1
             lengths = mask.sum(-1) if mask is not None else np.full(b, s + past)
@@ -425,21 +448,35 @@ class Explainer:
                 pos = np.broadcast_to(np.arange(s), lead + (s,))
             feeds["position_ids"] = np.ascontiguousarray(pos).astype(expected["position_ids"].numpy_dtype)
 
-    @staticmethod
-    def _past_length(feeds: dict[str, np.ndarray]) -> int:
-        past = [v for k, v in feeds.items() if k.startswith("past") and v.ndim == 4]
-        return int(past[0].shape[2]) if past else 0
-
-    def _start(self, y, target, position, output_relevance, feeds):
-        """Start weights ``w`` (one-hot by default), the number of leading target axes, targets, positions."""
+    def _start(self, y, target, position, output_relevance, feeds, output, batch_axis, position_axis):
+        """Start weights ``w`` (one-hot by default, in the output's own layout), the number of leading target axes,
+        targets, positions, and the output's batch axis."""
         src = self.graph.source
+        if not np.isfinite(y).all():
+            raise InputError(f"{src}: the model's output {y.shape} is not finite (NaN/inf) for inputs "
+                             f"{ {k: v.shape for k, v in feeds.items()} }: there is nothing to explain; check the "
+                             "inputs' scale (overflow in the model?)")
         if output_relevance is not None:
-            w = np.asarray(output_relevance, dtype=self.dtype)
+            w = _integers_or_floats(output_relevance, "output_relevance", src, floats=True).astype(self.dtype)
+            b = 0 if batch_axis is None else output_layout(self.graph, output, y.shape, feeds, {}, batch_axis)[0]
+            if not np.all(np.isfinite(w)):
+                raise TargetError(f"{src}: output_relevance holds NaN/inf values: start weights must be finite")
             if w.shape == y.shape:
-                return w, 0, None, None
-            if w.shape[1:] == y.shape:
-                return w, 1, None, None
+                return w, 0, None, None, b
+            if w.ndim == y.ndim + 1 and w.shape[1:] == y.shape and w.shape[0] > 0:
+                return w, 1, None, None, b
             raise TargetError(f"{src}: output_relevance has shape {w.shape}; expected {y.shape} or (k,) + {y.shape}")
+        b, p = output_layout(self.graph, output, y.shape, feeds, self.analysis.sources, batch_axis, position_axis)
+        moved = [b] + ([p] if p is not None else [])
+        yc = np.moveaxis(y, moved, list(range(len(moved))))
+        w, lead, tgt, pos = self._one_hot(yc, target, position, feeds)
+        if moved != list(range(len(moved))):
+            w = np.moveaxis(w, [lead + k for k in range(len(moved))], [lead + a for a in moved])
+        return w, lead, tgt, pos, b
+
+    def _one_hot(self, y, target, position, feeds):
+        """The one-hot start of a ``(batch, classes)`` or ``(batch, seq, classes)`` output ``y``."""
+        src = self.graph.source
         if y.ndim not in (2, 3):
             raise TargetError(
                 f"{src}: output of shape {y.shape} has no (batch, classes) or (batch, seq, classes) layout; "
@@ -449,38 +486,39 @@ class Explainer:
         has_seq = y.ndim == 3
         if position is not None and not has_seq:
             raise TargetError(f"{src}: position given, but the output {y.shape} has no sequence axis")
-        multi = target is not None and np.ndim(target) == 2 or (position is not None and np.ndim(position) == 2)
-        k = 1
-        if target is not None and np.ndim(target) == 2:
-            k = np.shape(target)[1]
-        elif position is not None and np.ndim(position) == 2:
-            k = np.shape(position)[1]
-        pos = None
+        tgt = None if target is None else _integers_or_floats(target, "target", src)
+        pos = None if position is None else _integers_or_floats(position, "position", src)
+        for what, a in (("target", tgt), ("position", pos)):
+            if a is None:
+                continue
+            if a.ndim > 2 or (a.ndim >= 1 and a.shape[0] != B):
+                count = f"{a.shape[0]} {what}s for a batch of {B}" if a.ndim else ""
+                raise TargetError(f"{src}: {what} has shape {a.shape} ({count}); expected an int, one per batch "
+                                  f"element ({B},), or ({B}, k) for k per element")
+            if a.size == 0:
+                raise TargetError(f"{src}: {what} of shape {a.shape} is empty: give at least one {what} per "
+                                  "batch element")
+        ks = {a.shape[1] for a in (tgt, pos) if a is not None and a.ndim == 2}
+        if len(ks) > 1:
+            raise TargetError(f"{src}: target {tgt.shape} and position {pos.shape} give different numbers of "
+                              "explanations per batch element")
+        multi = bool(ks)
+        k = ks.pop() if ks else 1
         if has_seq:
             S = y.shape[1]
-            if position is None:
+            if pos is None:
                 pos = last_token(feeds, B, S)
             else:
-                pos = np.asarray(position, dtype=np.int64)
-                if pos.ndim == 0:
-                    pos = np.full((B,), int(pos))
-                if pos.shape[0] != B:
-                    raise TargetError(f"{src}: {pos.shape[0]} positions for a batch of {B}")
+                pos = np.broadcast_to(pos, (B,)) if pos.ndim == 0 else pos
                 if np.any(pos >= S) or np.any(pos < -S):
                     raise TargetError(f"{src}: position {pos.tolist()} out of range for sequence length {S}")
                 pos = np.where(pos < 0, pos + S, pos)
             pos = np.broadcast_to(pos.reshape(B, -1), (B, k))
-        if target is None:
+        if tgt is None:
             rows = y[np.arange(B)[:, None], pos] if has_seq else np.broadcast_to(y[:, None, :], (B, k, C))
             tgt = rows.argmax(-1)
         else:
-            tgt = np.asarray(target)
-            if tgt.dtype.kind not in "iu":
-                raise TargetError(f"{src}: target must be integer class/token ids, got {tgt.dtype}")
-            if tgt.ndim == 0:
-                tgt = np.full((B,), int(tgt))
-            if tgt.shape[0] != B:
-                raise TargetError(f"{src}: {tgt.shape[0]} targets for a batch of {B}")
+            tgt = np.broadcast_to(tgt, (B,)) if tgt.ndim == 0 else tgt
             tgt = np.broadcast_to(tgt.reshape(B, -1), (B, k)).astype(np.int64)
             if np.any(tgt < 0) or np.any(tgt >= C):
                 raise TargetError(f"{src}: target {tgt.tolist()} out of range: the output has {C} classes")
@@ -494,6 +532,77 @@ class Explainer:
             return w[0], 0, tgt[:, 0], (pos[:, 0] if pos is not None else None)
         return w, 1, tgt, pos
 
+    def _check_padding(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Refuse left-padded masks on graphs whose attention can only express right padding."""
+        mask = feeds.get("attention_mask")
+        if not self._right_padded or mask is None or mask.ndim != 2:
+            return
+        m = mask != 0
+        # right padding: every row is ones then zeros, i.e. never a 1 after a 0
+        bad = np.nonzero((~m[:, :-1] & m[:, 1:]).any(-1))[0]
+        if bad.size:
+            raise InputError(
+                f"{self.graph.source}: attention_mask rows {bad.tolist()} are not right-padded (a 1 follows a 0), but "
+                f"the model's attention ({', '.join(self._right_padded[:3])}) computes one sequence length per row, "
+                "which expresses right padding only: onnxruntime would compute something else. Pad on the right, or "
+                "export the model without the fused attention")
+
+    def _check_conservation(self, relevance, score, lead: int, inputs, output: str, w, y) -> None:
+        """Warn once when the summed input relevance is more than 10x the explained score (the rules should
+        conserve it up to biases), naming the first tensor from the output where it blew up."""
+        xp = self.xp
+        keep = (1,) if lead else ()
+        total = sum(xp.asarray(r).sum(axis=tuple(a for a in range(r.ndim) if a not in keep)) for r in relevance.values())
+        expected = xp.asarray(score).sum(axis=-1)  # score: (k, batch) or (batch,)
+        # biases absorb relevance, so a score near 0 may have a larger relevance sum: the scale is the larger of
+        # the score and the explained output's magnitude
+        scale = xp.maximum(xp.abs(expected), float(xp.max(xp.abs(xp.asarray(y)))) if y.size else 0.0)
+        ratio = float(xp.max(xp.abs(total) / (scale + 1e-12)))
+        if ratio <= 10.0 or not np.isfinite(ratio):
+            if np.isfinite(ratio):
+                return
+        self._warned = True
+        where = self._first_blow_up(inputs, output, w, float(xp.max(xp.abs(expected))))
+        warnings.warn(
+            f"{self.graph.source}: relevance is not conserved under composite {self.composite.name!r}: the input "
+            f"relevance sums to {float(xp.max(xp.abs(total))):.3g} for an explained score of "
+            f"{float(xp.max(xp.abs(expected))):.3g} ({ratio:.3g}x the output's scale){where}. Check the rules there "
+            "(onnx-lrp inspect) or override them; check_conservation=False silences this.",
+            RelevanceWarning, stacklevel=3)
+
+    def _first_blow_up(self, inputs, output: str, w, score: float) -> str:
+        """``; it first exceeds 10x the score at node ...`` from a diagnostic pass collecting the relevance of every
+        step's output, or "" when none does."""
+        plan = self._plan(output, ())
+        by_name = {n.name: n for n in self.graph.nodes}
+        order = [o for st in plan.steps for o in st.outputs[:1]
+                 if o in self.analysis.carrying and o != output and o not in self.graph.output_names]
+        res = self.explain(inputs, output=output, output_relevance=w, collect=order, check_conservation=False)
+        for t in order:  # plan order: from the output towards the inputs
+            if float(np.max(np.abs(res.latent[t].sum(axis=tuple(range(2, res.latent[t].ndim)) if w.ndim > len(
+                    res.outputs[output].shape) else None)))) > 10 * score:
+                n = self.graph.producer[t]
+                return (f"; it first exceeds 10x the score at tensor {t!r} (output of {self._describe(n)}), reached "
+                        f"from {' <- '.join(self._describe(c) for c in self._downstream(t))}")
+        return ""
+
+    def _describe(self, n) -> str:
+        d = self.analysis.decisions.get(n.name)
+        return f"{n.name!r} ({n.op_type}, kind {d.kind}, rule {d.rule.name})" if d is not None else repr(n.name)
+
+    def _downstream(self, t: str, depth: int = 3) -> list:
+        """The carrying consumers of ``t`` its relevance comes back from, following single consumers."""
+        out = []
+        for _ in range(depth):
+            cons = [c for c in self.graph.consumers.get(t, []) if c.name in self.analysis.decisions]
+            if not cons:
+                break
+            out.append(cons[0])
+            if len(cons) > 1 or not cons[0].outputs:
+                break
+            t = cons[0].outputs[0]
+        return out
+
     def _source_relevance(self, grads, env: Env, feeds, lead: int):
         xp = self.xp
         plain_gradient = self.composite.reading == "gradient"
@@ -505,11 +614,16 @@ class Explainer:
             if g is None:
                 g = xp.zeros(x.shape if not lead else (1,) + x.shape, dtype=self.dtype)
             r = g if plain_gradient else x * g
-            if tensor in self.analysis.id_sources:
-                emb[inp] = emb.get(inp, 0) + r
-                tok = xp.sqrt((g * g).sum(-1)) if plain_gradient else r.sum(-1)
-                ids_shape = feeds[inp].shape
-                tok = tok.reshape(tok.shape[:lead] + ids_shape) if tok.size == int(np.prod(tok.shape[:lead])) * int(np.prod(ids_shape)) else tok
+            if tensor in self.analysis.token_axis:  # derived from integer ids: one relevance per token
+                ids_shape = tuple(feeds[inp].shape)
+                axis = _token_axis(r.shape[lead:], ids_shape, self.analysis.token_axis[tensor])
+                if axis is None:
+                    tok = r
+                else:
+                    emb[inp] = emb.get(inp, 0) + r
+                    tok = xp.sqrt((g * g).sum(axis - len(x.shape))) if plain_gradient else r.sum(axis - len(x.shape))
+                if tok.size == int(np.prod(tok.shape[:lead])) * int(np.prod(ids_shape)):
+                    tok = tok.reshape(tok.shape[:lead] + ids_shape)
                 relevance[inp] = relevance.get(inp, 0) + tok
             else:
                 relevance[inp] = relevance.get(inp, 0) + r
@@ -523,10 +637,23 @@ class Explainer:
         return rel, emb
 
 
+def load_graph(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> Graph:
+    """The :class:`~onnx_lrp._graph.Graph` onnx-lrp explains: from a file each weight held once, as an array
+    (:func:`~onnx_lrp._graph.load_split`; a ``ModelProto``'s external data read from ``base_dir``); fused ops that
+    hide a relevance source (``EmbedLayerNormalization``) expanded next to themselves. A ``ModelProto`` is never
+    changed (copied when it must be)."""
+    proto, weights, desc = load_split(model, base_dir)
+    if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
+        if proto is model:  # never change the user's ModelProto
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+        expand_embed_layer_norm(proto)
+    return Graph(proto, desc, weights)
+
+
 def _threads_like(opts: Any, like: Any) -> Any:
-    """``opts`` with the intra-op thread count of the user's session options ``like`` (if given)."""
-    if like is not None:
-        opts.intra_op_num_threads = like.intra_op_num_threads
+    """``opts`` with the intra-op thread count of the session options ``like``."""
+    opts.intra_op_num_threads = like.intra_op_num_threads
     return opts
 
 
@@ -540,6 +667,32 @@ def last_token(feeds: Mapping[str, np.ndarray], batch: int, seq: int) -> np.ndar
     idx = np.arange(seq)[None, :]
     last = np.where(m > 0, idx, -1).max(-1)
     return np.where(last < 0, seq - 1, last)
+
+
+def _integers_or_floats(value: Any, what: str, src: str, floats: bool = False) -> np.ndarray:
+    """``value`` as an array of integers (ids, positions) or, with ``floats``, of numbers; else a TargetError."""
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise TargetError(f"{src}: {what} is not a rectangular array: {exc}") from None
+    kinds = "iuf" if floats else "iu"
+    if a.dtype.kind not in kinds:
+        raise TargetError(f"{src}: {what} must hold {'numbers' if floats else 'integer ids/indices'}, got "
+                          f"{a.dtype} {a.shape}" + (" (round or cast them yourself)" if a.dtype.kind == "f" else ""))
+    return a
+
+
+def _token_axis(shape: tuple[int, ...], ids_shape: tuple[int, ...], axis: int | None) -> int | None:
+    """The axis (non-negative, of a source of ``shape``) that a token's relevance is summed over: the embedding or
+    one-hot axis ``axis`` when given, else the one axis whose removal leaves the ids' shape (None: none)."""
+    if axis is not None:
+        return axis % len(shape)
+    if tuple(shape) == tuple(ids_shape):
+        return None
+    for k in range(len(shape)):
+        if tuple(shape[:k] + shape[k + 1:]) == tuple(ids_shape):
+            return k
+    return len(shape) - 1
 
 
 def _batch_first(a: Any, lead: int) -> Any:

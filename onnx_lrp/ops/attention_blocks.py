@@ -30,8 +30,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .._graph import FLOAT_TYPES, Graph, Node
+from .._patterns import nan_guard
+from ..rules import stabilise
 from ._base import unbroadcast
-from .softmax import nan_guard
 
 BLOCK_BYTES = 32 << 20  # size of one (targets, batch, heads, rows, keys) array of a block
 # ops of the score chain f (one carrying operand) and between softmax and P
@@ -234,14 +235,12 @@ def attention_backward(xp: Any, GO: Any, A: Any, Bt: Any, V: Any, scores: Scores
 
 
 def _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r):
-    from ._base import stabilise
-
     wA, wB, wP, wV = weights
     lead = GO.ndim - max(A.ndim, V.ndim)
     if eps and not wP:
         O = xp.concatenate([_probs(xp, A, Bt, scores, r0, min(rows, r0 + r))[0] @ V
                             for r0 in range(0, rows, r)], axis=-2)
-        GO = GO * (O / stabilise(xp, O, eps))
+        GO = GO * (O / stabilise(O, eps))
     if not wP:
         wA = wB = 0.0
     GA = xp.zeros(GO.shape[:lead] + np.broadcast_shapes(A.shape[:-2], Bt.shape[:-2]) + A.shape[-2:],

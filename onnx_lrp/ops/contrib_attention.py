@@ -29,10 +29,9 @@ import numpy as np
 
 from .._graph import Graph
 from ..rules import Gradient, Identity
-from ._base import OpContext, register
+from ._base import MS, OpContext, register
 from .attention_blocks import rows_of
-from .fused import (attention_weights, check_domain, fused_attention_backward, heads_first, key_mask, linear_epsilon,
-                    rotate)
+from .fused import attention_weights, fused_attention_backward, heads_first, key_mask, linear_epsilon, rotate
 
 
 def _heads_last(t):
@@ -53,9 +52,8 @@ def _past_is_empty(ctx: OpContext, env, shapes: list[str]) -> None:
             raise ctx.fail(f"input {s!r} holds a non-empty cache ({env.shape(s)}); explain with an empty past")
 
 
-@register("GroupQueryAttention")
+@register("GroupQueryAttention", kind="product", domain=MS)
 def group_query_attention(ctx: OpContext):
-    check_domain(ctx)
     xp = ctx.xp
     if ctx.input(11) is not None:
         raise ctx.fail("input 'head_sink' is not supported")
@@ -125,7 +123,7 @@ def group_query_attention(ctx: OpContext):
             if softcap > 0:  # c tanh(s / c): its tanh takes the composite's unary rule, as in the unfused graph
                 u = s_ / softcap
                 t = xp.tanh(u)
-                factor = t / (u + tanh_rule.epsilon) if isinstance(tanh_rule, Identity) else 1 - t * t
+                factor = tanh_rule.ratio(u, t) if isinstance(tanh_rule, Identity) else 1 - t * t
                 s_ = softcap * t
             if bias_full is not None:
                 s_ = s_ + rows_of(bias_full, r0, r1, S)
@@ -161,9 +159,8 @@ def group_query_attention(ctx: OpContext):
     return back
 
 
-@register("MultiHeadAttention")
+@register("MultiHeadAttention", kind="product", domain=MS)
 def multi_head_attention(ctx: OpContext):
-    check_domain(ctx)
     xp = ctx.xp
     for k, what in ((8, "past_sequence_length"), (9, "cache_indirection")):
         if ctx.input(k) is not None:

@@ -10,8 +10,8 @@ Statistics are recomputed from the captured input, in the compute dtype.
 """
 from __future__ import annotations
 
-from ..rules import ConstantStatistic, Epsilon, Gradient
-from ._base import OpContext, register, stabilise, unbroadcast
+from ..rules import Constant, ConstantStatistic, Epsilon, Gradient
+from ._base import MS, ONNX, OpContext, register, unbroadcast
 
 
 def _stats(xp, x, axes, eps, rms):
@@ -69,7 +69,7 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
     y_sum = ctx.node.outputs[3] if skip and len(ctx.node.outputs) > 3 and ctx.node.outputs[3] else None
     key = f"norm-stats:{ctx.node.name}"
     add_rule = ctx.rule_of("add", "Add") if skip and all(carry) else None
-    add_eps = add_rule.epsilon if isinstance(add_rule, Epsilon) else 0.0
+    sum_rule = add_rule if isinstance(add_rule, Epsilon) and add_rule.epsilon else None
 
     def back(env, gy):
         X = env[xs[0]]
@@ -87,8 +87,8 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
             g = _norm_grad(xp, gy[0], xc, inv, W, axes, rms, detach)
         if y_sum is not None and len(gy) > 3 and gy[3] is not None:
             g = gy[3] if g is None else g + gy[3]
-        if add_eps:  # eps-LRP on the residual sum s
-            g = g * (X / stabilise(xp, X, add_eps))
+        if sum_rule is not None:  # eps-LRP on the residual sum s
+            g = g * sum_rule.output_scale(X)
         out = [None] * n_in
         for k, c in zip(x_inputs, carry):
             if c:
@@ -98,29 +98,30 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
     return back
 
 
-@register("LayerNormalization")
+@register("LayerNormalization", kind="norm")
 def layer_norm(ctx: OpContext):
     return _build(ctx, [0], 1, None, rms=False, skip=False)
 
 
-@register("SimplifiedLayerNormalization", "RMSNormalization")
+@register("SimplifiedLayerNormalization", kind="norm", domain=(ONNX, MS))
+@register("RMSNormalization", kind="norm")
 def rms_norm(ctx: OpContext):
     return _build(ctx, [0], 1, None, rms=True, skip=False)
 
 
-@register("SkipLayerNormalization")
+@register("SkipLayerNormalization", kind="norm", domain=MS)
 def skip_layer_norm(ctx: OpContext):
     # inputs: input, skip, gamma, beta, bias
     return _build(ctx, [0, 1], 2, 4, rms=False, skip=True)
 
 
-@register("SkipSimplifiedLayerNormalization")
+@register("SkipSimplifiedLayerNormalization", kind="norm", domain=MS)
 def skip_rms_norm(ctx: OpContext):
     # inputs: input, skip, gamma, bias
     return _build(ctx, [0, 1], 2, 3, rms=True, skip=True)
 
 
-@register("InstanceNormalization", "GroupNormalization")
+@register("InstanceNormalization", "GroupNormalization", kind="norm")
 def group_norm(ctx: OpContext):
     """``y = scale_c * (x - mean) / sigma + bias_c`` with statistics per sample over the spatial axes
     (InstanceNormalization) or per group of channels (GroupNormalization, ``num_groups``); channel axis 1.
@@ -156,7 +157,7 @@ def group_norm(ctx: OpContext):
     return back
 
 
-@register("BatchNormalization")
+@register("BatchNormalization", kind="linear", layer="output", rules=(Epsilon, Gradient, Constant))
 def batch_norm(ctx: OpContext):
     """Inference BatchNormalization ``y = scale * (x - mean) / sqrt(var + eps) + B`` with the running statistics:
     an affine map per channel (axis 1), so ``G_x = G_y * scale / sqrt(var + eps)`` under every rule."""
