@@ -88,11 +88,12 @@ class Explainer:
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
     threads
         threads of the forward pass (onnxruntime's intra-op pool, unless ``session_options`` say otherwise) and of
-        the relevance pass's matrix products (:mod:`onnx_lrp._kernels`, onnxruntime's MLAS kernels) and numpy BLAS
-        (via ``threadpoolctl``); default: the cores this process may use. The two passes run one after the other,
-        so they never compete for the cores.
+        the relevance pass's products with the weights (:mod:`onnx_lrp._kernels`, onnxruntime's MLAS kernels);
+        default: the cores this process may use. The two passes run one after the other, so they never compete
+        for the cores. numpy's BLAS, left with the small attention products, runs one thread (with two, OpenBLAS
+        made the relevance pass 6.5x slower on the shared 2-core machine: docs/performance.md).
     blas_threads
-        deprecated (use ``threads``): numpy BLAS threads during the relevance pass.
+        deprecated (use ``threads``): numpy BLAS threads during the relevance pass (default 1).
     memory_budget
         the most memory an explanation may take beyond the loaded model (bytes, or ``"6GB"``); default: the
         memory available. Long inputs whose estimated need exceeds it raise :class:`~onnx_lrp.errors.ResourceError`
@@ -140,7 +141,7 @@ class Explainer:
         self.threads = threads or usable_cores()
         if blas_threads is not None:
             warnings.warn("Explainer(blas_threads=...) is deprecated: use threads=...", DeprecationWarning, stacklevel=2)
-        self.blas_threads = blas_threads or self.threads
+        self.blas_threads = blas_threads or 1
         self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
         if session_options is None:
             session_options = default_session_options()
