@@ -53,7 +53,7 @@ NORM_OPS = {
     "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization", "InstanceNormalization",
     "GroupNormalization",
 }
-REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool"}
+REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool", "GlobalLpPool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}

@@ -3,7 +3,7 @@
 =====================  =========================================================================
 module                 op types
 =====================  =========================================================================
-``linear``             MatMul, Gemm, Conv
+``linear``             MatMul, Gemm, Conv, ConvTranspose, Einsum
 ``elementwise``        Add, Sub, Sum, Mul, Div, Where, Max, Min
 ``activation``         Erf, Tanh, Sigmoid, Relu, Gelu, FastGelu, BiasGelu, QuickGelu, Pow, ... and
                        unary regions (non-linearities written out as several ops)
@@ -11,7 +11,7 @@ module                 op types
 ``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms,
                        InstanceNormalization, GroupNormalization, BatchNormalization (inference)
 ``reduction``          ReduceSum, ReduceMean, GlobalAveragePool, ReduceL2, ReduceSumSquare
-``pooling``            AveragePool, MaxPool
+``pooling``            AveragePool, MaxPool, GlobalMaxPool, GlobalLpPool
 ``resize``             Resize (the kernel's own interpolation matrices)
 ``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
 ``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)

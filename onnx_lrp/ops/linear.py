@@ -292,6 +292,87 @@ def conv(ctx: OpContext):
     return back
 
 
+@register("ConvTranspose")
+def conv_transpose(ctx: OpContext):
+    """ConvTranspose with a constant kernel ``W`` of shape ``(C_in, C_out / group, *k)``: a linear map whose VJP
+    is the convolution of ``G`` with the same kernel (strides, dilations and groups as the node; the padding at the
+    start of each axis as onnxruntime derives it from ``pads``, ``auto_pad``, ``output_shape``).
+
+    Gamma rule as for Conv: ``G_x = conv(G_z * z / stab(z + gamma * convT(x, W+)), W + gamma W+)``.
+    """
+    xp = ctx.xp
+    if ctx.carrying(1):
+        raise ctx.fail("ConvTranspose with a carrying kernel is not supported")
+    W = ctx.const(1)
+    vw = None
+    if W is None:  # computed from constants (e.g. DequantizeLinear of an int8 kernel): read it at run time
+        if ctx.input(1) not in ctx.graph.static:
+            raise ctx.fail(f"the kernel {ctx.input(1)!r} must be a constant")
+        vw = ctx.value(ctx.input(1))
+    nd = W.ndim - 2 if W is not None else len(ctx.attr("kernel_shape") or [])
+    if not nd:
+        raise ctx.fail("ConvTranspose with a computed kernel needs the kernel_shape attribute")
+    group = int(ctx.attr("group", 1))
+    strides = list(ctx.attr("strides", [1] * nd))
+    dil = list(ctx.attr("dilations", [1] * nd))
+    adj = list(ctx.attr("output_padding", [0] * nd))
+    auto = ctx.attr("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise ctx.fail(f"auto_pad={auto!r} is not defined")
+    shaped = bool(ctx.attr("output_shape"))
+    explicit = auto == "NOTSET" and not shaped
+    begin_attr = list(ctx.attr("pads", [0] * (2 * nd)))[:nd]
+    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
+    Bc = ctx.const(2)
+    if gamma and Bc is None and ctx.input(2) is not None:
+        raise ctx.fail("the gamma rule needs the ConvTranspose bias as an initializer")
+    bias_p = ctx.array(np.maximum(Bc, 0)) if (gamma and Bc is not None) else None
+    fixed = None
+    if W is not None:
+        fixed = (ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W),
+                 ctx.array(np.maximum(W, 0)) if gamma else None)
+    x_name, z_name = ctx.input(0), ctx.node.outputs[0]
+    sx, sz = ctx.shape(x_name), ctx.shape(z_name)
+    if gamma:
+        ctx.value(x_name), ctx.value(z_name)
+
+    def pads_of(x_shape, z_shape, k_shape):
+        """(begin, end) pads of the equivalent convolution ``z -> x``. Derived from the total padding (the spec's
+        rules, as onnxruntime 1.32 applies them): an odd total puts the extra entry at the end for SAME_UPPER, at
+        the start for SAME_LOWER and for an ``output_shape`` without auto_pad."""
+        begin, end = [], []
+        for i in range(nd):
+            X, Z, k = x_shape[2 + i], z_shape[2 + i], k_shape[2 + i]
+            span = (X - 1) * strides[i] + adj[i] + (k - 1) * dil[i] + 1
+            total = max(0, span - Z)
+            b = begin_attr[i] if explicit else 0 if auto == "VALID" and not shaped else (
+                total // 2 if auto == "SAME_UPPER" else total - total // 2)
+            begin.append(b)
+            end.append(max(0, (X - 1) * strides[i] + (k - 1) * dil[i] + 1 - Z - b))  # enough for X outputs
+        return begin + end
+
+    def back(env, gy):
+        g = gy[0]
+        x_shape, z_shape = tuple(env.shape(sx)), tuple(env.shape(sz))
+        Wc, Wpos = fixed if fixed is not None else (
+            (env[vw] + gamma * xp.maximum(env[vw], 0)) if gamma else env[vw], xp.maximum(env[vw], 0) if gamma else None)
+        pads = pads_of(x_shape, z_shape, Wc.shape)
+        if gamma:
+            z = env[z_name]
+            zp = _conv_transpose(xp, env[x_name], Wpos, z_shape, strides, dil, pads, group)
+            if bias_p is not None:
+                zp = zp + bias_p.reshape((-1,) + (1,) * nd)
+            g = g * (z / stabilise(xp, z + gamma * zp, ctx.rule.epsilon))
+        lead = g.shape[: g.ndim - (nd + 2)]
+        g2 = g.reshape((-1,) + g.shape[len(lead) + 1:])
+        gx = _conv_forward(xp, g2, Wc, strides, dil, pads, group)
+        gx = gx[(slice(None), slice(None)) + tuple(slice(0, x_shape[2 + i]) for i in range(nd))]
+        return [gx.reshape(lead + x_shape), None, None]
+
+    return back
+
+
 def _kernel_offsets(kshape):
     return np.ndindex(*kshape)
 
