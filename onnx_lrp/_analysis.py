@@ -56,6 +56,8 @@ NORM_OPS = {
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool", "GlobalLpPool"}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+# recurrent ops: gated products of carrying tensors inside (their rules: onnx_lrp.ops.recurrent)
+RECURRENT_OPS = {"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 # ops that move or copy a looked-up row without combining it with anything else
 ROW_MOVEMENT_OPS = ID_CHAIN_OPS | {"Transpose", "Slice", "Split", "Concat", "Expand", "Tile", "Gather", "Dropout"}
@@ -290,7 +292,7 @@ def node_kind(graph: Graph, node: Node, carrying: set[str]) -> str:
         return "norm"
     if op in ("Softmax", "LogSoftmax"):
         return "softmax"
-    if op in FUSED_ATTENTION_OPS and node.domain == "com.microsoft":
+    if op in FUSED_ATTENTION_OPS and node.domain == "com.microsoft" or op in RECURRENT_OPS:
         return "product"
     if op in LINEAR_OPS:
         n_op = sum(c[:2]) if op in ("MatMul", "Gemm", "Conv", "ConvTranspose") else sum(c)

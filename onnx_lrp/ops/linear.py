@@ -231,32 +231,24 @@ def gemm(ctx: OpContext):
     return back
 
 
-@register("Conv")
-def conv(ctx: OpContext):
-    """Conv with a constant kernel (ViT patch embedding and others): the transposed convolution of ``G``.
-
-    Gamma rule: ``G_x = conv^T(G_z * z / stab(z + gamma * conv(x, W+)), W + gamma W+)``.
-    """
-    xp = ctx.xp
+def _conv_kernels(ctx: OpContext):
+    """(spatial rank, ``kernels(env) -> (W + gamma W+, W+)``, gamma, ``b+``) of a Conv/ConvTranspose node: its
+    kernel is a constant, or computed from tensors that carry no relevance (weight normalisation, a dequantised
+    int8 kernel) and read at run time."""
+    xp, op = ctx.xp, ctx.node.op_type
     if ctx.carrying(1):
-        raise ctx.fail("Conv with a carrying kernel is not supported")
+        raise ctx.fail(f"{op} with a carrying kernel is not supported")
     W = ctx.const(1)
     vw = None
-    if W is None:  # computed from constants at run time (e.g. weight normalisation): read it then
+    if W is None:
         if ctx.attr("kernel_shape") is None:
-            raise ctx.fail("Conv with a computed kernel needs the kernel_shape attribute")
+            raise ctx.fail(f"{op} with a computed kernel needs the kernel_shape attribute")
         vw = ctx.value(ctx.input(1))
     nd = W.ndim - 2 if W is not None else len(ctx.attr("kernel_shape"))
-    group = int(ctx.attr("group", 1))
-    strides = list(ctx.attr("strides", [1] * nd))
-    dil = list(ctx.attr("dilations", [1] * nd))
-    pads = list(ctx.attr("pads", [0] * (2 * nd)))
-    if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise ctx.fail("Conv with auto_pad SAME_* is not supported")
     gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
     Bc = ctx.const(2)
     if gamma and Bc is None and ctx.input(2) is not None:
-        raise ctx.fail("the gamma rule needs the Conv bias as an initializer")
+        raise ctx.fail(f"the gamma rule needs the {op} bias as an initializer")
     bias_p = ctx.array(np.maximum(Bc, 0)) if (gamma and Bc is not None) else None
     fixed = None
     if W is not None:
@@ -264,29 +256,47 @@ def conv(ctx: OpContext):
                  ctx.array(np.maximum(W, 0)) if gamma else None)
 
     def kernels(env):
-        """(W + gamma W+, W+)."""
         if fixed is not None:
             return fixed
         Wr = env[vw]
         return (Wr + gamma * xp.maximum(Wr, 0) if gamma else Wr), (xp.maximum(Wr, 0) if gamma else None)
 
+    if gamma:
+        ctx.value(ctx.input(0)), ctx.value(ctx.node.outputs[0])
+    return nd, kernels, gamma, bias_p
+
+
+def _gamma_scale(ctx: OpContext, g, z, zplus, bias_p, gamma: float):
+    """``G_z * z / stab(z + gamma (z+ + b+))`` (gamma rule on a convolution, ``z+`` from the positive kernel)."""
+    if bias_p is not None:
+        zplus = zplus + bias_p.reshape((-1,) + (1,) * (zplus.ndim - 2))
+    return g * (z / stabilise(ctx.xp, z + gamma * zplus, ctx.rule.epsilon))
+
+
+@register("Conv")
+def conv(ctx: OpContext):
+    """Conv with a constant kernel (ViT patch embedding and others): the transposed convolution of ``G``.
+
+    Gamma rule: ``G_x = conv^T(G_z * z / stab(z + gamma * conv(x, W+)), W + gamma W+)``.
+    """
+    xp = ctx.xp
+    nd, kernels, gamma, bias_p = _conv_kernels(ctx)
+    group = int(ctx.attr("group", 1))
+    strides = list(ctx.attr("strides", [1] * nd))
+    dil = list(ctx.attr("dilations", [1] * nd))
+    pads = list(ctx.attr("pads", [0] * (2 * nd)))
+    if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        raise ctx.fail("Conv with auto_pad SAME_* is not supported")
     x_name, z_name = ctx.input(0), ctx.node.outputs[0]
     sx = ctx.shape(x_name)
-    if gamma:
-        ctx.value(x_name), ctx.value(z_name)
 
     def back(env, gy):
         g = gy[0]
         x_shape = env.shape(sx)
         Wc, Wpos = kernels(env)
         if gamma:
-            z = env[z_name]
-            zp = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
-            if bias_p is not None:
-                zp = zp + bias_p.reshape((-1,) + (1,) * (zp.ndim - 2))
-            zp = z + gamma * zp
-            den = stabilise(xp, zp, ctx.rule.epsilon)
-            g = g * (z / den)
+            g = _gamma_scale(ctx, g, env[z_name], _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group),
+                             bias_p, gamma)
         return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
 
     return back
@@ -301,17 +311,7 @@ def conv_transpose(ctx: OpContext):
     Gamma rule as for Conv: ``G_x = conv(G_z * z / stab(z + gamma * convT(x, W+)), W + gamma W+)``.
     """
     xp = ctx.xp
-    if ctx.carrying(1):
-        raise ctx.fail("ConvTranspose with a carrying kernel is not supported")
-    W = ctx.const(1)
-    vw = None
-    if W is None:  # computed from constants (e.g. DequantizeLinear of an int8 kernel): read it at run time
-        if ctx.input(1) not in ctx.graph.static:
-            raise ctx.fail(f"the kernel {ctx.input(1)!r} must be a constant")
-        vw = ctx.value(ctx.input(1))
-    nd = W.ndim - 2 if W is not None else len(ctx.attr("kernel_shape") or [])
-    if not nd:
-        raise ctx.fail("ConvTranspose with a computed kernel needs the kernel_shape attribute")
+    nd, kernels, gamma, bias_p = _conv_kernels(ctx)
     group = int(ctx.attr("group", 1))
     strides = list(ctx.attr("strides", [1] * nd))
     dil = list(ctx.attr("dilations", [1] * nd))
@@ -323,19 +323,8 @@ def conv_transpose(ctx: OpContext):
     shaped = bool(ctx.attr("output_shape"))
     explicit = auto == "NOTSET" and not shaped
     begin_attr = list(ctx.attr("pads", [0] * (2 * nd)))[:nd]
-    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
-    Bc = ctx.const(2)
-    if gamma and Bc is None and ctx.input(2) is not None:
-        raise ctx.fail("the gamma rule needs the ConvTranspose bias as an initializer")
-    bias_p = ctx.array(np.maximum(Bc, 0)) if (gamma and Bc is not None) else None
-    fixed = None
-    if W is not None:
-        fixed = (ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W),
-                 ctx.array(np.maximum(W, 0)) if gamma else None)
     x_name, z_name = ctx.input(0), ctx.node.outputs[0]
     sx, sz = ctx.shape(x_name), ctx.shape(z_name)
-    if gamma:
-        ctx.value(x_name), ctx.value(z_name)
 
     def pads_of(x_shape, z_shape, k_shape):
         """(begin, end) pads of the equivalent convolution ``z -> x``. Derived from the total padding (the spec's
@@ -355,18 +344,13 @@ def conv_transpose(ctx: OpContext):
     def back(env, gy):
         g = gy[0]
         x_shape, z_shape = tuple(env.shape(sx)), tuple(env.shape(sz))
-        Wc, Wpos = fixed if fixed is not None else (
-            (env[vw] + gamma * xp.maximum(env[vw], 0)) if gamma else env[vw], xp.maximum(env[vw], 0) if gamma else None)
+        Wc, Wpos = kernels(env)
         pads = pads_of(x_shape, z_shape, Wc.shape)
         if gamma:
-            z = env[z_name]
-            zp = _conv_transpose(xp, env[x_name], Wpos, z_shape, strides, dil, pads, group)
-            if bias_p is not None:
-                zp = zp + bias_p.reshape((-1,) + (1,) * nd)
-            g = g * (z / stabilise(xp, z + gamma * zp, ctx.rule.epsilon))
+            g = _gamma_scale(ctx, g, env[z_name],
+                             _conv_transpose(xp, env[x_name], Wpos, z_shape, strides, dil, pads, group), bias_p, gamma)
         lead = g.shape[: g.ndim - (nd + 2)]
-        g2 = g.reshape((-1,) + g.shape[len(lead) + 1:])
-        gx = _conv_forward(xp, g2, Wc, strides, dil, pads, group)
+        gx = _conv_forward(xp, g.reshape((-1,) + g.shape[len(lead) + 1:]), Wc, strides, dil, pads, group)
         gx = gx[(slice(None), slice(None)) + tuple(slice(0, x_shape[2 + i]) for i in range(nd))]
         return [gx.reshape(lead + x_shape), None, None]
 

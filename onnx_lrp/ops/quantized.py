@@ -19,6 +19,16 @@ from .fused import check_domain
 from .linear import following_bias, const_weight_backward
 
 
+def dequantize_linear(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
+    """``(q - zp) * scale`` in float32 (``scale``/``zero_point`` already shaped to broadcast against ``q``);
+    ``q - zp`` is exact in float32, so each weight is rounded once, as in onnxruntime's kernels."""
+    f = np.float32
+    w = np.asarray(q).astype(f)
+    if zero_point is not None:
+        w -= np.asarray(zero_point).astype(f)
+    return w * np.asarray(scale).astype(f)
+
+
 def _unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """The first ``count`` unsigned ``bits``-bit values packed low-bits-first along the last axis of bytes."""
     per = 8 // bits
