@@ -1,9 +1,10 @@
 """Graph analysis, once per model and composite.
 
 1. *Sources*: float graph inputs (except ``past_*`` caches), and embedding lookups ``Gather(table, ids)`` (or
-   com.microsoft ``GatherBlockQuantized`` of an int4 table) of a constant table by an integer graph input that
-   enter the model additively (:func:`is_additive_lookup`); lookups used only as factors (RoPE cos/sin caches
-   indexed by position ids) are constants.
+   com.microsoft ``GatherBlockQuantized`` of an int4 table; an int8 table's lookup is read after its
+   ``DequantizeLinear``) of a constant table by an integer graph input that enter the model additively
+   (:func:`is_additive_lookup`); lookups used only as factors (RoPE cos/sin caches indexed by position ids) are
+   constants.
 2. *Carrying* tensors: those that depend on a source through ops that pass relevance. Everything else (masks,
    position ids, RoPE tables, shapes) is a constant for the rules.
 3. *Kinds*: each carrying node is ``linear``, ``add``, ``product``, ``unary``, ``softmax``, ``norm``,
@@ -40,6 +41,7 @@ ELEMENTWISE = {
     "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "FastGelu", "QuickGelu", "BiasGelu",
     "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish", "Sin", "Cos", "Clip", "Max", "Min", "Cast",
     "Identity", "Where", "PRelu", "ThresholdedRelu", "Sum", "Dropout", "GeluGrad",
+    "QuantizeLinear", "DequantizeLinear",  # activation quantisation (QDQ): regions and patterns see through it
 }
 # element-wise non-linear ops with one carrying input
 NONLINEAR = {
@@ -54,8 +56,14 @@ NORM_OPS = {
     "GroupNormalization",
 }
 REDUCE_OPS = {"ReduceSum", "ReduceMean", "GlobalAveragePool", "GlobalLpPool"}
+# integer linear layers (onnxruntime.quantization): kind "linear", explained as the float layer of the dequantised
+# weight; they apply eps-LRP at their float result themselves (onnx_lrp.ops.quantized), so not in LINEAR_OPS
+QUANTIZED_LINEAR_OPS = {
+    "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul",
+    "QLinearConv",
+}
 # fused attention (com.microsoft): products of carrying tensors inside, so they take the product rule
-FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention"}
 # recurrent ops: gated products of carrying tensors inside (their rules: onnx_lrp.ops.recurrent)
 RECURRENT_OPS = {"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}
 ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
@@ -134,7 +142,7 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
             continue
         origin = _id_origin(graph, n.inputs[1])
         if origin is not None:
-            lookups.append((n.outputs[0], origin))
+            lookups.append((_dequantized(graph, n.outputs[0]), origin))
     candidates = {i.name for i in graph.inputs if i.is_float and not i.name.startswith("past")}
     candidates |= {t for t, _ in lookups}
     data: set[str] | None = None  # tensors computed from the values of the candidates (not from masks alone)
@@ -230,6 +238,16 @@ def find_routed_ids(graph: Graph, sources: dict[str, str], names: list[str] | No
     return routed, chain
 
 
+def _dequantized(graph: Graph, t: str) -> str:
+    """The float rows of a lookup in an int8 table: the output of the ``DequantizeLinear`` (constant scale and zero
+    point) that is the lookup's only reader, as ``quantize_dynamic`` writes embeddings; else ``t`` itself."""
+    cons = graph.consumers.get(t, [])
+    if (len(cons) == 1 and cons[0].op_type == "DequantizeLinear" and cons[0].inputs[0] == t
+            and all(i in graph.static for i in cons[0].inputs[1:] if i) and t not in graph.output_names):
+        return cons[0].outputs[0]
+    return t
+
+
 def _id_origin(graph: Graph, tensor: str) -> str | None:
     while True:
         if tensor in graph.input_names:
@@ -248,7 +266,7 @@ def _output_is_float(node: Node, k: int) -> bool:
         return node.attr("to") in FLOAT_TYPES
     if node.op_type == "TopK" and k == 1:
         return False
-    if node.op_type in ("MaxPool", "Unique") and k > 0:
+    if node.op_type in ("MaxPool", "Unique", "DynamicQuantizeLinear") and k > 0:  # indices; a quantisation's scale
         return False
     return True
 
@@ -297,6 +315,8 @@ def node_kind(graph: Graph, node: Node, carrying: set[str]) -> str:
     if op in LINEAR_OPS:
         n_op = sum(c[:2]) if op in ("MatMul", "Gemm", "Conv", "ConvTranspose") else sum(c)
         return "product" if n_op >= 2 else "linear"
+    if op in QUANTIZED_LINEAR_OPS:  # QLinearMatMul's operands are inputs 0 and 3
+        return "product" if op == "QLinearMatMul" and c[0] and len(c) > 3 and c[3] else "linear"
     if op == "Mul":
         return "product" if sum(c) >= 2 else "linear"
     if op == "Div":

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._analysis import LINEAR_OPS, Analysis
+from ._analysis import LINEAR_OPS, QUANTIZED_LINEAR_OPS, Analysis
 from ._graph import Graph
 from .errors import OnnxLrpError
 from .ops import REGISTRY, OpContext
@@ -240,7 +240,7 @@ def _is_gate(graph: Graph, analysis: Analysis, t: str, cache: dict[str, bool]) -
         kind = analysis.kinds.get(p.name)
         if p.name in analysis.region_of or kind in ("unary", "softmax") or p.op_type in ("TopK", "Sigmoid"):
             result = True
-        elif kind in ("movement", "product", "linear") and p.op_type not in ("MatMul", "Gemm", "Conv", "Einsum"):
+        elif kind in ("movement", "product", "linear") and p.op_type not in LINEAR_OPS | QUANTIZED_LINEAR_OPS:
             result = any(_is_gate(graph, analysis, i, cache) for i in p.inputs if i and i in analysis.carrying)
     cache[t] = result
     return result

@@ -126,7 +126,8 @@ class Graph:
     # ------------------------------------------------------------------ constants
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or ``Constant`` output (also through ``Identity``/``Cast``/``Transpose``
-        of one, as exporters write deduplicated and transposed weights), or None when computed at run time."""
+        of one, as exporters write deduplicated and transposed weights, and ``DequantizeLinear`` of constants,
+        as quantisers write int8/int4 weights), or None when computed at run time."""
         if name in self._constants:
             return self._constants[name]
         t = self._initializers.get(name)
@@ -136,6 +137,16 @@ class Graph:
             p = self.producer.get(name)
             if p is None or p.op_type not in _FOLDABLE or not p.inputs or name not in self.static:
                 return None
+            if p.op_type == "DequantizeLinear":  # an int8/int4 weight: dequantised once, here
+                if name != p.outputs[0]:
+                    return None
+                args = [self.constant(i) if i else None for i in p.inputs[:3]]
+                if args[0] is None or args[1] is None or (len(p.inputs) > 2 and p.inputs[2] and args[2] is None):
+                    return None
+                arr = dequantize_linear(*(args + [None] * (3 - len(args))), axis=int(p.attr("axis", 1)),
+                                        block_size=int(p.attr("block_size", 0)))
+                self._constants[name] = arr
+                return arr
             src = self.constant(p.inputs[0])
             if src is None:
                 return None
@@ -176,7 +187,34 @@ def _topological(nodes, source: str) -> list[onnx.NodeProto]:
     return [nodes[k] for k in order]
 
 
-_FOLDABLE = {"Identity", "Cast", "Transpose"}
+_FOLDABLE = {"Identity", "Cast", "Transpose", "DequantizeLinear"}
+
+
+def quantization_axis_shape(param: np.ndarray, ndim: int, axis: int, block_size: int = 0,
+                            extent: int | None = None) -> np.ndarray:
+    """A ``QuantizeLinear``/``DequantizeLinear`` scale or zero point shaped to broadcast against an ``ndim``-d
+    tensor: a scalar (per tensor), a 1-D vector along ``axis`` (per channel), or blocks of ``block_size`` along
+    ``axis`` (repeated to ``extent``, the tensor's length on that axis)."""
+    param = np.asarray(param)
+    if param.ndim == 0 or param.size == 1 and not block_size:
+        return param.reshape(())
+    axis = axis % ndim
+    if block_size:
+        param = np.repeat(param, block_size, axis=axis)
+        return param[tuple(slice(0, extent) if k == axis else slice(None) for k in range(ndim))]
+    return param.reshape([-1 if k == axis else 1 for k in range(ndim)])
+
+
+def dequantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, axis: int = 1,
+                      block_size: int = 0) -> np.ndarray:
+    """``(x - zero_point) * scale`` in float32 (ONNX ``DequantizeLinear``: per tensor, per channel along ``axis``
+    or per block); ``x - zero_point`` is exact in float32, so each value is rounded once, as onnxruntime does."""
+    x = np.asarray(x)
+    shape = lambda p: quantization_axis_shape(p, x.ndim, axis, block_size, x.shape[axis % x.ndim] if x.ndim else 1)  # noqa: E731
+    w = x.astype(np.float32)
+    if zero_point is not None:
+        w -= shape(zero_point).astype(np.float32)
+    return w * shape(scale).astype(np.float32)
 
 
 def _fold(node: Node, value: np.ndarray) -> np.ndarray:

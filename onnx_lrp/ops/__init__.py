@@ -23,8 +23,8 @@ Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base
 """
 from ._base import REGISTRY, OpContext, register
 from . import (  # noqa: F401
-    activation, contrib_attention, elementwise, fused, linear, movement, normalization, pooling, quantized, recurrent,
-    reduction, resize, softmax,
+    activation, contrib_attention, elementwise, fused, linear, movement, normalization, pooling, qdq, quantized,
+    recurrent, reduction, resize, softmax,
 )
 
 __all__ = ["REGISTRY", "OpContext", "register"]

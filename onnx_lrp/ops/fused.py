@@ -132,18 +132,24 @@ def key_mask(ctx: OpContext, mask, B: int, S: int, T: int):
 @register("Attention")
 def attention(ctx: OpContext):
     check_domain(ctx)
-    node, xp = ctx.node, ctx.xp
     for k, what in ((4, "past"), (6, "past_sequence_length")):
         if ctx.input(k) is not None:
             raise ctx.fail(f"input {what!r} is not supported (explain with an empty cache)")
+    W = ctx.const(1)
+    if W is None:
+        raise ctx.fail("the qkv weight must be an initializer")
+    return attention_backward(ctx, W, mask=3, attention_bias=5)
+
+
+def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias: int | None):
+    """The backward of a fused ``Attention``-like node with the (float) qkv weight ``W`` (``X W + b``, the bias
+    input 2), its key mask input ``mask`` and additive ``attention_bias`` input (indices of the node's inputs)."""
+    node, xp = ctx.node, ctx.xp
     if int(ctx.attr("do_rotary", 0)):
         raise ctx.fail("do_rotary=1 is not supported")
     for k in (1, 2):
         if ctx.carrying(k):
             raise ctx.fail(f"input {k} ({ctx.input(k)!r}) carries relevance; only the hidden states may")
-    W = ctx.const(1)
-    if W is None:
-        raise ctx.fail("the qkv weight must be an initializer")
     bias = ctx.const(2) if ctx.input(2) else None
     if ctx.input(2) and bias is None:
         raise ctx.fail("the qkv bias must be an initializer")
@@ -163,8 +169,8 @@ def attention(ctx: OpContext):
     bc = ctx.array(bias) if bias is not None else None
     bpos = ctx.array(np.maximum(bias, 0)) if (gamma and bias is not None) else None
     x = ctx.value(ctx.input(0))
-    vmask = ctx.value(ctx.input(3)) if ctx.input(3) else None
-    vbias = ctx.value(ctx.input(5)) if ctx.input(5) else None
+    vmask = ctx.value(ctx.input(mask)) if ctx.input(mask) else None
+    vbias = ctx.value(ctx.input(attention_bias)) if attention_bias is not None and ctx.input(attention_bias) else None
     key = f"fused-attention:{node.name}"
 
     def projection_scale(X, qkv):

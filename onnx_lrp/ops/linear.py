@@ -141,9 +141,13 @@ def following_bias(ctx: OpContext):
     exporters write a linear layer) or a fused op holding it (``BiasGelu``, ``FastGelu``, ``Skip*Normalization``
     from onnxruntime's optimizer); else None. The eps and gamma rules' ``z`` (and ``z+``) include the bias, as they
     do for ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
-    out = ctx.node.outputs[0]
-    cons = ctx.graph.consumers.get(out, [])
-    if len(cons) != 1 or out in ctx.graph.output_names:
+    return bias_after(ctx.graph, ctx.node.outputs[0])
+
+
+def bias_after(graph, out: str):
+    """The constant bias that the only consumer of tensor ``out`` adds to it (see :func:`following_bias`)."""
+    cons = graph.consumers.get(out, [])
+    if len(cons) != 1 or out in graph.output_names:
         return None
     c = cons[0]
     if c.op_type == "Add":
@@ -154,7 +158,7 @@ def following_bias(ctx: OpContext):
         name = c.inputs[k] if len(c.inputs) > k and c.inputs[k] else None
     else:
         return None
-    b = ctx.graph.constant(name) if name else None
+    b = graph.constant(name) if name else None
     return b if b is not None and b.ndim <= 1 else None
 
 
@@ -273,6 +277,14 @@ def _gamma_scale(ctx: OpContext, g, z, zplus, bias_p, gamma: float):
     return g * (z / stabilise(ctx.xp, z + gamma * zplus, ctx.rule.epsilon))
 
 
+def conv_geometry(ctx: OpContext, nd: int) -> tuple[int, list[int], list[int], list[int]]:
+    """(group, strides, dilations, pads) of a Conv-like node with ``nd`` spatial axes (auto_pad SAME_* refused)."""
+    if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        raise ctx.fail(f"{ctx.node.op_type} with auto_pad SAME_* is not supported")
+    return (int(ctx.attr("group", 1)), list(ctx.attr("strides", [1] * nd)), list(ctx.attr("dilations", [1] * nd)),
+            list(ctx.attr("pads", [0] * (2 * nd))))
+
+
 @register("Conv")
 def conv(ctx: OpContext):
     """Conv with a constant kernel (ViT patch embedding and others): the transposed convolution of ``G``.
@@ -281,12 +293,7 @@ def conv(ctx: OpContext):
     """
     xp = ctx.xp
     nd, kernels, gamma, bias_p = _conv_kernels(ctx)
-    group = int(ctx.attr("group", 1))
-    strides = list(ctx.attr("strides", [1] * nd))
-    dil = list(ctx.attr("dilations", [1] * nd))
-    pads = list(ctx.attr("pads", [0] * (2 * nd)))
-    if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise ctx.fail("Conv with auto_pad SAME_* is not supported")
+    group, strides, dil, pads = conv_geometry(ctx, nd)
     x_name, z_name = ctx.input(0), ctx.node.outputs[0]
     sx = ctx.shape(x_name)
 
@@ -297,7 +304,7 @@ def conv(ctx: OpContext):
         if gamma:
             g = _gamma_scale(ctx, g, env[z_name], _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group),
                              bias_p, gamma)
-        return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
+        return [conv_input_grad(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
 
     return back
 
@@ -348,7 +355,7 @@ def conv_transpose(ctx: OpContext):
         pads = pads_of(x_shape, z_shape, Wc.shape)
         if gamma:
             g = _gamma_scale(ctx, g, env[z_name],
-                             _conv_transpose(xp, env[x_name], Wpos, z_shape, strides, dil, pads, group), bias_p, gamma)
+                             conv_input_grad(xp, env[x_name], Wpos, z_shape, strides, dil, pads, group), bias_p, gamma)
         lead = g.shape[: g.ndim - (nd + 2)]
         gx = _conv_forward(xp, g.reshape((-1,) + g.shape[len(lead) + 1:]), Wc, strides, dil, pads, group)
         gx = gx[(slice(None), slice(None)) + tuple(slice(0, x_shape[2 + i]) for i in range(nd))]
@@ -384,8 +391,9 @@ def _conv_forward(xp, x, W, strides, dil, pads, group):
     return out
 
 
-def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
-    """Gradient of a convolution with respect to its input (leading target axes allowed)."""
+def conv_input_grad(xp, g, W, x_shape, strides, dil, pads, group):
+    """Gradient of a convolution with respect to its input (leading target axes allowed): the transposed
+    convolution of ``g`` with ``W``, cropped to ``x_shape``."""
     nd = W.ndim - 2
     lead = g.shape[: g.ndim - (nd + 2)]
     g2 = g.reshape((-1,) + g.shape[len(lead) + 1 :]) if lead else g  # merge target axes into batch

@@ -32,7 +32,6 @@ import numpy as np
 from ..rules import ConstantGate, Epsilon, Gradient, Identity, Uniform
 from ._base import OpContext, register, stabilise
 from .fused import check_domain
-from .quantized import dequantize_linear
 
 _DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
 
@@ -414,8 +413,9 @@ def dynamic_quantize_lstm(ctx: OpContext):
         if q is None or scale is None or zp is None:
             raise ctx.fail(f"the quantised {what}, its scale and zero point must be initializers")
         D, G = q.shape[0], q.shape[2]
-        deq = dequantize_linear(q, scale.reshape(D, 1, -1), zp.reshape(D, 1, -1))  # (D, I or H, 4H)
-        if deq.shape != q.shape or scale.size not in (D, D * G):
-            raise ctx.fail(f"{what} scale of shape {scale.shape} does not fit {what} of shape {q.shape}")
+        if scale.size not in (D, D * G) or zp.size != scale.size:
+            raise ctx.fail(f"{what} scale {scale.shape} / zero point {zp.shape} do not fit {what} of shape {q.shape}")
+        f = np.float32
+        deq = (q.astype(f) - zp.reshape(D, 1, -1).astype(f)) * scale.reshape(D, 1, -1).astype(f)  # (D, I or H, 4H)
         weights.append(_Param(ctx, k, what, np.ascontiguousarray(deq.swapaxes(1, 2))))
     return _lstm(ctx, "LSTM", *weights)
