@@ -49,7 +49,7 @@ NONLINEAR = {
     "BiasGelu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish", "Sqrt", "Reciprocal", "Exp", "Log",
     "Abs", "Sin", "Cos", "Clip", "PRelu", "ThresholdedRelu",
 }
-LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulNBits"}
+LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulNBits", "FusedMatMul"}
 NORM_OPS = {
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization", "InstanceNormalization",
@@ -313,7 +313,7 @@ def node_kind(graph: Graph, node: Node, carrying: set[str]) -> str:
     if op in FUSED_ATTENTION_OPS and node.domain == "com.microsoft" or op in RECURRENT_OPS:
         return "product"
     if op in LINEAR_OPS:
-        n_op = sum(c[:2]) if op in ("MatMul", "Gemm", "Conv", "ConvTranspose") else sum(c)
+        n_op = sum(c[:2]) if op in ("MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul") else sum(c)
         return "product" if n_op >= 2 else "linear"
     if op in QUANTIZED_LINEAR_OPS:  # QLinearMatMul's operands are inputs 0 and 3
         return "product" if op == "QLinearMatMul" and c[0] and len(c) > 3 and c[3] else "linear"

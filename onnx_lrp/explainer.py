@@ -18,7 +18,8 @@ from .composites import Composite, get_composite
 from .errors import InputError, TargetError
 from .ops import REGISTRY
 from .ops.contrib_attention import cache_head_size
-from .ops.fused import expand_embed_layer_norm
+from .ops.fused import EMBED_LAYER_NORMS, expand_embed_layer_norm
+from .ops.qdq import duplicated_dequantize, merge_duplicated_dequantize
 from .rules import Rule
 
 
@@ -87,10 +88,11 @@ class Explainer:
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
         proto, weights, desc = load_split(model)  # from a file: each weight held once, as an array
-        if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
+        if any(n.op_type in EMBED_LAYER_NORMS for n in proto.graph.node) or duplicated_dequantize(proto):
             if proto is model:  # never change the user's ModelProto
                 proto = onnx.ModelProto()
                 proto.CopyFrom(model)
+            merge_duplicated_dequantize(proto)
             expand_embed_layer_norm(proto)
         self.graph = Graph(proto, desc, weights)
         del proto, weights

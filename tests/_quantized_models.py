@@ -81,3 +81,70 @@ def quantize(fp32_path: Path, out_path: Path, mode: str, calibration: list[dict]
             reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration)
             quantize_static(fp32_path, out_path, reader, quant_format=QuantFormat.QDQ, **kw)
     return out_path
+
+
+def float_twin(quant: onnx.ModelProto) -> onnx.ModelProto:
+    """``quant`` with every ``MatMulInteger``/``ConvInteger`` written as the float product of the same integer values:
+    ``MatMul(Cast(A) - a_zp, B - b_zp)`` (``Conv`` likewise) with the weight side a float constant; ``QAttention``
+    as ``Attention(DequantizeLinear(input), W)`` and ``QEmbedLayerNormalization`` as ``EmbedLayerNormalization``
+    of the dequantised weights. The forward is the quantised model's (up to float rounding), so only the rules of
+    the integer ops differ."""
+    from onnx import TensorProto, helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in quant.graph.initializer}
+    twin = onnx.ModelProto()
+    twin.CopyFrom(quant)
+    nodes = []
+    for n in twin.graph.node:
+        if n.op_type == "QAttention":  # Attention on DequantizeLinear(input) with the dequantised weight
+            ins = list(n.input) + [""] * (9 - len(n.input))
+            q, w, bias, s, ws, mask, zp, wzp = ins[:8]
+            x = f"{n.name}::float_input"
+            nodes.append(helper.make_node("DequantizeLinear", [q, s] + ([zp] if zp else []), [x], name=x))
+            wf = (inits[w].astype(np.float32) - (inits[wzp].astype(np.float32) if wzp else 0)) * inits[ws]
+            twin.graph.initializer.append(numpy_helper.from_array(wf.astype(np.float32), x + "_weight"))
+            nodes.append(helper.make_node("Attention", [x, x + "_weight", bias, mask], list(n.output),
+                                          name=f"{n.name}::float", domain="com.microsoft",
+                                          **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
+            continue
+        if n.op_type == "QEmbedLayerNormalization":  # EmbedLayerNormalization of the dequantised tables
+            ins = list(n.input) + [""] * (18 - len(n.input))
+            floats = []
+            for k in range(2, 7):
+                if not ins[k]:
+                    floats.append("")
+                    continue
+                v = (inits[ins[k]].astype(np.float32) - inits[ins[k + 11]].astype(np.float32)) * inits[ins[k + 6]]
+                floats.append(f"{n.name}::float_{k}")
+                twin.graph.initializer.append(numpy_helper.from_array(v.astype(np.float32), floats[-1]))
+            nodes.append(helper.make_node("EmbedLayerNormalization", ins[:2] + floats + [ins[7]], list(n.output),
+                                          name=f"{n.name}::float", domain="com.microsoft",
+                                          **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
+            continue
+        if n.op_type not in ("MatMulInteger", "ConvInteger"):
+            nodes.append(n)
+            continue
+        ins = list(n.input) + [""] * (4 - len(n.input))
+        a, b, a_zp, b_zp = ins[:4]
+        w = inits[b].astype(np.float32)
+        if b_zp:
+            zp = inits[b_zp].astype(np.float32)
+            w = w - (zp.reshape(-1, *([1] * (w.ndim - 1))) if n.op_type == "ConvInteger" and zp.size > 1 else zp)
+        wname = f"{n.name}::float_weight"
+        twin.graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), wname))
+        x = f"{n.name}::float_input"
+        nodes.append(helper.make_node("Cast", [a], [x], name=x, to=TensorProto.FLOAT))
+        if a_zp:
+            nodes.append(helper.make_node("Cast", [a_zp], [x + "_zp"], name=x + "_zp", to=TensorProto.FLOAT))
+            nodes.append(helper.make_node("Sub", [x, x + "_zp"], [x + "_centred"], name=x + "_centred"))
+            x += "_centred"
+        op = "MatMul" if n.op_type == "MatMulInteger" else "Conv"
+        nodes.append(helper.make_node(op, [x, wname], list(n.output), name=f"{n.name}::float",
+                                      **({} if op == "MatMul" else {a.name: helper.get_attribute_value(a)
+                                                                    for a in n.attribute})))
+    del twin.graph.node[:]
+    twin.graph.node.extend(nodes)
+    for vi in twin.graph.value_info:  # the integer products' outputs are float now
+        if any(vi.name == o for n in nodes if n.name.endswith("::float") for o in n.output):
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    return twin

@@ -141,9 +141,11 @@ def attention(ctx: OpContext):
     return attention_backward(ctx, W, mask=3, attention_bias=5)
 
 
-def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias: int | None):
+def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias: int | None, quantized_input=None):
     """The backward of a fused ``Attention``-like node with the (float) qkv weight ``W`` (``X W + b``, the bias
-    input 2), its key mask input ``mask`` and additive ``attention_bias`` input (indices of the node's inputs)."""
+    input 2), its key mask input ``mask`` and additive ``attention_bias`` input (indices of the node's inputs).
+    ``quantized_input``: ``(scale(env), zero_point(env))`` of an integer input 0, which stands for
+    ``X = (q - zp) * scale`` (and gets ``G_q = scale * G_X``)."""
     node, xp = ctx.node, ctx.xp
     if int(ctx.attr("do_rotary", 0)):
         raise ctx.fail("do_rotary=1 is not supported")
@@ -180,8 +182,14 @@ def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias:
         zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
         return qkv / stabilise(xp, zm, eps)
 
+    def input_of(env):
+        if quantized_input is None:
+            return env[x]
+        scale, zero = quantized_input
+        return (env[x].astype(env.dtype) - zero(env)) * scale(env)
+
     def forward(env):
-        X = env[x]
+        X = input_of(env)
         qkv = X @ Wc + (bc if bc is not None else 0)
         Q = heads_first(qkv[..., :hq], heads)
         K = heads_first(qkv[..., hq:hq + hk], heads)
@@ -210,7 +218,8 @@ def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias:
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
         if zscale is not None:
             Gqkv = Gqkv * zscale
-        return [Gqkv @ Wt] + [None] * (len(node.inputs) - 1)
+        gx = Gqkv @ Wt
+        return [gx if quantized_input is None else gx * quantized_input[0](env)] + [None] * (len(node.inputs) - 1)
 
     return back
 
@@ -262,8 +271,12 @@ def rotary_embedding(ctx: OpContext):
     return back
 
 
+EMBED_LAYER_NORMS = ("EmbedLayerNormalization", "QEmbedLayerNormalization")
+
+
 def expand_embed_layer_norm(model: onnx.ModelProto) -> bool:
-    """Add the definition of every ``EmbedLayerNormalization`` next to it (in place); True if any was found.
+    """Add the definition of every ``EmbedLayerNormalization`` (and of its int8 form ``QEmbedLayerNormalization``,
+    whose tables, gamma and beta get ``DequantizeLinear`` nodes) next to it (in place); True if any was found.
 
     ``output = LayerNorm(word[input_ids] + position[position_ids or arange(S)] + segment[segment_ids])``.
     The fused node keeps computing ``mask_index``; its ``output`` and ``embedding_sum`` are renamed and the
@@ -273,16 +286,31 @@ def expand_embed_layer_norm(model: onnx.ModelProto) -> bool:
     found = False
     new_nodes: list[onnx.NodeProto] = []
     for node in g.node:
-        if node.op_type != "EmbedLayerNormalization" or node.domain != MS_DOMAIN:
+        if node.op_type not in EMBED_LAYER_NORMS or node.domain != MS_DOMAIN:
             new_nodes.append(node)
             continue
         found = True
-        ins = list(node.input) + [""] * (9 - len(node.input))
-        ids, seg, word, pos_t, seg_t, gamma, beta, _, pos_ids = ins[:9]
+        p = f"{node.name or node.op_type}::"
+        extra: list[onnx.NodeProto] = []
+        if node.op_type == "QEmbedLayerNormalization":  # int8 tables, gamma and beta: dequantised first
+            ins = list(node.input) + [""] * (18 - len(node.input))
+            ids, seg = ins[0], ins[1]
+            floats = []
+            for k, what in zip(range(2, 7), ("word", "position", "segment", "gamma", "beta")):
+                if not ins[k]:
+                    floats.append("")
+                    continue
+                dq = [ins[k], ins[k + 6]] + ([ins[k + 11]] if ins[k + 11] else [])
+                extra.append(helper.make_node("DequantizeLinear", dq, [p + what + "_float"], name=p + what + "_float"))
+                floats.append(p + what + "_float")
+            word, pos_t, seg_t, gamma, beta = floats
+            pos_ids = ""
+        else:
+            ins = list(node.input) + [""] * (9 - len(node.input))
+            ids, seg, word, pos_t, seg_t, gamma, beta, _, pos_ids = ins[:9]
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
-        p = f"{node.name or 'EmbedLayerNormalization'}::"
         out, sum_out = node.output[0], (node.output[2] if len(node.output) > 2 else "")
-        extra = [helper.make_node("Gather", [word, ids], [p + "word"], name=p + "word")]
+        extra.append(helper.make_node("Gather", [word, ids], [p + "word"], name=p + "word"))
         terms = [p + "word"]
         if pos_ids:
             extra.append(helper.make_node("Gather", [pos_t, pos_ids], [p + "position"], name=p + "position"))

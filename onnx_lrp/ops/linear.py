@@ -417,6 +417,47 @@ def conv_input_grad(xp, g, W, x_shape, strides, dil, pads, group):
 
 
 
+@register("FusedMatMul")
+def fused_matmul(ctx: OpContext):
+    """com.microsoft ``FusedMatMul`` (onnxruntime's optimizer: a MatMul with a transpose and a scale folded in):
+    ``Y = alpha A' B'`` with ``A' = A^T`` if transA, ``B' = B^T`` if transB (last two axes). The MatMul rules:
+    one carrying operand takes the plain VJP (eps-LRP through the engine), two the product rule."""
+    xp = ctx.xp
+    if ctx.node.domain != "com.microsoft":
+        raise ctx.fail(f"only the com.microsoft op is supported, got domain {ctx.node.domain or 'ai.onnx'!r}")
+    if int(ctx.attr("transBatchA", 0)) or int(ctx.attr("transBatchB", 0)):
+        raise ctx.fail("transBatchA/transBatchB are not supported")
+    if isinstance(ctx.rule, Gamma):
+        raise ctx.fail("the gamma rule on FusedMatMul is not supported")
+    alpha, ta, tb = float(ctx.attr("alpha", 1.0)), int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    carry = [ctx.carrying(0), ctx.carrying(1)]
+    weights = product_weights(ctx, [0, 1]) if all(carry) else [1.0, 1.0]
+    operands = []
+    for k in (0, 1):
+        c = ctx.const(k)
+        operands.append(ctx.array(c) if c is not None else ctx.value(ctx.input(k)))
+
+    def value(env, k):
+        v = operands[k]
+        return env[v] if isinstance(v, str) else v
+
+    def back(env, gy):
+        g = gy[0] * alpha
+        A, B = value(env, 0), value(env, 1)
+        Ap, Bp = (_swap(A) if ta else A), (_swap(B) if tb else B)
+        out_ndim = max(A.ndim, B.ndim)
+        out = [None, None]
+        if carry[0] and weights[0]:
+            ga = g @ _swap(Bp)
+            out[0] = unbroadcast(xp, _swap(ga) if ta else ga, A.shape, out_ndim) * weights[0]
+        if carry[1] and weights[1]:
+            gb = _swap(Ap) @ g
+            out[1] = unbroadcast(xp, _swap(gb) if tb else gb, B.shape, out_ndim) * weights[1]
+        return out
+
+    return back
+
+
 @register("Einsum")
 def einsum(ctx: OpContext):
     """Einsum: linear in each operand. One carrying operand: plain VJP (eps-LRP, eps=0); several: the uniform

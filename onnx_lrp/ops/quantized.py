@@ -205,7 +205,7 @@ def _value_of(ctx: OpContext, k: int):
         arr = ctx.array(c.astype(np.float32))
         return lambda env: arr
     name = ctx.value(ctx.input(k))
-    return lambda env: env[name]
+    return lambda env: env[name].astype(env.dtype)
 
 
 @register("MatMulInteger")
@@ -331,11 +331,12 @@ def qlinear_conv(ctx: OpContext):
 
 @register("QAttention")
 def qattention(ctx: OpContext):
-    """Fused attention with an int8 qkv weight ``(input, weight, bias, input_scale, weight_scale, mask_index,
-    input_zero_point, weight_zero_point, past)``: the fused ``Attention`` rules on the dequantised weight."""
+    """Fused attention with int8 input and qkv weight ``(input, weight, bias, input_scale, weight_scale, mask_index,
+    input_zero_point, weight_zero_point, past)``: the fused ``Attention`` rules on the dequantised input and weight."""
     check_domain(ctx)
     if ctx.input(8) is not None:
         raise ctx.fail("input 'past' is not supported (explain with an empty cache)")
     W = dequantize_linear(_const(ctx, 1, "weight"), _const(ctx, 4, "weight_scale"), _const(ctx, 7, "weight_zero_point"),
                           axis=-1)
-    return attention_backward(ctx, W, mask=5, attention_bias=None)
+    zero = _value_of(ctx, 6) or (lambda env: 0.0)
+    return attention_backward(ctx, W, mask=5, attention_bias=None, quantized_input=(_value_of(ctx, 3), zero))
