@@ -316,7 +316,8 @@ def node_kind(graph: Graph, node: Node, carrying: set[str]) -> str:
         n_op = sum(c[:2]) if op in ("MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul") else sum(c)
         return "product" if n_op >= 2 else "linear"
     if op in QUANTIZED_LINEAR_OPS:  # QLinearMatMul's operands are inputs 0 and 3
-        return "product" if op == "QLinearMatMul" and c[0] and len(c) > 3 and c[3] else "linear"
+        second = 3 if op == "QLinearMatMul" else 1
+        return "product" if c[0] and len(c) > second and c[second] else "linear"
     if op == "Mul":
         return "product" if sum(c) >= 2 else "linear"
     if op == "Div":

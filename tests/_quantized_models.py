@@ -126,18 +126,26 @@ def float_twin(quant: onnx.ModelProto) -> onnx.ModelProto:
             continue
         ins = list(n.input) + [""] * (4 - len(n.input))
         a, b, a_zp, b_zp = ins[:4]
-        w = inits[b].astype(np.float32)
-        if b_zp:
-            zp = inits[b_zp].astype(np.float32)
-            w = w - (zp.reshape(-1, *([1] * (w.ndim - 1))) if n.op_type == "ConvInteger" and zp.size > 1 else zp)
-        wname = f"{n.name}::float_weight"
-        twin.graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), wname))
-        x = f"{n.name}::float_input"
-        nodes.append(helper.make_node("Cast", [a], [x], name=x, to=TensorProto.FLOAT))
-        if a_zp:
-            nodes.append(helper.make_node("Cast", [a_zp], [x + "_zp"], name=x + "_zp", to=TensorProto.FLOAT))
-            nodes.append(helper.make_node("Sub", [x, x + "_zp"], [x + "_centred"], name=x + "_centred"))
-            x += "_centred"
+
+        def centred(t, zp, tag):  # Cast(t) - Cast(zp): an activation's integers as floats
+            x = f"{n.name}::float_{tag}"
+            nodes.append(helper.make_node("Cast", [t], [x], name=x, to=TensorProto.FLOAT))
+            if zp:
+                nodes.append(helper.make_node("Cast", [zp], [x + "_zp"], name=x + "_zp", to=TensorProto.FLOAT))
+                nodes.append(helper.make_node("Sub", [x, x + "_zp"], [x + "_centred"], name=x + "_centred"))
+                x += "_centred"
+            return x
+
+        if b in inits:
+            w = inits[b].astype(np.float32)
+            if b_zp:
+                zp = inits[b_zp].astype(np.float32)
+                w = w - (zp.reshape(-1, *([1] * (w.ndim - 1))) if n.op_type == "ConvInteger" and zp.size > 1 else zp)
+            wname = f"{n.name}::float_weight"
+            twin.graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), wname))
+        else:  # a product of two activations
+            wname = centred(b, b_zp, "other")
+        x = centred(a, a_zp, "input")
         op = "MatMul" if n.op_type == "MatMulInteger" else "Conv"
         nodes.append(helper.make_node(op, [x, wname], list(n.output), name=f"{n.name}::float",
                                       **({} if op == "MatMul" else {a.name: helper.get_attribute_value(a)

@@ -344,6 +344,31 @@ def test_dynamic_quantisation(family, per_channel):
     assert rel_err(res.relevance["input_ids"], deq.relevance["input_ids"]) <= {"bert": 2e-2, "llama": 2e-3}[family]
 
 
+@pytest.mark.parametrize("family,preset", [("bert", "avx512_vnni"), ("llama", "arm64")])
+def test_optimum_quantizer_presets(family, preset):
+    """optimum's ORTQuantizer with its AutoQuantizationConfig presets (dynamic; the attention products of two
+    activations quantised too): equal to the float twin, where those are float products of two carrying tensors."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    _, path = tiny_model(family)
+    out = QCACHE / f"{path.parent.parent.name}-optimum-{preset}"
+    if not (out / "model_quantized.onnx").exists():
+        cfg = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=preset != "arm64")
+        ORTQuantizer.from_pretrained(str(path.parent), file_name="model.onnx").quantize(save_dir=out,
+                                                                                      quantization_config=cfg)
+    q = onnx.load(out / "model_quantized.onnx")
+    products = [n for n in q.graph.node if n.op_type == "MatMulInteger" and n.input[1] not in
+                {t.name for t in q.graph.initializer}]
+    assert products  # activation x activation
+    twin = float_twin(q)
+    f = _feeds(family)
+    for composite in COMPOSITES:
+        res = Explainer(q, composite=composite).explain(f)
+        ref = Explainer(twin, composite=composite).explain(f, target=res.target)
+        assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= 1e-6, composite
+
+
 def test_optimised_bert_quantised_dynamically():
     """onnxruntime's transformer optimizer, then quantize_dynamic: QEmbedLayerNormalization, QAttention,
     MatMulInteger; equal to the float twin (EmbedLayerNormalization, Attention on the dequantised tensors)."""

@@ -208,9 +208,46 @@ def _value_of(ctx: OpContext, k: int):
     return lambda env: env[name].astype(env.dtype)
 
 
+def _integer_product(ctx: OpContext, zero_points: tuple[int, int], scales: tuple[int, int] | None):
+    """A carrying right operand (attention's ``Q K^T`` and ``P V`` quantised too, as optimum's presets do; ``P``
+    a constant under CP-LRP): the product rule on the dequantised operands, ``w = 1`` for a single carrying one.
+    In integer units, ``G_A = w_A c G_Y (B - b_zp)^T``, ``G_B = w_B c (A - a_zp)^T G_Y`` with ``c = a_s b_s`` for a
+    float output (``scales``), else 1."""
+    xp = ctx.xp
+    carry = [k for k in (0, 1) if ctx.carrying(k)]
+    wa, wb = product_weights(ctx, [0, 1]) if len(carry) == 2 else [1.0 if k in carry else 0.0 for k in (0, 1)]
+    va, vb = ctx.value(ctx.input(0)), ctx.value(ctx.input(1))
+    zeros = [_value_of(ctx, k) for k in zero_points]
+    factors = [_value_of(ctx, k) for k in scales] if scales else []
+
+    def centred(env, v, zero):
+        x = env[v].astype(env.dtype)
+        return x - zero(env) if zero is not None else x
+
+    def back(env, gy):
+        A, B = centred(env, va, zeros[0]), centred(env, vb, zeros[1])
+        g = gy[0]
+        for f in factors:
+            g = g * f(env)
+        out_ndim = max(A.ndim, B.ndim)
+        out = [None] * len(ctx.node.inputs)
+        if wa:
+            out[0] = unbroadcast(xp, g @ B.swapaxes(-1, -2), A.shape, out_ndim) * wa
+        if wb:
+            out[1] = unbroadcast(xp, A.swapaxes(-1, -2) @ g, B.shape, out_ndim) * wb
+        return out
+
+    if len(carry) == 2:
+        return back
+    own_bias = 6 if ctx.node.op_type == "MatMulIntegerToFloat" else None
+    return _with_epsilon(ctx, back, _float_result(ctx, own_bias=own_bias))  # a linear map of the carrying one
+
+
 @register("MatMulInteger")
 def matmul_integer(ctx: OpContext):
     """``G_A = G_Y (B - b_zp)^T`` (int32 output; the scales are applied after it)."""
+    if ctx.carrying(1):
+        return _integer_product(ctx, (2, 3), None)
     _only_input_carries(ctx)
     B = _const(ctx, 1, "B")
     W = dequantize_linear(B, np.float32(1), _const(ctx, 3, "b_zero_point"), axis=-1)
@@ -221,6 +258,8 @@ def matmul_integer(ctx: OpContext):
 def matmul_integer_to_float(ctx: OpContext):
     """``G_A = a_s G_Y W^T``, ``W = (B - b_zp) b_s``."""
     check_domain(ctx)
+    if ctx.carrying(1):
+        return _integer_product(ctx, (4, 5), (2, 3))
     _only_input_carries(ctx)
     W = dequantize_linear(_const(ctx, 1, "B"), _const(ctx, 3, "b_scale"), _const(ctx, 5, "b_zero_point"), axis=-1)
     back = _scaled(const_weight_backward(ctx, W), _value_of(ctx, 2))
