@@ -155,3 +155,46 @@ def test_global_lp_pool_shares_of_the_norm(p):
     numeric, v = _central_differences(m, x, w, h=1e-3)
     grad = Explainer(m, composite="gradient").explain({"x": x}, output="y", output_relevance=w)
     assert float((grad.relevance["x"] * v).sum()) == pytest.approx(numeric, rel=1e-3, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- gates
+class SqueezeExcitation(torch.nn.Module):
+    """conv -> ReLU -> ``x * sigmoid(fc2(relu(fc1(pool(x)))))`` -> pool -> linear: a squeeze-excitation block."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, channels, 3, padding=1)
+        self.fc1, self.fc2 = torch.nn.Conv2d(channels, 4, 1), torch.nn.Conv2d(4, channels, 1)
+        self.head = torch.nn.Linear(channels, 5)
+
+    gate = staticmethod(torch.sigmoid)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        s = self.gate(self.fc2(torch.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        return self.head((h * s).mean((2, 3)))
+
+
+def test_squeeze_excitation_gate_is_held_constant():
+    """AttnLRP on a squeeze-excitation block: the sigmoid gate is a constant of the product ``x * gate`` (the
+    signal takes all: no identity rule on a sigmoid, whose f(0) = 1/2 makes relevance explode), equal to torch
+    autograd with the gate detached; the input relevance stays of the order of the explained logit.
+    Needs the gate rule of the graph patterns (issue 11, item 2)."""
+    torch.manual_seed(4)
+    model = SqueezeExcitation().eval()
+    with torch.no_grad():  # gate pre-activations near 0, where sigmoid(a) / a is large
+        model.fc2.weight.mul_(1e-4)
+        model.fc2.bias.zero_()
+    x = torch.randn(2, 3, 6, 6)
+    m = _export(model, x)
+    assert "Sigmoid" in {n.op_type for n in m.graph.node}
+    w = torch.zeros(2, 5)
+    w[:, 1] = 1.0
+    xr = x.clone().requires_grad_(True)
+    model.gate = lambda a: torch.sigmoid(a).detach()
+    (model(xr) * w).sum().backward()
+    ref = (xr * xr.grad).detach().numpy()
+    res = Explainer(m).explain({"x": x.numpy()}, output="y", output_relevance=w.numpy())
+    sums, ref_sums = res.relevance["x"].reshape(2, -1).sum(1), ref.reshape(2, -1).sum(1)
+    assert np.all(np.abs(sums) <= 10 * np.abs(ref_sums)), (sums, ref_sums, res.score)  # no explosion
+    np.testing.assert_allclose(res.relevance["x"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())

@@ -272,3 +272,51 @@ def test_dynamic_quantize_lstm_is_the_lstm_of_the_dequantised_weights(tmp_path):
 
     ours = Explainer(q).explain(feeds, output="y", output_relevance=w).relevance["x"]
     assert rel_err(ours, _input_x_grad(reference, x, torch.tensor(w))) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------- written out
+class WrittenOutLSTM(torch.nn.Module):
+    """An LSTM cell written with torch ops (no nn.LSTM: the export holds MatMul, Sigmoid, Tanh, Mul, Add), run over
+    the sequence, and a linear head; replacing ``gate``/``squash`` lets the reference apply the rules to the same
+    code."""
+
+    def __init__(self, inputs=5, hidden=6):
+        super().__init__()
+        self.x2h, self.h2h = torch.nn.Linear(inputs, 4 * hidden), torch.nn.Linear(hidden, 4 * hidden)
+        self.head, self.hidden = torch.nn.Linear(hidden, 3), hidden
+
+    gate, squash = staticmethod(torch.sigmoid), staticmethod(torch.tanh)
+
+    def forward(self, x):
+        h = c = torch.zeros(x.shape[1], self.hidden)
+        for t in range(x.shape[0]):
+            i, f, g, o = (self.x2h(x[t]) + self.h2h(h)).chunk(4, dim=-1)
+            c = self.gate(f) * c + self.gate(i) * self.squash(g)
+            h = self.gate(o) * self.squash(c)
+        return self.head(h)
+
+
+def test_written_out_lstm_cell_takes_the_gate_rule():
+    """The same LSTM written out as element-wise ops: the graph patterns must give the gates the same rule as the
+    LSTM op (held constant; the signal takes all) and tanh the identity rule: equal to the torch reference.
+    Needs the gate rule of the graph patterns (issue 11, item 2)."""
+    from _torch_reference import identity_rule
+
+    torch.manual_seed(3)
+    model = WrittenOutLSTM().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    x = torch.randn(6, 2, 5)
+    m = _export(model, x)
+    assert {"Sigmoid", "Tanh", "Mul"} <= {n.op_type for n in m.graph.node} and "LSTM" not in {
+        n.op_type for n in m.graph.node}
+    w = torch.randn(2, 3)
+
+    model.gate, model.squash = (lambda a: torch.sigmoid(a).detach()), (lambda a: identity_rule(torch.tanh, a))
+    ref = _input_x_grad(model, x, w)
+    del model.gate, model.squash  # back to the class's sigmoid and tanh
+    res = Explainer(m).explain({"x": x.numpy()}, output="y", output_relevance=w.numpy())
+    assert rel_err(res.relevance["x"], ref) <= TOL
+    gxi = Explainer(m, composite="gradient-x-input").explain({"x": x.numpy()}, output="y", output_relevance=w.numpy())
+    assert rel_err(gxi.relevance["x"], _input_x_grad(model, x, w)) <= 1e-5
