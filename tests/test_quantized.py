@@ -105,6 +105,18 @@ def test_dequantised_weight_is_folded_once():
     np.testing.assert_allclose(res.relevance["x"], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_eps_of_a_layer_whose_output_is_quantised_before_its_bias():
+    """QDQ graphs quantise ``x W`` before the bias ``Add``: eps-LRP's ``z`` still includes the bias."""
+    W, b = rng.randn(8, 5).astype(np.float32), rng.randn(5).astype(np.float32)
+    s, zp = np.float32(0.001), np.int16(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"]), helper.make_node("QuantizeLinear", ["z", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["zq"]), helper.make_node("Add", ["zq", "b"], ["y"])]
+    m = _graph(nodes, {"x": X.shape}, {"W": W, "b": b, "s": s, "zp": zp})
+    G = rng.randn(2, 3, 5).astype(np.float32)
+    res = Explainer(m, composite=attnlrp(epsilon=0.5)).explain({"x": X}, output="y", output_relevance=G)
+    np.testing.assert_allclose(res.relevance["x"], _expected(X, G, W, X @ W + b, 0.5), rtol=1e-4, atol=1e-6)
+
+
 def test_infinite_scale_is_refused():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]

@@ -3,7 +3,7 @@
 =====================  =========================================================================
 module                 op types
 =====================  =========================================================================
-``linear``             MatMul, Gemm, Conv, ConvTranspose, Einsum
+``linear``             MatMul, Gemm, Conv, ConvTranspose, Einsum, com.microsoft FusedMatMul
 ``elementwise``        Add, Sub, Sum, Mul, Div, Where, Max, Min
 ``activation``         Erf, Tanh, Sigmoid, Relu, Gelu, FastGelu, BiasGelu, QuickGelu, Pow, ... and
                        unary regions (non-linearities written out as several ops)
@@ -14,9 +14,14 @@ module                 op types
 ``pooling``            AveragePool, MaxPool, GlobalMaxPool, GlobalLpPool
 ``resize``             Resize (the kernel's own interpolation matrices)
 ``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
-``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)
+``fused``              com.microsoft Attention, RotaryEmbedding; (Q)EmbedLayerNormalization (expanded)
 ``contrib_attention``  com.microsoft GroupQueryAttention, MultiHeadAttention
-``quantized``          com.microsoft MatMulNBits (weights dequantised once)
+``recurrent``          LSTM, GRU, RNN, com.microsoft DynamicQuantizeLSTM (unrolled; gates held constant)
+``qdq``                QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear (activation quantisation:
+                       straight-through)
+``quantized``          int8/int4 linear layers through their dequantised weight: MatMulInteger,
+                       ConvInteger, QLinearMatMul, QLinearConv; com.microsoft MatMulNBits,
+                       MatMulIntegerToFloat, DynamicQuantizeMatMul, QGemm, QAttention
 =====================  =========================================================================
 
 Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).

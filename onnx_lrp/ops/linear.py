@@ -145,11 +145,17 @@ def following_bias(ctx: OpContext):
 
 
 def bias_after(graph, out: str):
-    """The constant bias that the only consumer of tensor ``out`` adds to it (see :func:`following_bias`)."""
+    """The constant bias that the only consumer of tensor ``out`` adds to it (see :func:`following_bias`), also
+    behind a ``QuantizeLinear``/``DequantizeLinear`` pair (a QDQ graph quantises the layer's output before its bias)."""
     cons = graph.consumers.get(out, [])
     if len(cons) != 1 or out in graph.output_names:
         return None
     c = cons[0]
+    if c.op_type == "QuantizeLinear" and c.inputs[0] == out:
+        deq = graph.consumers.get(c.outputs[0], [])
+        if len(deq) == 1 and deq[0].op_type == "DequantizeLinear" and c.outputs[0] not in graph.output_names:
+            return bias_after(graph, deq[0].outputs[0])
+        return None
     if c.op_type == "Add":
         other = [i for i in c.inputs if i != out]
         name = other[0] if len(other) == 1 else None
