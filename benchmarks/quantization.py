@@ -173,7 +173,7 @@ def main() -> None:
     results = {m: run_model(m, a.samples, a.calibration, a.variants.split(",")) for m in a.models.split(",")}
     print(f"\n{a.samples} sentences per model, {time.perf_counter() - t0:.0f}s; mean ± standard error\n")
     print("\n".join(summary_rows(results)))
-    print("wrote", common.write("quantization", {"args": vars(a), "results": results}))
+    print("wrote", common.write("quantization-" + "-".join(results), {"args": vars(a), "results": results}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ autograd does the backward. The rules are expressed the way tests/_torch_referen
 - ``"gradient"``: nothing changed (the op's exact VJP);
 - ``"attnlrp"``: every gate ``sigmoid(clip(.))`` is ``.detach()``-ed (held constant: the signal it multiplies takes all
   relevance, Arras et al. 2017), every ``tanh`` takes the identity rule (``grad * tanh(a) / (a + 1e-10)``);
-  ``epsilon > 0`` adds eps-LRP at each pre-activation (``grad * a / stab(a)``).
+  ``epsilon > 0`` adds eps-LRP at each pre-activation (``grad * a / stab(a)``);
+- ``"uniform-gates"``: the identity rule on tanh, and each gated product's gradient halved (the uniform rule: the
+  gate, through its sigmoid's derivative, and the signal take half each).
 
 :func:`torch_to_onnx_weights` turns an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` layer's parameters into the ONNX layout
 (gate order i,o,f,c for LSTM and z,r,h for GRU), so the same reference runs on exported torch models.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from _torch_reference import eps_layer, identity_rule
+from _torch_reference import eps_layer, half, identity_rule
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -25,15 +27,16 @@ def _clip(a, clip):
 
 
 def _rules(rule: str, epsilon: float, clip):
-    """(gate, squash, linear): the three parts of a step under ``rule``."""
+    """(gate, squash, linear, mul): the parts of a step under ``rule``; ``mul`` is the gated product."""
     gate = (lambda a: torch.sigmoid(_clip(a, clip)).detach()) if rule == "attnlrp" else (
         lambda a: torch.sigmoid(_clip(a, clip)))
 
     def squash(a, clip=clip):
         fn = lambda v: torch.tanh(_clip(v, clip))  # noqa: E731
-        return identity_rule(fn, a) if rule == "attnlrp" else fn(a)
+        return identity_rule(fn, a) if rule in ("attnlrp", "uniform-gates") else fn(a)
 
-    return gate, squash, (lambda a: eps_layer(a, epsilon)) if epsilon else (lambda a: a)
+    mul = (lambda g, v: half(g * v)) if rule == "uniform-gates" else (lambda g, v: g * v)
+    return gate, squash, (lambda a: eps_layer(a, epsilon)) if epsilon else (lambda a: a), mul
 
 
 def onnx_rnn(op: str, X, W, R, B=None, h0=None, c0=None, P=None, lens=None, direction="forward", clip=None,
@@ -43,7 +46,7 @@ def onnx_rnn(op: str, X, W, R, B=None, h0=None, c0=None, P=None, lens=None, dire
     D = W.shape[0]
     H = R.shape[-1]
     G = GATES[op]
-    gate, squash, linear = _rules(rule, epsilon, clip)
+    gate, squash, linear, mul = _rules(rule, epsilon, clip)
     dirs = ["forward", "reverse"] if direction == "bidirectional" else [direction]
     valid = None if lens is None else (torch.arange(T)[:, None] < torch.as_tensor(lens)[None, :])[..., None]
     Ys, Hs, Cs = [], [], []
@@ -63,20 +66,20 @@ def onnx_rnn(op: str, X, W, R, B=None, h0=None, c0=None, P=None, lens=None, dire
                     ai, af = ai + P[d, :H] * c, af + P[d, 2 * H:] * c
                 i = gate(linear(ai))
                 f = 1 - i if input_forget else gate(linear(af))
-                c_new = f * c + i * squash(linear(ac))
+                c_new = mul(f, c) + mul(i, squash(linear(ac)))
                 if P is not None:
                     ao = ao + P[d, H:2 * H] * c_new
-                h_new = gate(linear(ao)) * squash(c_new, clip=None)  # clip bounds the gates' inputs only
+                h_new = mul(gate(linear(ao)), squash(c_new, clip=None))  # clip bounds the gates' inputs only
             elif op == "GRU":
                 Wz, Wr, Wh = W[d].split(H)
                 Rz, Rr, Rh = R[d].split(H)
                 z = gate(linear(x @ Wz.T + h @ Rz.T + Wb[:H] + Rb[:H]))
                 r = gate(linear(x @ Wr.T + h @ Rr.T + Wb[H:2 * H] + Rb[H:2 * H]))
                 if linear_before_reset:
-                    ah = x @ Wh.T + r * (h @ Rh.T + Rb[2 * H:]) + Wb[2 * H:]
+                    ah = x @ Wh.T + mul(r, h @ Rh.T + Rb[2 * H:]) + Wb[2 * H:]
                 else:
-                    ah = x @ Wh.T + (r * h) @ Rh.T + Rb[2 * H:] + Wb[2 * H:]
-                h_new = (1 - z) * squash(linear(ah)) + z * h
+                    ah = x @ Wh.T + mul(r, h) @ Rh.T + Rb[2 * H:] + Wb[2 * H:]
+                h_new = mul(1 - z, squash(linear(ah))) + mul(z, h)
                 c_new = c
             else:
                 h_new = squash(linear(x @ W[d].T + h @ R[d].T + Wb + Rb))

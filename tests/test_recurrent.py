@@ -17,13 +17,22 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lrp import Explainer, attnlrp
+from onnx_lrp import Explainer, Uniform, attnlrp
 from onnx_lrp.errors import OnnxLrpError
 
 from _recurrent_reference import onnx_rnn, torch_module_reference
 from _support import rel_err
 
 TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The torch references are many tiny ops: more threads only contend (20x slower on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class Classifier(torch.nn.Module):
@@ -90,7 +99,7 @@ def test_exported_torch_models(cls, kw):
         return Explainer(m, composite=composite).explain(feeds, output="y", output_relevance=w.numpy()).relevance["x"]
 
     with torch.no_grad():  # the reference computes what the module computes
-        torch.testing.assert_close(model.reference(x, "gradient"), model(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model.reference(x, "gradient").numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
     gxi = _input_x_grad(model, x, w)
     np.testing.assert_allclose(_input_x_grad(lambda v: model.reference(v, "gradient"), x, w), gxi, rtol=1e-4,
                                atol=1e-6 * np.abs(gxi).max())
@@ -175,6 +184,25 @@ def test_single_node_configurations(op, attrs):
             res = explainers[composite].explain(feeds, output=out, output_relevance=ws[k])
             for name, r in ref.items():
                 assert rel_err(res.relevance[name], r) <= TOL, (composite, out, name)
+
+
+@pytest.mark.parametrize("op,attrs", [("LSTM", dict(peepholes=True)), ("GRU", dict()),
+                                      ("GRU", dict(linear_before_reset=1))])
+def test_uniform_rule_on_the_gated_products(op, attrs):
+    """A composite whose ``gate`` rule is Uniform: inside the op each gated product gives half to the gate (through
+    its sigmoid) and half to the signal, as the torch reference does with the products halved."""
+    m, feeds, inits = _node_model(op, **attrs)
+    composite = attnlrp()
+    composite.kinds["gate"] = Uniform()
+    w = np.random.RandomState(5).randn(*_node_output_shape(m, feeds)).astype(np.float32)
+    ref, _ = _reference(op, feeds, inits, attrs, "uniform-gates", [w])
+    res = Explainer(m, composite=composite).explain(feeds, output="Y", output_relevance=w)
+    for name, r in ref.items():
+        assert rel_err(res.relevance[name], r) <= TOL, name
+
+
+def _node_output_shape(m, feeds):
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["Y"], feeds)[0].shape
 
 
 @pytest.mark.parametrize("op,attrs", [("RNN", dict(lens=True)), ("GRU", dict(lens=True, direction="reverse")),

@@ -59,7 +59,7 @@ def _padded_extent(spatial, k, s, d, begin, out):
     return [max(sp + b, (n - 1) * st + (kk - 1) * di + 1) for sp, b, kk, st, di, n in zip(spatial, begin, k, s, d, out)]
 
 
-@register("AveragePool")
+@register("AveragePool", kind="reduce", layer="pool")
 def average_pool(ctx: OpContext):
     xp = ctx.xp
     sx = ctx.shape(ctx.input(0))
@@ -86,7 +86,7 @@ def average_pool(ctx: OpContext):
     return back
 
 
-@register("MaxPool")
+@register("MaxPool", kind="movement", carries=lambda node, k: k == 0)
 def max_pool(ctx: OpContext):
     xp = ctx.xp
     vx, vy = ctx.value(ctx.input(0)), ctx.value(ctx.node.outputs[0])
@@ -113,7 +113,7 @@ def max_pool(ctx: OpContext):
     return back
 
 
-@register("GlobalMaxPool")
+@register("GlobalMaxPool", kind="movement")
 def global_max_pool(ctx: OpContext):
     """``G_y`` to the first maximum of each channel (as MaxPool)."""
     xp = ctx.xp
@@ -128,7 +128,7 @@ def global_max_pool(ctx: OpContext):
     return back
 
 
-@register("GlobalLpPool")
+@register("GlobalLpPool", kind="reduce", layer="pool")
 def global_lp_pool(ctx: OpContext):
     """``G_x = G_y * sign(x) |x|^(p-1) / y^(p-1)`` (0 where ``y = 0``); see the module docstring."""
     xp = ctx.xp

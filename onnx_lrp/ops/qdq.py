@@ -17,10 +17,9 @@ carries is then that of the float tensor it stands for; the relevance pass uses 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from .._graph import quantization_axis_shape
-from ._base import OpContext, register
+from ._base import MS, ONNX, OpContext, register
 
 
 def _scale(ctx: OpContext, k: int):
@@ -55,7 +54,9 @@ def _check(ctx: OpContext) -> None:
             raise ctx.fail(f"input {k} ({ctx.input(k)!r}, a scale or zero point) carries relevance")
 
 
-@register("DequantizeLinear")
+# for the structural patterns (probing a region's function, static values) a quantise/dequantise step is the
+# identity on the real values it stands for
+@register("DequantizeLinear", kind="movement", domain=(ONNX, MS), forward=lambda ins, at: ins[0])
 def dequantize_linear(ctx: OpContext):
     """``G_q = s * G_y``."""
     _check(ctx)
@@ -67,7 +68,7 @@ def dequantize_linear(ctx: OpContext):
     return back
 
 
-@register("QuantizeLinear")
+@register("QuantizeLinear", kind="movement", domain=(ONNX, MS), forward=lambda ins, at: ins[0])
 def quantize_linear(ctx: OpContext):
     """``G_x = G_q / s``."""
     _check(ctx)
@@ -79,7 +80,7 @@ def quantize_linear(ctx: OpContext):
     return back
 
 
-@register("DynamicQuantizeLinear")
+@register("DynamicQuantizeLinear", kind="movement", carries=lambda node, k: k == 0)
 def dynamic_quantize_linear(ctx: OpContext):
     """``G_x = G_q / s`` with the run-time per-tensor scale ``s`` (output 1)."""
     vs = ctx.value(ctx.node.outputs[1])
@@ -89,40 +90,3 @@ def dynamic_quantize_linear(ctx: OpContext):
 
     return back
 
-
-def _dequantize_groups(model: onnx.ModelProto) -> dict[tuple, list[onnx.NodeProto]]:
-    groups: dict[tuple, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx"):
-            key = (tuple(n.input), tuple(sorted(a.SerializeToString() for a in n.attribute)))
-            groups.setdefault(key, []).append(n)
-    return {k: v for k, v in groups.items() if len(v) > 1}
-
-
-def duplicated_dequantize(model: onnx.ModelProto) -> bool:
-    """Whether several ``DequantizeLinear`` nodes compute the same tensor (onnxruntime's optimizer writes one per
-    reader)."""
-    return bool(_dequantize_groups(model))
-
-
-def merge_duplicated_dequantize(model: onnx.ModelProto) -> None:
-    """Let the readers of identical ``DequantizeLinear`` nodes read the first one (in place): the same values, and
-    one tensor for an embedding lookup's rows, so that relevance and gradients at them are read in one place."""
-    g = model.graph
-    outputs = {o.name for o in g.output}
-    alias: dict[str, str] = {}
-    dropped: set[int] = set()
-    for nodes in _dequantize_groups(model).values():
-        for n in nodes[1:]:
-            if n.output[0] not in outputs:
-                alias[n.output[0]] = nodes[0].output[0]
-                dropped.add(id(n))
-    if not alias:
-        return
-    kept = [n for n in g.node if id(n) not in dropped]
-    for n in kept:
-        for k, i in enumerate(n.input):
-            if i in alias:
-                n.input[k] = alias[i]
-    del g.node[:]
-    g.node.extend(kept)

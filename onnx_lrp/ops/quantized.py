@@ -27,10 +27,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._graph import dequantize_linear
-from ..rules import Epsilon, Gamma, Gradient
-from ._base import OpContext, register, stabilise, unbroadcast
-from .fused import attention_backward, check_domain
-from .linear import bias_after, const_weight_backward, conv_geometry, conv_input_grad, following_bias, product_weights
+from .._patterns import following_bias
+from ..rules import Constant, ConstantGate, Epsilon, Gamma, Gradient, Uniform, stabilise
+from ._base import MS, ONNX, NodeView, OpContext, register, unbroadcast
+from .fused import attention_backward
+from .linear import const_weight_backward, conv_geometry, conv_input_grad, product_weights
 
 
 def _unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -60,9 +61,8 @@ def dequantize_nbits(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     return q.reshape(N, blocks * block_size)[:, :K]
 
 
-@register("MatMulNBits")
+@register("MatMulNBits", kind="linear", domain=MS, layer="map")
 def matmul_nbits(ctx: OpContext):
-    check_domain(ctx)
     for k in range(1, len(ctx.node.inputs)):
         if ctx.carrying(k):
             raise ctx.fail(f"input {k} ({ctx.input(k)!r}) carries relevance; only A may")
@@ -80,10 +80,22 @@ def matmul_nbits(ctx: OpContext):
     gamma = isinstance(ctx.rule, Gamma)
     if gamma and ctx.input(5):
         raise ctx.fail("the gamma rule with MatMulNBits' own bias input is not supported")
-    return const_weight_backward(ctx, W.T, following_bias(ctx) if gamma else None)  # (K, N) view
+    return const_weight_backward(ctx, W.T, following_bias(ctx.graph, ctx.node) if gamma else None)  # (K, N) view
 
 
 # ---------------------------------------------------------------------------------------------- integer layers
+
+
+def _integer_matmul_kind(view: NodeView) -> str:
+    """``linear`` with a weight, ``product`` when both operands carry (QLinearMatMul's are inputs 0 and 3)."""
+    second = 3 if view.node.op_type == "QLinearMatMul" else 1
+    c = view.carrying
+    return "product" if c[0] and len(c) > second and c[second] else "linear"
+
+
+# the rules integer layers implement (eps-LRP at their float result, products; no gamma: their float input is
+# not in the graph)
+_RULES = (Epsilon, Gradient, Constant, Uniform, ConstantGate)
 def _epsilon(ctx: OpContext) -> float:
     """The eps of the node's linear rule (0 for Gradient); gamma and other rules are refused."""
     rule = ctx.rule
@@ -143,26 +155,28 @@ def _float_result(ctx: OpContext, own_bias: int | None = None, scale: int | None
     A float output is ``z`` (plus the bias a following ``Add`` holds, unless input ``own_bias`` is the bias); a
     requantised output (scale input ``scale``, zero point ``zero``) is dequantised; an int32 output
     (``MatMulInteger``, ``ConvInteger``) is followed through its ``Cast`` and ``Mul`` by the scales."""
-    graph, node, out = ctx.graph, ctx.node, ctx.node.outputs[0]
+    graph, node = ctx.graph, ctx.node
     if _epsilon(ctx) == 0:
         return None
     if scale is not None and ctx.input(scale):
-        vy, deq = ctx.value(out), _dequantize_output(ctx, scale, zero)
+        vy, deq = ctx.value(node.outputs[0]), _dequantize_output(ctx, scale, zero)
         return lambda env: deq(env, env[vy])
-    t = out
+    last = node  # the node whose output is z
     if node.op_type in ("MatMulInteger", "ConvInteger"):
         steps = 0
         while steps < 2:
+            t = last.outputs[0]
             cons = graph.consumers.get(t, [])
             c = cons[0] if len(cons) == 1 and t not in graph.output_names else None
             if c is None or not (c.op_type == "Cast" or c.op_type == "Mul" and all(
                     i == t or _is_scale(ctx, i) for i in c.inputs)):
                 break
-            t, steps = c.outputs[0], steps + 1
+            last, steps = c, steps + 1
         if steps < 2:
             raise ctx.fail("eps-LRP needs the layer's float result: expected a Cast and a Mul by the scales after "
-                           f"{node.op_type}, found {[c.op_type for c in graph.consumers.get(t, [])]}")
-    bias = None if own_bias is not None and ctx.input(own_bias) else bias_after(graph, t)
+                           f"{node.op_type}, found {[c.op_type for c in graph.consumers.get(last.outputs[0], [])]}")
+    t = last.outputs[0]
+    bias = None if own_bias is not None and ctx.input(own_bias) else following_bias(graph, last)
     vt, b = ctx.value(t), (ctx.array(bias) if bias is not None else None)
     return lambda env: env[vt] + b if b is not None else env[vt]
 
@@ -243,7 +257,7 @@ def _integer_product(ctx: OpContext, zero_points: tuple[int, int], scales: tuple
     return _with_epsilon(ctx, back, _float_result(ctx, own_bias=own_bias))  # a linear map of the carrying one
 
 
-@register("MatMulInteger")
+@register("MatMulInteger", kind=_integer_matmul_kind, rules=_RULES)
 def matmul_integer(ctx: OpContext):
     """``G_A = G_Y (B - b_zp)^T`` (int32 output; the scales are applied after it)."""
     if ctx.carrying(1):
@@ -254,10 +268,9 @@ def matmul_integer(ctx: OpContext):
     return _with_epsilon(ctx, const_weight_backward(ctx, W), _float_result(ctx))
 
 
-@register("MatMulIntegerToFloat")
+@register("MatMulIntegerToFloat", kind=_integer_matmul_kind, domain=MS, rules=_RULES)
 def matmul_integer_to_float(ctx: OpContext):
     """``G_A = a_s G_Y W^T``, ``W = (B - b_zp) b_s``."""
-    check_domain(ctx)
     if ctx.carrying(1):
         return _integer_product(ctx, (4, 5), (2, 3))
     _only_input_carries(ctx)
@@ -266,10 +279,9 @@ def matmul_integer_to_float(ctx: OpContext):
     return _with_epsilon(ctx, back, _float_result(ctx, own_bias=6))
 
 
-@register("DynamicQuantizeMatMul")
+@register("DynamicQuantizeMatMul", kind="linear", domain=MS, rules=_RULES)
 def dynamic_quantize_matmul(ctx: OpContext):
     """Float ``A`` quantised inside: ``G_A = G_Y W^T``, ``W = (B - b_zp) b_s``."""
-    check_domain(ctx)
     _only_input_carries(ctx)
     W = dequantize_linear(_const(ctx, 1, "B"), _const(ctx, 2, "b_scale"), _const(ctx, 3, "b_zero_point"), axis=-1)
     return _with_epsilon(ctx, const_weight_backward(ctx, W), _float_result(ctx, own_bias=4))
@@ -283,7 +295,7 @@ def _requantised(back, ctx: OpContext, k_scale: int):
     return lambda env, gy: back(env, [gy[0] / y_scale(env)] + list(gy[1:]))
 
 
-@register("QLinearMatMul")
+@register("QLinearMatMul", kind=_integer_matmul_kind, rules=_RULES)
 def qlinear_matmul(ctx: OpContext):
     """``(a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp)``: ``G_a = a_s (G_y / y_s) B^T``; two carrying operands: the
     product rule on the dequantised operands, ``G_a = w_a a_s (G_y / y_s) B^T``, ``G_b = w_b b_s A^T (G_y / y_s)``."""
@@ -316,11 +328,10 @@ def qlinear_matmul(ctx: OpContext):
     return _with_epsilon(ctx, back, _float_result(ctx, scale=6, zero=7))
 
 
-@register("QGemm")
+@register("QGemm", kind="linear", domain=MS, rules=_RULES)
 def qgemm(ctx: OpContext):
     """``(A, a_s, a_zp, B, b_s, b_zp, C, y_s, y_zp)``, ``Y = alpha A' B' + C``: ``G_A' = alpha a_s G_Y' B'^T`` with
     ``G_Y' = G_Y / y_s`` for a requantised output."""
-    check_domain(ctx)
     _only_input_carries(ctx)
     ta, tb, alpha = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0)), float(ctx.attr("alpha", 1.0))
     W = dequantize_linear(_const(ctx, 3, "B"), _const(ctx, 4, "b_scale"), _const(ctx, 5, "b_zero_point"),
@@ -352,7 +363,7 @@ def _conv_integer(ctx: OpContext, W: np.ndarray, k_out_scale: int | None, x_scal
     return _requantised(back, ctx, k_out_scale) if k_out_scale is not None else back
 
 
-@register("ConvInteger")
+@register("ConvInteger", kind="linear", rules=_RULES)
 def conv_integer(ctx: OpContext):
     """``(x, w, x_zp, w_zp)``: ``G_x = conv^T(G_y, w - w_zp)`` (int32 output; scales applied after it)."""
     _only_input_carries(ctx)
@@ -360,7 +371,7 @@ def conv_integer(ctx: OpContext):
     return _with_epsilon(ctx, _conv_integer(ctx, W, None, None), _float_result(ctx))
 
 
-@register("QLinearConv")
+@register("QLinearConv", kind="linear", domain=(ONNX, MS), rules=_RULES)
 def qlinear_conv(ctx: OpContext):
     """``(x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp, B)``: ``G_x = x_s conv^T(G_y / y_s, W)``."""
     _only_input_carries(ctx)
@@ -368,11 +379,10 @@ def qlinear_conv(ctx: OpContext):
     return _with_epsilon(ctx, _conv_integer(ctx, W, 6, _value_of(ctx, 1)), _float_result(ctx, scale=6, zero=7))
 
 
-@register("QAttention")
+@register("QAttention", kind="product", domain=MS)
 def qattention(ctx: OpContext):
     """Fused attention with int8 input and qkv weight ``(input, weight, bias, input_scale, weight_scale, mask_index,
     input_zero_point, weight_zero_point, past)``: the fused ``Attention`` rules on the dequantised input and weight."""
-    check_domain(ctx)
     if ctx.input(8) is not None:
         raise ctx.fail("input 'past' is not supported (explain with an empty cache)")
     W = dequantize_linear(_const(ctx, 1, "weight"), _const(ctx, 4, "weight_scale"), _const(ctx, 7, "weight_zero_point"),

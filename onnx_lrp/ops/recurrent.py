@@ -7,10 +7,12 @@ of a step takes the rule the composite gives the unfused op it stands for (:meth
 - *linear maps* ``a = X W^T + H_prev R^T + Wb + Rb`` (the pre-activation of every gate; GRU's reset product
   inside its candidate): the linear rule of a ``MatMul``. ``Epsilon(eps)`` scales ``G_a`` by ``a / stab(a)``
   (AttnLRP Eq. 4: the biases absorb their share; ``eps = 0`` is the plain gradient). Gamma is refused.
-- *gates* ``sigmoid(.)`` in the products ``f * C_prev``, ``i * g``, ``o * tanh(C)`` (LSTM), ``z * H_prev``,
-  ``(1 - z) * h``, ``r * H_prev`` (GRU): the product rule of a ``Mul``. ``Uniform`` and ``ConstantGate`` hold
-  the gate constant and the signal takes all the relevance (Arras et al. 2017, "Explaining recurrent neural network
-  predictions in sentiment analysis": a gate is a weight, not a source); ``Gradient`` differentiates the gates.
+- *gated products* ``f * C_prev``, ``i * g``, ``o * tanh(C)`` (LSTM), ``z * H_prev``, ``(1 - z) * h``,
+  ``r * H_prev`` (GRU): the rule of kind ``gate`` (a product whose factor is a sigmoid). ``ConstantGate`` (AttnLRP,
+  CP-LRP) holds the gate constant and the signal takes all the relevance (Arras et al. 2017, "Explaining recurrent
+  neural network predictions in sentiment analysis": a gate is a weight, not a source); ``Uniform`` gives each
+  factor half; ``Gradient`` the full gradient to both. The gate's own ``sigmoid`` takes the rule of kind
+  ``nonlinear`` (its derivative; ``Constant`` stops it).
 - *squashing* ``tanh`` (LSTM's candidate ``g`` and ``tanh(C)``, GRU's candidate, RNN's activation): the unary rule
   of a ``Tanh``. ``Identity``: ``G_a = G_y * tanh(a) / (a + eps)`` (AttnLRP Eq. 9); ``Gradient``: ``1 - tanh(a)^2``.
 
@@ -29,20 +31,21 @@ from typing import Any
 
 import numpy as np
 
-from ..rules import ConstantGate, Epsilon, Gradient, Identity, Uniform
-from ._base import OpContext, register, stabilise
-from .fused import check_domain
+from ..rules import Constant, ConstantGate, Epsilon, Gradient, Identity, Uniform, stabilise
+from ._base import MS, OpContext, register
 
 _DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
 
 
 @dataclass(frozen=True)
 class _Rules:
-    """The rule of each part of a step: eps of the linear maps, whether gates are constants, and the identity
-    rule's epsilon for tanh (None: its derivative)."""
+    """The rule of each part of a step: eps of the linear maps, the shares of a gated product's signal and gate
+    (the gate's share goes on through the sigmoid's derivative), and the identity rule's epsilon for tanh (None:
+    its derivative)."""
 
     eps: float
-    gates_constant: bool
+    signal: float
+    gate: float
     identity_eps: float | None
 
     def linear(self, xp, ga, a):
@@ -62,14 +65,26 @@ def _rules(ctx: OpContext) -> _Rules:
     if not isinstance(lin, (Epsilon, Gradient)):
         raise ctx.fail(f"rule {lin.name} for the linear maps inside a recurrent op is not supported "
                        "(Epsilon or Gradient)")
-    gate = ctx.rule_of("product", "Mul")
-    if not isinstance(gate, (Uniform, ConstantGate, Gradient)):
+    gate = ctx.rule_of("gate", "Mul")
+    if isinstance(gate, ConstantGate):
+        signal, through_gate = 1.0, 0.0
+    elif isinstance(gate, Uniform):
+        signal = through_gate = gate.share(2)
+    elif isinstance(gate, Gradient):
+        signal = through_gate = 1.0
+    else:
         raise ctx.fail(f"rule {gate.name} for the gated products inside a recurrent op is not supported "
-                       "(Uniform or ConstantGate hold the gates constant, Gradient differentiates them)")
+                       "(ConstantGate, Uniform or Gradient)")
+    sigmoid = ctx.rule_of("nonlinear", "Sigmoid")
+    if isinstance(sigmoid, Constant):
+        through_gate = 0.0
+    elif not isinstance(sigmoid, Gradient):
+        raise ctx.fail(f"rule {sigmoid.name} for the gates' sigmoid inside a recurrent op is not supported "
+                       "(Gradient or Constant)")
     act = ctx.rule_of("unary", "Tanh")
     if not isinstance(act, (Identity, Gradient)):
         raise ctx.fail(f"rule {act.name} for tanh inside a recurrent op is not supported (Identity or Gradient)")
-    return _Rules(lin.epsilon if isinstance(lin, Epsilon) else 0.0, not isinstance(gate, Gradient),
+    return _Rules(lin.epsilon if isinstance(lin, Epsilon) else 0.0, signal, through_gate,
                   act.epsilon if isinstance(act, Identity) else None)
 
 
@@ -158,22 +173,23 @@ class _LSTMCell:
         ai, ao, af, ag = s["a"]
         di, do, df, dg = s["d"]
         i, f, o, g = s["i"], s["f"], s["o"], s["g"]
-        gc = gc + rules.squash(gh * o, s["c"], s["tc"], None)  # the signal tanh(C) of o * tanh(C)
+        ws, wg = rules.signal, rules.gate
+        gc = gc + rules.squash(gh * o * ws, s["c"], s["tc"], None)  # the signal tanh(C) of o * tanh(C)
         zero = xp.zeros_like(gc)
         ga_i = ga_o = ga_f = zero
-        if not rules.gates_constant:
-            ga_o = gh * s["tc"] * _dsigmoid(o, do)
+        if wg:
+            ga_o = gh * s["tc"] * _dsigmoid(o, do) * wg
             if self.P is not None:  # o's peephole reads the new cell
                 gc = gc + ga_o * self.P[1]
-        ga_g = rules.squash(gc * i, ag, g, dg)
-        gc_prev = gc * f
-        if not rules.gates_constant:
-            dsi = _dsigmoid(i, di)
+        ga_g = rules.squash(gc * i * ws, ag, g, dg)
+        gc_prev = gc * f * ws
+        if wg:
+            dsi = _dsigmoid(i, di) * wg
             ga_i = gc * g * dsi
             if self.coupled:  # f = 1 - i
                 ga_i = ga_i - gc * s["c_prev"] * dsi
             else:
-                ga_f = gc * s["c_prev"] * _dsigmoid(f, df)
+                ga_f = gc * s["c_prev"] * _dsigmoid(f, df) * wg
             if self.P is not None:
                 gc_prev = gc_prev + ga_i * self.P[0] + ga_f * self.P[2]
         ga = xp.concatenate([rules.linear(xp, ga_i, ai), rules.linear(xp, ga_o, ao), rules.linear(xp, ga_f, af),
@@ -218,21 +234,22 @@ class _GRUCell:
         az, ar, ah = s["a"]
         dz, dr, dh = s["d"]
         z, r, n, h = s["z"], s["r"], s["n"], s["h_prev"]
-        gh_prev = gh * z
-        ga_h = rules.linear(xp, rules.squash(gh * (1 - z), ah, n, dh), ah)
+        ws, wg = rules.signal, rules.gate
+        gh_prev = gh * z * ws
+        ga_h = rules.linear(xp, rules.squash(gh * (1 - z) * ws, ah, n, dh), ah)
         ga_z = ga_r = xp.zeros_like(ga_h)
         if self.lbr:
-            gu = ga_h * r
+            gu = ga_h * r * ws
             gh_prev = gh_prev + gu @ self.Rh
-            if not rules.gates_constant:
-                ga_r = ga_h * s["u"] * _dsigmoid(r, dr)
+            if wg:
+                ga_r = ga_h * s["u"] * _dsigmoid(r, dr) * wg
         else:
             grh = ga_h @ self.Rh  # at r * H_prev
-            gh_prev = gh_prev + grh * r
-            if not rules.gates_constant:
-                ga_r = grh * h * _dsigmoid(r, dr)
-        if not rules.gates_constant:
-            ga_z = gh * (h - n) * _dsigmoid(z, dz)
+            gh_prev = gh_prev + grh * r * ws
+            if wg:
+                ga_r = grh * h * _dsigmoid(r, dr) * wg
+        if wg:
+            ga_z = gh * (h - n) * _dsigmoid(z, dz) * wg
         ga_zr = xp.concatenate([rules.linear(xp, ga_z, az), rules.linear(xp, ga_r, ar)], axis=-1)
         return xp.concatenate([ga_zr, ga_h], axis=-1), (gh_prev + ga_zr @ self.Rzr,)
 
@@ -358,20 +375,13 @@ def _lstm(ctx: OpContext, op: str, W: _Param, R: _Param):
     return _unrolled(ctx, op, make_cell, (5, 6))
 
 
-def _check_default_domain(ctx: OpContext) -> None:
-    if ctx.node.domain not in ("", "ai.onnx"):
-        raise ctx.fail(f"only the ai.onnx {ctx.node.op_type} is supported, got domain {ctx.node.domain!r}")
-
-
-@register("LSTM")
+@register("LSTM", kind="product")
 def lstm(ctx: OpContext):
-    _check_default_domain(ctx)
     return _lstm(ctx, "LSTM", _Param(ctx, 1, "W"), _Param(ctx, 2, "R"))
 
 
-@register("GRU")
+@register("GRU", kind="product")
 def gru(ctx: OpContext):
-    _check_default_domain(ctx)
     H, _, clip = _attributes(ctx, "GRU")
     rules, lbr = _rules(ctx), bool(int(ctx.attr("linear_before_reset", 0)))
     W, R, B = _Param(ctx, 1, "W"), _Param(ctx, 2, "R"), _Param(ctx, 3, "B")
@@ -385,9 +395,8 @@ def gru(ctx: OpContext):
     return _unrolled(ctx, "GRU", make_cell, (5,))
 
 
-@register("RNN")
+@register("RNN", kind="product")
 def rnn(ctx: OpContext):
-    _check_default_domain(ctx)
     H, _, clip = _attributes(ctx, "RNN")
     rules = _rules(ctx)
     W, R, B = _Param(ctx, 1, "W"), _Param(ctx, 2, "R"), _Param(ctx, 3, "B")
@@ -401,12 +410,11 @@ def rnn(ctx: OpContext):
     return _unrolled(ctx, "RNN", make_cell, (5,))
 
 
-@register("DynamicQuantizeLSTM")
+@register("DynamicQuantizeLSTM", kind="product", domain=MS)
 def dynamic_quantize_lstm(ctx: OpContext):
     """onnxruntime's int8 LSTM: ``W (D, I, 4H)`` and ``R (D, H, 4H)`` quantised per direction or per output
     channel (scales and zero points 8-11), the activations quantised inside the kernel. Explained as the LSTM of
     the dequantised weights ``(q - zp) * scale`` (dequantised once, here), activation rounding transparent."""
-    check_domain(ctx)
     weights = []
     for k, ks, kz, what in ((1, 8, 9, "W"), (2, 10, 11, "R")):
         q, scale, zp = ctx.const(k), ctx.const(ks), ctx.const(kz)
