@@ -584,16 +584,11 @@ def following_bias(graph: Graph, node: Node) -> np.ndarray | None:
     exporters write a linear layer) or a fused op holding it (``BiasGelu``, ``FastGelu``, ``Skip*Normalization``
     from onnxruntime's optimizer), also behind a ``QuantizeLinear``/``DequantizeLinear`` pair; else None. The eps and gamma rules' ``z`` (and ``z+``) include the bias, as they
     do for ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
-    out = node.outputs[0]
+    out = _after_qdq(graph, node.outputs[0])  # a QDQ graph quantises x W before the bias Add
     cons = graph.consumers.get(out, [])
     if len(cons) != 1 or out in graph.output_names:
         return None
     c = cons[0]
-    if c.op_type == "QuantizeLinear" and c.inputs[0] == out:  # a QDQ graph quantises x W before the bias Add
-        deq = graph.consumers.get(c.outputs[0], [])
-        if len(deq) == 1 and deq[0].op_type == "DequantizeLinear" and c.outputs[0] not in graph.output_names:
-            return following_bias(graph, deq[0])
-        return None
     if c.op_type == "Add":
         other = [i for i in c.inputs if i != out]
         name = other[0] if len(other) == 1 else None
@@ -606,9 +601,34 @@ def following_bias(graph: Graph, node: Node) -> np.ndarray | None:
     return b if b is not None and b.ndim <= 1 else None
 
 
+def _after_qdq(graph: Graph, t: str) -> str:
+    """``t`` followed through the ``QuantizeLinear``/``DequantizeLinear`` pairs that are its only readers (activation
+    quantisation of a QDQ graph, transparent to relevance)."""
+    for _ in range(4):
+        cons = graph.consumers.get(t, [])
+        if len(cons) != 1 or cons[0].op_type != "QuantizeLinear" or t in graph.output_names:
+            return t
+        deq = graph.consumers.get(cons[0].outputs[0], [])
+        if len(deq) != 1 or deq[0].op_type != "DequantizeLinear":
+            return t
+        t = deq[0].outputs[0]
+    return t
+
+
+def _before_qdq(graph: Graph, t: str) -> str:
+    """``t`` followed back through ``DequantizeLinear(QuantizeLinear(.))`` pairs (see :func:`_after_qdq`)."""
+    for _ in range(4):
+        d = graph.producer.get(t)
+        q = graph.producer.get(d.inputs[0]) if d is not None and d.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or _after_qdq(graph, q.inputs[0]) != t:
+            return t
+        t = q.inputs[0]
+    return t
+
+
 def continues_sum(graph: Graph, node: Node) -> bool:
     """Whether the node's output is read only by one more ``Add``/``Sub``/``Sum`` (the sum goes on there)."""
-    out = node.outputs[0]
+    out = _after_qdq(graph, node.outputs[0])
     cons = graph.consumers.get(out, [])
     return len(cons) == 1 and cons[0].op_type in SUM_OPS and out not in graph.output_names
 
@@ -621,6 +641,7 @@ def sums_carrying_terms(graph: Graph, node: Node, kinds: dict[str, str]) -> bool
         if kinds.get(n.name) == "add":
             return True
         for i in n.inputs:
+            i = _before_qdq(graph, i) if i else i
             p = graph.producer.get(i) if i else None
             if p is not None and p.op_type in SUM_OPS and continues_sum(graph, p):
                 stack.append(p)
