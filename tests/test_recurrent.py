@@ -189,16 +189,18 @@ def test_single_node_configurations(op, attrs):
 @pytest.mark.parametrize("op,attrs", [("LSTM", dict(peepholes=True)), ("GRU", dict()),
                                       ("GRU", dict(linear_before_reset=1))])
 def test_uniform_rule_on_the_gated_products(op, attrs):
-    """A composite whose ``gate`` rule is Uniform: inside the op each gated product gives half to the gate (through
-    its sigmoid) and half to the signal, as the torch reference does with the products halved."""
+    """A composite whose ``gate`` rule is Uniform, or that rule set on the op: inside the op each gated product gives
+    half to the gate (through its sigmoid) and half to the signal, as the torch reference does with the products
+    halved."""
     m, feeds, inits = _node_model(op, **attrs)
     composite = attnlrp()
     composite.kinds["gate"] = Uniform()
     w = np.random.RandomState(5).randn(*_node_output_shape(m, feeds)).astype(np.float32)
     ref, _ = _reference(op, feeds, inits, attrs, "uniform-gates", [w])
-    res = Explainer(m, composite=composite).explain(feeds, output="Y", output_relevance=w)
-    for name, r in ref.items():
-        assert rel_err(res.relevance[name], r) <= TOL, name
+    for ex in (Explainer(m, composite=composite), Explainer(m, overrides={f"op:{op}": Uniform()})):
+        res = ex.explain(feeds, output="Y", output_relevance=w)
+        for name, r in ref.items():
+            assert rel_err(res.relevance[name], r) <= TOL, name
 
 
 def _node_output_shape(m, feeds):

@@ -8,13 +8,14 @@ of a step takes the rule the composite gives the unfused op it stands for (:meth
   inside its candidate): the linear rule of a ``MatMul``. ``Epsilon(eps)`` scales ``G_a`` by ``a / stab(a)``
   (AttnLRP Eq. 4: the biases absorb their share; ``eps = 0`` is the plain gradient). Gamma is refused.
 - *gated products* ``f * C_prev``, ``i * g``, ``o * tanh(C)`` (LSTM), ``z * H_prev``, ``(1 - z) * h``,
-  ``r * H_prev`` (GRU): the rule of kind ``gate`` (a product whose factor is a sigmoid). ``ConstantGate`` (AttnLRP,
+  ``r * H_prev`` (GRU): the rule of kind ``gate`` (a product whose factor is a sigmoid), the node's own rule
+  (LSTM and GRU are declared of kind ``gate``: ``overrides={"op:LSTM": Uniform()}`` changes it). ``ConstantGate`` (AttnLRP,
   CP-LRP) holds the gate constant and the signal takes all the relevance (Arras et al. 2017, "Explaining recurrent
   neural network predictions in sentiment analysis": a gate is a weight, not a source); ``Uniform`` gives each
   factor half; ``Gradient`` the full gradient to both. The gate's own ``sigmoid`` takes the rule of kind
   ``nonlinear`` (its derivative; ``Constant`` stops it).
 - *squashing* ``tanh`` (LSTM's candidate ``g`` and ``tanh(C)``, GRU's candidate, RNN's activation): the unary rule
-  of a ``Tanh``. ``Identity``: ``G_a = G_y * tanh(a) / (a + eps)`` (AttnLRP Eq. 9); ``Gradient``: ``1 - tanh(a)^2``.
+  of a ``Tanh`` (RNN, declared of kind ``unary``: its own rule). ``Identity``: ``G_a = G_y * tanh(a) / (a + eps)`` (AttnLRP Eq. 9); ``Gradient``: ``1 - tanh(a)^2``.
 
 With every part ``Gradient`` (Gradient x Input) the result is the exact VJP of the op. Supported: directions
 forward / reverse / bidirectional; ``sequence_lens`` (a step past a sequence's length leaves its state unchanged and
@@ -65,7 +66,8 @@ def _rules(ctx: OpContext) -> _Rules:
     if not isinstance(lin, (Epsilon, Gradient)):
         raise ctx.fail(f"rule {lin.name} for the linear maps inside a recurrent op is not supported "
                        "(Epsilon or Gradient)")
-    gate = ctx.rule_of("gate", "Mul")
+    # the node's own rule is that of its kind: the gated products' (LSTM, GRU: kind gate) or tanh's (RNN: unary)
+    gate = ctx.rule if ctx.kind == "gate" else ctx.rule_of("gate", "Mul")
     if isinstance(gate, ConstantGate):
         signal, through_gate = 1.0, 0.0
     elif isinstance(gate, Uniform):
@@ -81,7 +83,7 @@ def _rules(ctx: OpContext) -> _Rules:
     elif not isinstance(sigmoid, Gradient):
         raise ctx.fail(f"rule {sigmoid.name} for the gates' sigmoid inside a recurrent op is not supported "
                        "(Gradient or Constant)")
-    act = ctx.rule_of("unary", "Tanh")
+    act = ctx.rule if ctx.kind == "unary" else ctx.rule_of("unary", "Tanh")
     if not isinstance(act, (Identity, Gradient)):
         raise ctx.fail(f"rule {act.name} for tanh inside a recurrent op is not supported (Identity or Gradient)")
     return _Rules(lin.epsilon if isinstance(lin, Epsilon) else 0.0, signal, through_gate,
@@ -375,12 +377,12 @@ def _lstm(ctx: OpContext, op: str, W: _Param, R: _Param):
     return _unrolled(ctx, op, make_cell, (5, 6))
 
 
-@register("LSTM", kind="product")
+@register("LSTM", kind="gate")
 def lstm(ctx: OpContext):
     return _lstm(ctx, "LSTM", _Param(ctx, 1, "W"), _Param(ctx, 2, "R"))
 
 
-@register("GRU", kind="product")
+@register("GRU", kind="gate")
 def gru(ctx: OpContext):
     H, _, clip = _attributes(ctx, "GRU")
     rules, lbr = _rules(ctx), bool(int(ctx.attr("linear_before_reset", 0)))
@@ -395,7 +397,7 @@ def gru(ctx: OpContext):
     return _unrolled(ctx, "GRU", make_cell, (5,))
 
 
-@register("RNN", kind="product")
+@register("RNN", kind="unary")
 def rnn(ctx: OpContext):
     H, _, clip = _attributes(ctx, "RNN")
     rules = _rules(ctx)
@@ -410,7 +412,7 @@ def rnn(ctx: OpContext):
     return _unrolled(ctx, "RNN", make_cell, (5,))
 
 
-@register("DynamicQuantizeLSTM", kind="product", domain=MS)
+@register("DynamicQuantizeLSTM", kind="gate", domain=MS)
 def dynamic_quantize_lstm(ctx: OpContext):
     """onnxruntime's int8 LSTM: ``W (D, I, 4H)`` and ``R (D, H, 4H)`` quantised per direction or per output
     channel (scales and zero points 8-11), the activations quantised inside the kernel. Explained as the LSTM of
