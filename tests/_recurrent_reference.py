@@ -43,7 +43,6 @@ def onnx_rnn(op: str, X, W, R, B=None, h0=None, c0=None, P=None, lens=None, dire
              linear_before_reset=0, input_forget=0, rule="gradient", epsilon=0.0):
     """ONNX ``op`` on ``X (T, B, I)`` (layout 0) with the rule applied; returns ``(Y, Y_h[, Y_c])`` as ONNX does."""
     T, Bsz, _ = X.shape
-    D = W.shape[0]
     H = R.shape[-1]
     G = GATES[op]
     gate, squash, linear, mul = _rules(rule, epsilon, clip)

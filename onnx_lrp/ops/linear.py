@@ -206,7 +206,7 @@ def _conv_kernels(ctx: OpContext):
     """(spatial rank, ``kernels(env) -> (W', W+)``, ``b+``) of a Conv/ConvTranspose node under its rule: ``W' = W +
     gamma W+`` under Gamma, else ``W``. The kernel is a constant, or computed from tensors that carry no relevance
     (weight normalisation, a dequantised int8 kernel) and read at run time."""
-    xp, op, rule = ctx.xp, ctx.node.op_type, ctx.rule
+    op, rule = ctx.node.op_type, ctx.rule
     if ctx.carrying(1):
         raise ctx.fail(f"{op} with a carrying kernel is not supported")
     W = ctx.const(1)
