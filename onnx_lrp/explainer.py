@@ -31,7 +31,8 @@ class Explanation:
     batch element a target axis follows the batch axis: ``(batch, targets, ...)``.
     ``embedding_relevance[input]``: the un-summed ``(batch, seq, hidden)`` relevance of token inputs.
     ``outputs``: the forward outputs. ``score``: the explained quantity ``sum(w * y)`` per batch element
-    (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors.
+    (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors;
+    ``latent_gradient[name]``: the modified gradient ``G`` there (``latent = tensor * G``).
     """
 
     relevance: dict[str, np.ndarray]
@@ -42,6 +43,7 @@ class Explanation:
     latent: dict[str, np.ndarray] = field(default_factory=dict)
     embedding_relevance: dict[str, np.ndarray] = field(default_factory=dict)
     output: str = ""
+    latent_gradient: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Explainer:
@@ -192,15 +194,18 @@ class Explainer:
         w2 = w.reshape(w.shape[: lead + 1] + (-1,))
         score = xp.einsum("...bn,bn->...b", w2, xp.asarray(y, dtype=dtype).reshape(w2.shape[lead], -1))
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
-        latent = {}
+        latent, latent_grad = {}, {}
         for name in collect:
-            g = grads.get(name)
             t = env[name]
-            latent[name] = _batch_first(t * g if g is not None else xp.zeros_like(t), lead)
+            g = grads.get(name)
+            g = xp.zeros((1,) * lead + t.shape, dtype=dtype) if g is None else g
+            latent[name] = _batch_first(t * g, lead)
+            latent_grad[name] = _batch_first(g, lead)
         host = to_numpy if as_numpy else (lambda a: a)
         relevance = {k: host(v) for k, v in relevance.items()}
         emb_rel = {k: host(v) for k, v in emb_rel.items()}
         latent = {k: host(v) for k, v in latent.items()}
+        latent_grad = {k: host(v) for k, v in latent_grad.items()}
         outputs = {k: host(v) for k, v in outputs.items()}
         score = host(_batch_first(score, lead))
         return Explanation(
@@ -212,15 +217,21 @@ class Explainer:
             latent=latent,
             embedding_relevance=emb_rel,
             output=output,
+            latent_gradient=latent_grad,
         )
 
     def forward(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """A plain forward pass (no relevance), inputs validated and filled as in :meth:`explain`;
-        returns the graph outputs ``outputs`` (default: all) by name."""
+        returns ``outputs`` (default: all graph outputs; intermediate tensors computed from the inputs too) by
+        name."""
         names = list(outputs) if outputs is not None else self.output_names
-        bad = [n for n in names if n not in self.graph.output_names]
+        inner = [n for n in names if n not in self.graph.output_names]
+        bad = [n for n in inner if n not in self.graph.producer or n in self.graph.static]
         if bad:
-            raise TargetError(f"{self.graph.source}: no graph output(s) {bad}; outputs: {self.graph.output_names}")
+            raise TargetError(f"{self.graph.source}: no graph output(s) or computed tensor(s) {bad}; "
+                              f"outputs: {self.graph.output_names}")
+        if inner:
+            self._capture.prepare(set(inner), set())
         values, _ = self._capture.run(self.prepare_inputs(inputs), names, [])
         return {k: np.array(to_numpy(v)) for k, v in values.items()}  # copies: values may view ORT's memory
 

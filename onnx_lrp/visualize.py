@@ -196,6 +196,13 @@ def heatmap_rgb(heat: np.ndarray, image: np.ndarray | None = None, *, alpha: flo
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write an ``(H, W, 3)`` uint8 array as a PNG file (8-bit RGB, zlib; no imaging library needed)."""
+    path = Path(path)
+    path.write_bytes(png_bytes(rgb))
+    return path
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An ``(H, W, 3)`` uint8 array as the bytes of a PNG file."""
     a = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"write_png expects (H, W, 3) uint8, got shape {a.shape}")
@@ -205,8 +212,5 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    path = Path(path)
-    path.write_bytes(png)
-    return path
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))

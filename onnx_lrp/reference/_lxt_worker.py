@@ -54,6 +54,10 @@ def answer(req: dict, monkey_patch) -> dict:
     for name in ("attention_mask", "position_ids", "token_type_ids"):
         if req.get(name) is not None:
             kw[name] = torch.tensor(req[name])
+    if req.get("forward"):  # the output alone, no relevance
+        with torch.no_grad():
+            y = getattr(model(input_ids=ids, **kw), req.get("output") or "logits")
+        return {"output": y.numpy().astype(np.float64)}
     if req.get("hidden_states"):
         kw["output_hidden_states"] = True
     if req.get("via_ids"):  # the model sees input_ids; the relevance is read at the embedding lookup's output

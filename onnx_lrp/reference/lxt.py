@@ -119,6 +119,17 @@ def relevance(family: str, model_cls: str, pt_dir: str | os.PathLike, input_ids:
     return _worker(family, composite).ask(req)
 
 
+def forward(family: str, model_cls: str, pt_dir: str | os.PathLike, feeds: dict[str, np.ndarray],
+            output: str = "logits", composite: str = "attnlrp") -> np.ndarray:
+    """The output ``output`` of the (patched) model on ``feeds`` (``input_ids``, ``attention_mask``,
+    ``position_ids``, ``token_type_ids``), computed in the worker of ``(family, composite)``."""
+    req = {"family": family, "model_cls": model_cls, "pt_dir": str(pt_dir), "composite": composite, "forward": True,
+           "output": output, "input_ids": np.asarray(feeds["input_ids"]).tolist()}
+    for name in ("attention_mask", "position_ids", "token_type_ids"):
+        req[name] = np.asarray(feeds[name]).tolist() if feeds.get(name) is not None else None
+    return _worker(family, composite).ask(req)["output"]
+
+
 class Worker:
     """A long-lived LXT worker process: JSON requests on stdin, answered by ``@@RESULT {json}`` lines on stdout;
     the arrays of an answer go through an ``.npz`` file named in the request."""
