@@ -109,18 +109,20 @@ def _rgb(c: np.ndarray) -> str:
     return f"rgb({c[0]},{c[1]},{c[2]})"
 
 
-def _text_block(tokens: Sequence[str], rel: np.ndarray, special: Sequence[bool] | None) -> str:
+def _text_block(tokens: Sequence[str], rel: np.ndarray, special: Sequence[bool] | None,
+                vmax: float | None = None) -> str:
     special = list(special) if special else [False] * len(tokens)
     spans = []
-    for tok, r, c, sp in zip(tokens, rel, colours(rel), special):
+    for tok, r, c, sp in zip(tokens, rel, colours(rel, vmax), special):
         cls = "tok special" if sp else "tok"
         spans.append(f'<span class="{cls}" style="background:{_rgb(c)}" title="{_html.escape(repr(tok))}: '
                      f'{r:+.4g}">{_html.escape(tok)}</span>')
     return '<div class="text">' + "".join(spans) + "</div>"
 
 
-def _legend(rel: np.ndarray) -> str:
-    vmax = float(np.abs(rel).max()) if np.size(rel) else 0.0
+def _legend(rel: np.ndarray, vmax: float | None = None) -> str:
+    if vmax is None:
+        vmax = float(np.abs(rel).max()) if np.size(rel) else 0.0
     return (f'<div class="legend"><span>-{vmax:.3g} (against)</span><span class="bar"></span>'
             f'<span>+{vmax:.3g} (for)</span><span class="meta">sum {float(np.sum(rel)):.4g}</span></div>')
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ._inputs import DEFAULT_TEXTS, Item, array_batches, image_batches, read_arrays, read_texts, text_batches
-from ._metrics import output_agreement, relevance_agreement, rel_err
+from ._metrics import output_agreement, rel_err, relevance_agreement, row_err
 from ._report import Report, parse_thresholds
 from ._sides import TORCH_INPUTS, MismatchError, OnnxSide, Request, Result, TorchSide, open_side
 
@@ -45,6 +45,8 @@ def compare(a: Any, b: Any, *, texts: Sequence[str] | str | os.PathLike | None =
         ``"spearman=0.9,topk=0.8"`` (checked on the worst input; see :func:`parse_thresholds`).
     """
     checks = parse_thresholds(fail_under, fail_over)
+    if isinstance(texts, (str, os.PathLike)):
+        texts = read_texts(texts)
     side_a = open_side(a, composite, "A", reference)
     try:
         side_b = open_side(b, composite, "B", reference)
@@ -168,11 +170,7 @@ def _batches(texts, inputs, images, tok, batch_size: int, a, b) -> Iterator[tupl
         return array_batches(arrays, batch_size, tok)
     if images is not None:
         return image_batches(list(images), _preprocessor(a, b), batch_size)
-    if texts is None:
-        texts = DEFAULT_TEXTS
-    elif isinstance(texts, (str, os.PathLike)):
-        texts = read_texts(texts)
-    texts = list(texts)
+    texts = list(DEFAULT_TEXTS if texts is None else texts)
     if not texts:
         raise InputError("no texts to compare on")
     pad = 0
@@ -209,6 +207,10 @@ def _run(a, b, output: str, batches, top_k: int, tok) -> tuple[list[dict], dict,
         feeds = _common_feeds(base, a, b)
         ya = a.forward(feeds, output)
         if mode is None:
+            yb = b.forward(feeds, output)
+            if ya.shape != yb.shape:
+                raise MismatchError(f"output {output!r} does not correspond: A ({a.name}) gives shape {ya.shape}, "
+                                    f"B ({b.name}) gives {yb.shape} on the same batch")
             mode = _mode(output, ya)
         req = _request(feeds, output, ya, mode, batch_items)
         if k == 0:
@@ -364,7 +366,7 @@ def _item(item: Item, j: int, ra: Result, rb: Result, req: Request, mode: str, t
         va, vb, xa, xb = (v[j] for v in (va, vb, xa, xb))
         if valid is not None and va.shape[0] == valid.shape[0]:
             va, vb, xa, xb = va[valid], vb[valid], xa[valid], xb[valid]
-        layer = {"value_err": rel_err(va, vb), **relevance_agreement(xa.sum(-1), xb.sum(-1), top_k)}
+        layer = {"value_err": row_err(va, vb), **relevance_agreement(xa.sum(-1), xb.sum(-1), top_k)}
         layer["rel_err"] = rel_err(xa, xb)  # per neuron, the strictest
         out["layers"].append(layer)
     return out

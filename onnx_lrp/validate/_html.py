@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..visualize import _CSS, _legend, _text_block, heatmap_rgb, png_bytes
+from ..visualize import _CSS, _legend, _text_block, colours, png_bytes
 from ._report import OUTPUT_METRICS, RELEVANCE_METRICS, Report, _fmt, _side
 
 _PAGE_CSS = _CSS + """
@@ -93,13 +93,14 @@ def _log_plot(r: Report, width: int = 820, height: int = 250) -> str:
     return "".join(parts)
 
 
-def _heat(values: list, tokens: list | None) -> str:
+def _heat(values: list, tokens: list | None, vmax: float) -> str:
+    """A token heatmap, or a pixel heatmap as an inline PNG; colours scaled to ``vmax`` (shared by A and B)."""
     rel = np.asarray(values, dtype=np.float64)
     if tokens is not None and rel.ndim == 1:
-        return _legend(rel) + _text_block(tokens, rel, None)
-    rgb = heatmap_rgb(rel) if rel.ndim == 2 else heatmap_rgb(rel.reshape(1, -1))
+        return _legend(rel, vmax) + _text_block(tokens, rel, None, vmax)
+    rgb = colours(rel if rel.ndim == 2 else rel.reshape(1, -1), vmax)
     data = base64.b64encode(png_bytes(np.repeat(np.repeat(rgb, 4, 0), 4, 1))).decode()
-    return _legend(rel) + f'<img class="heat" alt="heatmap" src="data:image/png;base64,{data}">'
+    return _legend(rel, vmax) + f'<img class="heat" alt="heatmap" src="data:image/png;base64,{data}">'
 
 
 def _item(it: dict, r: Report) -> str:
@@ -116,9 +117,11 @@ def _item(it: dict, r: Report) -> str:
         m = it["sources"][src]
         out.append(_table(["source"] + list(RELEVANCE_METRICS), [[_e(src)] + [_fmt(m[k]) for k in RELEVANCE_METRICS]]))
         tokens = it["tokens"] if src == "input_ids" else None
+        ra, rb = it["relevance_a"][src], it["relevance_b"][src]
+        vmax = float(max(np.abs(ra).max(initial=0.0), np.abs(rb).max(initial=0.0)))
         out.append('<div class="pair">'
-                   f'<div><h3>A: {_e(s["a"]["path"])}</h3>{_heat(it["relevance_a"][src], tokens)}</div>'
-                   f'<div><h3>B: {_e(s["b"]["path"])}</h3>{_heat(it["relevance_b"][src], tokens)}</div></div>')
+                   f'<div><h3>A: {_e(s["a"]["path"])}</h3>{_heat(ra, tokens, vmax)}</div>'
+                   f'<div><h3>B: {_e(s["b"]["path"])}</h3>{_heat(rb, tokens, vmax)}</div></div>')
     out.append("</div>")
     return "".join(out)
 
@@ -153,9 +156,10 @@ def page(r: Report, worst: int = 5) -> str:
                   _e(row["a"]), _e(row["b"])] for row in r.layers]
         body.append(_table(["layer", "value_err", "rel_err", "spearman", "kendall", "top-k", "A tensor", "B tensor"],
                            lrows))
-        body.append('<p class="meta">Worst over the inputs. value_err: forward values, max |A - B| / max |A|; '
-                    "rel_err: relevance per neuron, max |A - B| / max |A|; Spearman, Kendall, top-k: relevance per "
-                    "token (summed over the hidden axis).</p>")
+        body.append('<p class="meta">Worst over the inputs. value_err: forward values, the worst token\'s '
+                    "||A - B|| / ||A||; rel_err: relevance per neuron, max |A - B| / max |A|; Spearman, Kendall, "
+                    "top-k: relevance per token (summed over the hidden axis). Each pair of heatmaps below shares "
+                    "one colour scale.</p>")
     shown = r.worst(worst)
     body.append(f"<h2>The {len(shown)} least-agreeing inputs (A left, B right)</h2>")
     body.extend(_item(it, r) for it in shown)

@@ -1,6 +1,6 @@
 """Agreement measures between a reference array ``a`` and a candidate ``b`` of the same shape (numpy only).
 
-Relevance: :func:`relevance_agreement` (``rel_err = max|a - b| / max|a|``, Spearman's rho and Kendall's tau-b
+Forward values of the residual stream: :func:`row_err`. Relevance: :func:`relevance_agreement` (``rel_err = max|a - b| / max|a|``, Spearman's rho and Kendall's tau-b
 with ties, top-k overlap of the largest ``|a|`` and ``|b|``, sign agreement where ``|a|`` is not negligible).
 Outputs: :func:`output_agreement` (max absolute / relative difference, same argmax, KL of the softmax
 distributions).
@@ -102,6 +102,17 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     if scale == 0:
         return 0.0 if diff == 0 else float("inf")
     return diff / scale
+
+
+def row_err(a: np.ndarray, b: np.ndarray) -> float:
+    """``max_t ||a_t - b_t|| / ||a_t||`` over the rows ``t`` (tokens) of ``(..., hidden)`` arrays: the relative
+    error of the worst token, not hidden by a few massive activations elsewhere (0 for equal rows, inf for a
+    zero row of ``a`` that ``b`` does not share)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, dtype=np.float64).reshape(a.shape)
+    diff, norm = np.linalg.norm(a - b, axis=-1), np.linalg.norm(a, axis=-1)
+    ratio = np.where(norm > 0, diff / np.where(norm > 0, norm, 1.0), np.where(diff > 0, np.inf, 0.0))
+    return float(ratio.max()) if ratio.size else 0.0
 
 
 def relevance_agreement(a: np.ndarray, b: np.ndarray, k: int) -> dict[str, float]:

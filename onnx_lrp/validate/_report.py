@@ -23,7 +23,8 @@ RELEVANCE_METRICS = {"rel_err": "low", "spearman": "high", "kendall": "high", "t
 LAYER_METRICS = {"value_err": "low", **RELEVANCE_METRICS}
 DEFAULT_FAIL_UNDER = {"spearman": 0.9, "topk": 0.8}
 # tolerances that locate the divergence (override with fail_over layer_value_err=..., layer_rel_err=...)
-LAYER_TOLERANCE = {"value_err": 1e-2, "rel_err": 1e-1}
+LAYER_TOLERANCE = {"value_err": 1e-3, "rel_err": 1e-2}
+SHARP = 10.0  # a divergence is sharp when the error grows this much in one block
 
 
 def _better(metric: str) -> str:
@@ -166,26 +167,37 @@ class Report:
         if not self.layers:
             return None
         tv, tr = self._tolerance("value_err"), self._tolerance("rel_err")
-        for row in self.layers:
-            v = row["value_err"]["worst"]
+        worst_v = [row["value_err"]["worst"] for row in self.layers]
+        for i, row in enumerate(self.layers):
+            v = worst_v[i]
             if v is not None and v > tv:
-                return {"kind": "forward", "layer": row["index"], "block": row["block"], "value": v, "tolerance": tv,
-                        "message": f"the forward pass diverges at {row['block']}: the residual stream after it "
-                        f"differs by {v:.3g} (max |diff| / max |value|, input {row['value_err']['worst_input']}); "
-                        f"everything after it differs too"}
-        for row in reversed(self.layers):
-            v = row["rel_err"]["worst"]
+                before = max([w for w in worst_v[:i] if w is not None], default=0.0)
+                k = row["value_err"]["worst_input"]
+                sharp = v > SHARP * before
+                what = (f"the forward pass diverges at {row['block']}: the residual stream after it differs by "
+                        f"{v:.3g} (worst token, relative L2; input {k}), up from {before:.3g} before it; "
+                        "everything after it differs too" if sharp else
+                        f"the forward values drift gradually (as lower precision makes them): the residual stream "
+                        f"first differs by more than {tv:g} after {row['block']} ({v:.3g}, input {k}; {before:.3g} "
+                        "before it); no single block breaks them")
+                return {"kind": "forward", "layer": i, "block": row["block"], "value": v, "before": before,
+                        "tolerance": tv, "sharp": bool(sharp), "message": what}
+        worst_r = [row["rel_err"]["worst"] for row in self.layers]
+        for i in range(len(self.layers) - 1, -1, -1):
+            v = worst_r[i]
             if v is not None and v > tr:
-                i = row["index"]
-                if i == len(self.layers) - 1:
-                    where, reads = "the head (after the last block)", "the output"
-                else:
-                    where = f"block {i}"
-                    reads = f"the agreeing relevance of {self.layers[i + 1]['block']}'s output"
-                return {"kind": "relevance", "layer": i, "block": where, "value": v, "tolerance": tr,
-                        "message": f"the relevance diverges in {where}: it reads {reads} and passes on relevance "
-                        f"that differs by {v:.3g} (max |diff| / max |R|, input {row['rel_err']['worst_input']}); "
-                        "the forward values agree, so the rules differ there"}
+                row = self.layers[i]
+                after = max([w for w in worst_r[i + 1:] if w is not None], default=0.0)
+                where = "the head (after the last block)" if i == len(self.layers) - 1 else f"block {i}"
+                sharp = v > SHARP * after
+                k = row["rel_err"]["worst_input"]
+                what = (f"the relevance diverges in {where}: the forward values agree, the relevance it receives "
+                        f"differs by at most {after:.3g}, and the relevance it passes on by {v:.3g} (max |diff| / "
+                        f"max |R|, input {k}): the rules differ there" if sharp else
+                        f"the relevance drifts gradually: it first differs by more than {tr:g} below {where} "
+                        f"({v:.3g}, input {k}; {after:.3g} above it); the forward values agree")
+                return {"kind": "relevance", "layer": i, "block": where, "value": v, "before": after,
+                        "tolerance": tr, "sharp": bool(sharp), "message": what}
         return None
 
     # ------------------------------------------------------------------ views

@@ -5,8 +5,8 @@ graph of the carrying tensors, the stream tensors are *cut vertices* (each sourc
 through them). In a topological order, a tensor is a cut vertex iff no edge jumps over it (an edge ``u -> w``
 with ``u`` before it and ``w`` after it), so one sweep over the edges finds them all.
 
-Between two consecutive cut vertices lies a *segment*: an attention segment holds a product of two carrying
-tensors (``Q K^T``, ``A V``) or a fused attention op; a block is one attention segment and what follows it up to
+Between two consecutive cut vertices lies a *segment*: an attention segment holds a product of two tensors
+computed from the inputs (``Q K^T``, ``A V``) or a fused attention op; a block is one attention segment and what follows it up to
 the next one. The stream *entering* block ``i`` is the last cut vertex before its attention segment; after the
 last block, the stream is the last cut vertex with the stream's shape (transformers' last hidden state, after
 the final norm). So ``stream[0]`` is the embedding output, ``stream[i]`` the output of block ``i - 1``, like
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._analysis import FUSED_ATTENTION_OPS, Analysis
+from .._analysis import FUSED_ATTENTION_OPS, Analysis, propagate
 from .._graph import Graph, Node
 
 SKIP_NORMS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
@@ -56,6 +56,7 @@ def cut_points(graph: Graph, analysis: Analysis, output: str) -> tuple[list[Poin
     segment that ends at it holds attention."""
     carrying = analysis.carrying
     relevant = _ancestors(graph, carrying, output)
+    dependent = propagate(graph, analysis.sources, set())  # as the forward computes it: nothing detached
     order: dict[str, tuple[int, int]] = {}
     points: dict[str, Point] = {}
     edges: list[tuple[str, str]] = []
@@ -87,7 +88,7 @@ def cut_points(graph: Graph, analysis: Analysis, output: str) -> tuple[list[Poin
                 order[o] = (n.index, 1 + k)
                 points[o] = Point(o, (o,), o, n.name)
                 edges.extend((i, o) for i in heads)
-                if _is_attention(n, carrying):
+                if _is_attention(n, dependent):
                     attention.add(o)
     ranked = sorted(order, key=order.__getitem__)
     rank = {t: r for r, t in enumerate(ranked)}
@@ -106,11 +107,12 @@ def cut_points(graph: Graph, analysis: Analysis, output: str) -> tuple[list[Poin
     return [points[t] for t in cuts], seg_attention
 
 
-def _is_attention(node: Node, carrying: set[str]) -> bool:
-    """A fused attention op, or a matrix product of two carrying tensors."""
+def _is_attention(node: Node, dependent: set[str]) -> bool:
+    """A fused attention op, or a matrix product of two tensors computed from the inputs (whatever the composite
+    holds constant: CP-LRP detaches the attention weights, yet ``A V`` is still attention)."""
     if node.op_type in FUSED_ATTENTION_OPS:
         return True
-    return node.op_type in _BILINEAR and sum(1 for i in node.inputs if i and i in carrying) >= 2
+    return node.op_type in _BILINEAR and sum(1 for i in node.inputs if i and i in dependent) >= 2
 
 
 def _ancestors(graph: Graph, carrying: set[str], output: str) -> set[str]:

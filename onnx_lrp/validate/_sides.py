@@ -236,6 +236,12 @@ class TorchSide:
     def __init__(self, model: Any, composite: Any, label: str, reference: str = "auto"):
         from ..reference import lxt
 
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"{label} ({model}): a PyTorch side needs torch and transformers: pip install "
+                              f"'onnx-lrp[validate]' ({err})") from err
         self.label = label
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.module = None if isinstance(model, (str, os.PathLike)) else model
