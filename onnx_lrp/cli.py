@@ -260,7 +260,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except (OnnxLrpError, ValueError, ImportError, OSError, RuntimeError) as err:
         print(f"onnx-lrp validate: error: {err}", file=sys.stderr)
         return 2
-    print(report.summary(color=False if args.no_color else None))
+    report.summary(color=False if args.no_color else None)
     if args.json:
         report.to_json(args.json)
         message(f"wrote {args.json}")

@@ -187,6 +187,34 @@ def test_wrong_rule_override_is_located(layer):
     assert rep.divergence["block"] == "block 1"
 
 
+def test_images_and_in_memory_modules():
+    """Pixel relevance of a ViT (the torch reference: LXT has no Hugging Face ViT) from image arrays through the
+    model's preprocessing; a PyTorch side given as a loaded module (LXT: saved to a folder for its worker, or the
+    torch reference in this process)."""
+    import torch  # noqa: F401
+    import transformers
+
+    pt_dir, path = tiny_model("vit")
+    folder = CACHE / "validate-vit-images"
+    if not (folder / "preprocessor_config.json").exists():
+        folder.mkdir(exist_ok=True)
+        shutil.copy2(path, folder / "model.onnx")
+        (folder / "preprocessor_config.json").write_text(json.dumps(
+            {"do_resize": True, "size": {"height": 16, "width": 16}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    images = [np.random.default_rng(k).integers(0, 255, (20, 24, 3), dtype=np.uint8) for k in range(3)]
+    rep = compare(pt_dir, folder, images=images)
+    assert rep.settings["a"]["explained_by"] == "onnx_lrp.reference.torch" and rep.settings["mode"] == "class"
+    assert rep.sources == ["pixel_values"] and np.shape(rep.items[0]["relevance_a"]["pixel_values"]) == (16, 16)
+    assert rep.passed and rep.relevance["pixel_values"]["rel_err"]["worst"] <= 1e-5 and len(rep.layers) == 3
+    assert "data:image/png;base64," in rep.to_html()
+    llama_pt, llama = tiny_model("llama")
+    module = transformers.LlamaForCausalLM.from_pretrained(str(llama_pt))
+    for reference, explained_by in (("auto", "LXT 2.1"), ("torch", "onnx_lrp.reference.torch")):
+        rep = compare(module, llama, inputs=_feeds(), reference=reference)
+        assert rep.settings["a"]["explained_by"] == explained_by and rep.settings["a"]["path"].endswith("nn.Module)")
+        assert rep.passed and rep.relevance["input_ids"]["rel_err"]["worst"] <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- real models
 def _require(module: str, package: str) -> None:
     import importlib.util
@@ -341,6 +369,17 @@ def test_models_that_do_not_correspond(tmp_path):
         compare(t5, llama)
     with pytest.raises(MismatchError, match="no such file"):
         compare(tmp_path / "missing.onnx", llama)
+    # the same graph next to two different tokenizers
+    smol, mini = assets.default_cache() / "SmolLM2-135M-Instruct" / "onnx", assets.default_cache() / \
+        "all-MiniLM-L6-v2" / "feature-extraction"
+    if (smol / "tokenizer.json").exists() and (mini / "tokenizer.json").exists():
+        for name, tok in (("x", smol), ("y", mini)):
+            (tmp_path / name).mkdir()
+            shutil.copy2(llama, tmp_path / name / "model.onnx")
+            shutil.copy2(tok / "tokenizer.json", tmp_path / name / "tokenizer.json")
+        with pytest.raises(MismatchError, match=r"the tokenizers next to A \(.*, 49152 tokens\) and B \(.*, "
+                                                r"30522 tokens\) have different vocabularies"):
+            compare(tmp_path / "x", tmp_path / "y")
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):

@@ -3,7 +3,7 @@ trained? Explain the same inputs with two models and measure where their explana
 
 >>> from onnx_lrp.validate import compare
 >>> report = compare("hf_model/", "model.int8.onnx", texts=["..."], composite="attnlrp")
->>> print(report.summary()); report.worst(5); report.to_html("report.html"); report.passed
+>>> report.summary(); report.worst(5); report.to_html("report.html"); report.passed
 
 Either side may be an ONNX file (fp32, fp16, int8/int4, onnxruntime-optimised, another exporter's graph) or the
 PyTorch original (a transformers folder or ``PreTrainedModel``; needs ``pip install 'onnx-lrp[validate]'``),

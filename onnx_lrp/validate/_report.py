@@ -94,7 +94,7 @@ def aggregate(values: list, better: str) -> dict:
 class Report:
     """What :func:`~onnx_lrp.validate.compare` measured.
 
-    ``passed``: every check holds. ``summary()``: the terminal table. ``worst(n)``: the n inputs whose
+    ``passed``: every check holds. ``summary()``: print the terminal table (``str(report)``: its text). ``worst(n)``: the n inputs whose
     relevance agrees least. ``to_dict()`` / ``to_json(path)``: the machine-readable form (keys documented in
     docs/validate.md). ``to_html(path)``: the page a person reads.
     """
@@ -231,11 +231,16 @@ class Report:
             Path(path).write_text(text, encoding="utf-8")
         return text
 
-    def summary(self, color: bool | None = None) -> str:
-        """The terminal table; ``color`` None: on when stdout is a terminal and ``NO_COLOR`` is unset."""
+    def summary(self, color: bool | None = None, file: Any = None) -> None:
+        """Print the terminal table to ``file`` (default stdout); ``color`` None: coloured PASS/FAIL when ``file``
+        is a terminal and ``NO_COLOR`` is unset. ``str(report)`` is the same table without colour."""
+        file = file or sys.stdout
         if color is None:
-            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        return _summary(self, color)
+            color = file.isatty() and not os.environ.get("NO_COLOR")
+        print(_summary(self, color), file=file)
+
+    def __str__(self) -> str:
+        return _summary(self, False)
 
     def __repr__(self) -> str:
         return f"<Report {'PASS' if self.passed else 'FAIL'}: {len(self.items)} inputs, {len(self.layers)} layers>"

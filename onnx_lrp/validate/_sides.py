@@ -155,8 +155,10 @@ class OnnxSide:
         """Values of the measurable cut vertices (or of ``names``) on ``feeds``."""
         points = [c for c in self.cuts if c.measurable] if names is None else [
             c for c in self.cuts if c.name in names]
-        tensors = list(dict.fromkeys(t for c in points for t in c.value_parts if t not in self.graph.static))
-        values = self.explainer.forward(self.prepare(feeds), tensors)
+        feeds = self.prepare(feeds)
+        tensors = list(dict.fromkeys(t for c in points for t in c.value_parts
+                                     if t not in self.graph.static and t not in feeds))
+        values = {**feeds, **self.explainer.forward(feeds, tensors)}
         out = {}
         for c in points:
             total = 0
@@ -210,7 +212,7 @@ class OnnxSide:
         else:
             res = self.explainer.explain(feeds, target=req.targets, position=req.positions, output=req.output,
                                          collect=collect)
-        values = self.cut_values(feeds, self.stream_names()) if self.stream else {}
+        values = self.cut_values(req.feeds, self.stream_names()) if self.stream else {}
         stream_rel = [values[p.name] * res.latent_gradient[p.grad_of] for p in self.stream or []]
         rel = {k: _sum_channels(np.asarray(v, dtype=np.float64)) for k, v in res.relevance.items()}
         return Result(_rows(res.outputs[req.output].astype(np.float64), req), np.asarray(res.score, np.float64),
