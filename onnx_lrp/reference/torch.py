@@ -610,9 +610,9 @@ def explain(model: torch.nn.Module, feeds: dict, output: str = "logits", positio
     if tgt is not None:
         res["targets"] = tgt.numpy()
     if hidden_states:
-        res["hidden_states"] = [h.detach().double().numpy() for h in hidden]
-        res["hidden_relevance"] = [(h * h.grad).detach().double().numpy() if h.grad is not None
-                                   else np.zeros(h.shape) for h in hidden]
+        res["hidden_states"] = [h.detach().float().numpy() for h in hidden]
+        res["hidden_relevance"] = [(h * h.grad).detach().float().numpy() if h.grad is not None
+                                   else np.zeros(h.shape, np.float32) for h in hidden]
     return res
 
 

@@ -145,8 +145,7 @@ def _tokenizer(tokenizer: Any, a, b):
 
 
 def _vocab(tok) -> dict[str, int]:
-    backend = tok.backend
-    return dict(backend.get_vocab(with_added_tokens=True) if tok._fast else backend.get_vocab())
+    return dict(tok.backend.get_vocab())  # tokenizers and transformers both: added tokens included
 
 
 def _same_vocabulary(ta, tb, a, b) -> None:
@@ -366,7 +365,8 @@ def _item(item: Item, j: int, ra: Result, rb: Result, req: Request, mode: str, t
         va, vb, xa, xb = (v[j] for v in (va, vb, xa, xb))
         if valid is not None and va.shape[0] == valid.shape[0]:
             va, vb, xa, xb = va[valid], vb[valid], xa[valid], xb[valid]
-        layer = {"value_err": row_err(va, vb), **relevance_agreement(xa.sum(-1), xb.sum(-1), top_k)}
+        layer = {"value_err": row_err(va, vb),
+                 **relevance_agreement(xa.sum(-1, dtype=np.float64), xb.sum(-1, dtype=np.float64), top_k)}
         layer["rel_err"] = rel_err(xa, xb)  # per neuron, the strictest
         out["layers"].append(layer)
     return out

@@ -20,6 +20,8 @@ _PAGE_CSS = _CSS + """
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:1em} .pair h3{font-size:1em;margin:.3em 0}
 table.t td:first-child,table.t th:first-child{text-align:left} svg{background:#fff;border:1px solid #eee}
 .item{border-top:1px solid #ddd;margin-top:1.2em;padding-top:.4em} img.heat{max-width:100%;image-rendering:pixelated}
+.scroll{overflow-x:auto} td.name{text-align:left;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8em;
+ word-break:break-all;max-width:24em} td.txt{text-align:left}
 """
 
 
@@ -27,10 +29,13 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _table(head: list[str], rows: list[list[Any]], cls: str = "t") -> str:
+def _table(head: list[str], rows: list[list[Any]], cls: str = "t", cell: dict[int, str] | None = None) -> str:
+    """A table; ``cell`` gives the class of the cells of some columns (``name``: tensor names, ``txt``: text)."""
+    cell = cell or {}
     th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><tr>{th}</tr>{body}</table>'
+    body = "".join("<tr>" + "".join(f'<td class="{cell[k]}">{c}</td>' if k in cell else f"<td>{c}</td>"
+                                    for k, c in enumerate(r)) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table class="{cls}"><tr>{th}</tr>{body}</table></div>'
 
 
 def _agg_rows(prefix: str, aggs: dict, names: dict) -> list[list[str]]:
@@ -141,7 +146,7 @@ def page(r: Report, worst: int = 5) -> str:
         rows.append([f'<span class="{"pass" if c["passed"] else "fail"}">{status}</span>',
                      _e(f"{c['metric']} {c['op']} {c['threshold']:g}"), _e(c["where"]), _fmt(c["value"]),
                      "" if c["worst_input"] is None else str(c["worst_input"])])
-    body.append(_table(["", "check", "where", "worst", "input"], rows))
+    body.append(_table(["", "check", "where", "worst", "input"], rows, cell={1: "txt", 2: "txt"}))
     body.append("<h2>Agreement over the inputs</h2>")
     agg = _agg_rows("output ", r.output, OUTPUT_METRICS)
     for src in r.sources:
@@ -155,7 +160,7 @@ def page(r: Report, worst: int = 5) -> str:
                   _fmt(row["spearman"]["worst"]), _fmt(row["kendall"]["worst"]), _fmt(row["topk"]["worst"]),
                   _e(row["a"]), _e(row["b"])] for row in r.layers]
         body.append(_table(["layer", "value_err", "rel_err", "spearman", "kendall", "top-k", "A tensor", "B tensor"],
-                           lrows))
+                           lrows, cell={6: "name", 7: "name"}))
         body.append('<p class="meta">Worst over the inputs. value_err: forward values, the worst token\'s '
                     "||A - B|| / ||A||; rel_err: relevance per neuron, max |A - B| / max |A|; Spearman, Kendall, "
                     "top-k: relevance per token (summed over the hidden axis). Each pair of heatmaps below shares "
@@ -167,7 +172,7 @@ def page(r: Report, worst: int = 5) -> str:
     rows = [[_e(k), _e(v)] for k, v in s.items() if k not in ("a", "b")]
     rows += [[_e(f"{side} {k}"), _e(v)] for side in ("a", "b") for k, v in s[side].items()]
     rows += [[_e("threshold"), _e(f"{m} {op} {v:g}")] for m, op, v in r.thresholds]
-    body.append(_table(["setting", "value"], rows))
+    body.append(_table(["setting", "value"], rows, cell={1: "txt"}))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>onnx-lrp validate: {verdict}'
             f"</title><style>{_PAGE_CSS}</style></head><body>{''.join(body)}"
             '<p class="meta">Made with onnx-lrp (AttnLRP). Red: relevance for the explained output; blue: '

@@ -50,7 +50,7 @@ class Request:
 class Result:
     """One side's answer: ``rows`` (the explained output rows ``(batch, classes)``, or the whole output with
     weights), ``score`` (batch,), ``targets``, ``relevance`` per source input, and the residual stream
-    (``stream_values`` / ``stream_relevance``: one ``(batch, seq, hidden)`` array per point, in order)."""
+    (``stream_values`` / ``stream_relevance``: one ``(batch, seq, hidden)`` float32 array per point, in order)."""
 
     rows: np.ndarray
     score: np.ndarray
@@ -213,11 +213,11 @@ class OnnxSide:
             res = self.explainer.explain(feeds, target=req.targets, position=req.positions, output=req.output,
                                          collect=collect)
         values = self.cut_values(req.feeds, self.stream_names()) if self.stream else {}
-        stream_rel = [values[p.name] * res.latent_gradient[p.grad_of] for p in self.stream or []]
+        stream_rel = [(values[p.name] * res.latent_gradient[p.grad_of]).astype(np.float32) for p in self.stream or []]
         rel = {k: _sum_channels(np.asarray(v, dtype=np.float64)) for k, v in res.relevance.items()}
         return Result(_rows(res.outputs[req.output].astype(np.float64), req), np.asarray(res.score, np.float64),
                       None if res.target is None else np.asarray(res.target), rel,
-                      [values[p.name] for p in self.stream or []], stream_rel)
+                      [values[p.name].astype(np.float32) for p in self.stream or []], stream_rel)
 
     def close(self) -> None:
         pass
@@ -366,7 +366,7 @@ class TorchSide:
             hidden, hidden_rel = r["hidden_states"], r["hidden_relevance"]
             rel = {k: _sum_channels(v) for k, v in r["relevance"].items()}
         return Result(np.asarray(rows, np.float64), np.asarray(r["score"], np.float64), r.get("targets"), rel,
-                      [np.asarray(h, np.float64) for h in hidden], [np.asarray(h, np.float64) for h in hidden_rel])
+                      [np.asarray(h, np.float32) for h in hidden], [np.asarray(h, np.float32) for h in hidden_rel])
 
     def stream_names(self) -> list[str]:
         return []
