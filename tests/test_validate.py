@@ -149,6 +149,17 @@ def test_blocks_found_whatever_the_composite_holds_constant():
         assert len(rep.layers) == 3 and rep.relevance["input_ids"]["rel_err"]["worst"] == 0.0
 
 
+def test_torch_reference_names_the_model_types_the_tests_check():
+    """``CHECKED_MODEL_TYPES`` (what validate lets the torch reference explain) = the families of the tests."""
+    import transformers
+
+    from onnx_lrp.reference.torch import CHECKED_MODEL_TYPES
+
+    from _support import FAMILIES
+
+    assert CHECKED_MODEL_TYPES == {getattr(transformers, cfg).model_type for cfg, _, _, _ in FAMILIES.values()}
+
+
 # ---------------------------------------------------------------------------------------------- tiny models
 def test_pytorch_vs_onnx_with_lxt_and_with_the_torch_reference():
     for family, explained_by in (("llama", "LXT 2.1"), ("phi3", "onnx_lrp.reference.torch")):
