@@ -1,6 +1,6 @@
 """The LXT worker process of :mod:`onnx_lrp.reference.lxt`: one JSON request per stdin line, answered by one
 ``@@RESULT {json}`` stdout line (``{}``, or ``{"error": traceback}``), the arrays saved to the request's ``out``
-(``.npz``). Patches one family for one composite, once; keeps the last loaded model for the next request."""
+(``.npz``). Patches one family for one composite, once; keeps the last two loaded models for later requests."""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +12,7 @@ from .lxt import BORROWED, import_lxt, patch_map
 
 _PATCHED: dict[str, str] = {}
 _LOADED: dict[tuple[str, str], object] = {}
+_KEEP = 2
 
 
 def _patched_module(family: str, composite: str, monkey_patch):
@@ -38,8 +39,10 @@ def _model(req: dict, monkey_patch):
         cls = getattr(mod, req["model_cls"])  # fetched after patching (BERT: LXT's replacement module)
         if family == "bert" and "lxt" not in cls.__module__:
             raise RuntimeError(f"{cls} is not LXT's patched class")
-        _LOADED.clear()
+        while len(_LOADED) >= _KEEP:
+            del _LOADED[next(iter(_LOADED))]
         _LOADED[key] = cls.from_pretrained(req["pt_dir"], torch_dtype=torch.float32).eval()
+    _LOADED[key] = _LOADED.pop(key)  # most recently used last
     return _LOADED[key]
 
 

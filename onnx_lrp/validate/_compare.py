@@ -59,10 +59,10 @@ def compare(a: Any, b: Any, *, texts: Sequence[str] | str | os.PathLike | None =
         tok = _tokenizer(tokenizer, side_a, side_b) if inputs is None and images is None else (
             _load_tokenizer(tokenizer) if tokenizer is not None else None)
         batches = _batches(texts, inputs, images, tok, batch_size, side_a, side_b)
-        items, rows, layer_names = _run(side_a, side_b, out, batches, top_k, tok)
+        items, mode, layer_names = _run(side_a, side_b, out, batches, top_k, tok)
         settings = {
             "a": side_a.describe(), "b": side_b.describe(), "composite": str(composite), "output": out,
-            "mode": rows["mode"], "inputs": len(items), "batch_size": batch_size, "top_k": top_k,
+            "mode": mode, "inputs": len(items), "batch_size": batch_size, "top_k": top_k,
             "sign_floor": 0.01,
         }
         return Report(settings, items, layer_names, checks)
@@ -198,7 +198,7 @@ def _preprocessor(a, b):
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _run(a, b, output: str, batches, top_k: int, tok) -> tuple[list[dict], dict, list[dict]]:
+def _run(a, b, output: str, batches, top_k: int, tok) -> tuple[list[dict], str, list[dict]]:
     items: list[dict] = []
     mode = None
     layer_names: list[dict] = []
@@ -219,7 +219,7 @@ def _run(a, b, output: str, batches, top_k: int, tok) -> tuple[list[dict], dict,
         _check_shapes(a, b, ra, rb, output)
         for j, item in enumerate(batch_items):
             items.append(_item(item, j, ra, rb, req, mode, top_k, tok))
-    return items, {"mode": mode}, layer_names
+    return items, mode, layer_names
 
 
 def _common_feeds(base: dict, a, b) -> dict:
@@ -273,22 +273,24 @@ def _first_batch(a, b, req: Request) -> tuple[Result, Result, list[dict]]:
         if isinstance(s, TorchSide):
             results[s.label] = s.explain(req)
             hidden = hidden or (s, results[s.label].stream_values)
-    counts = {}
+    found = {}
     for s in (a, b):
         if isinstance(s, OnnxSide):
             s.layout(req.output)
             values = s.cut_values(req.feeds)
-            idx = s.structural_stream(values)
-            s.set_stream(idx if hidden is None else _match_hidden(s, idx, values, *hidden))
-            counts[s.label] = len(idx)
-            results[s.label] = s.explain(req)
-    if len(counts) == 2 and counts["A"] != counts["B"]:
-        raise MismatchError(f"the residual streams do not correspond: A ({a.name}) has {counts['A'] - 1} blocks, "
-                            f"B ({b.name}) has {counts['B'] - 1}")
+            found[s.label] = (s, s.structural_stream(values), values)
+    if len(found) == 2 and len(found["A"][1]) != len(found["B"][1]):
+        raise MismatchError(f"the residual streams do not correspond: A ({a.name}) has {len(found['A'][1]) - 1} "
+                            f"blocks, B ({b.name}) has {len(found['B'][1]) - 1}")
+    mask = req.feeds.get("attention_mask")
+    for s, idx, values in found.values():
+        s.set_stream(idx if hidden is None else _match_hidden(s, idx, values, *hidden, mask))
+        results[s.label] = s.explain(req)
     return results["A"], results["B"], _layer_names(a, b, len(results["A"].stream_values))
 
 
-def _match_hidden(s: OnnxSide, idx: list[int], values: dict, t: TorchSide, hidden: list[np.ndarray]) -> list[int]:
+def _match_hidden(s: OnnxSide, idx: list[int], values: dict, t: TorchSide, hidden: list[np.ndarray],
+                  mask: np.ndarray | None) -> list[int]:
     if len(hidden) != len(idx):
         raise MismatchError(f"the residual streams do not correspond: {t.label} ({t.name}) returns {len(hidden)} "
                             f"hidden states ({len(hidden) - 1} blocks), {s.label} ({s.name}) has {len(idx) - 1} "
@@ -297,19 +299,23 @@ def _match_hidden(s: OnnxSide, idx: list[int], values: dict, t: TorchSide, hidde
     for i, h in enumerate(hidden):
         lo = idx[i - 1] if i > 0 else -1
         hi = idx[i + 1] if i + 1 < len(idx) else len(s.cuts)
-        best, best_err = idx[i], _value_err(values, s.cuts[idx[i]], h)
+        best, best_err = idx[i], _value_err(values, s.cuts[idx[i]], h, mask)
         for k in range(lo + 1, hi):
-            err = _value_err(values, s.cuts[k], h)
+            err = _value_err(values, s.cuts[k], h, mask)
             if err * _BETTER_MATCH < best_err:
                 best, best_err = k, err
         chosen.append(best)
     return chosen
 
 
-def _value_err(values: dict, point, h: np.ndarray) -> float:
+def _value_err(values: dict, point, h: np.ndarray, mask: np.ndarray | None) -> float:
+    """How far a cut vertex's value is from a hidden state, on the non-padding tokens."""
     v = values.get(point.name)
     if v is None or v.shape != h.shape:
         return float("inf")
+    if mask is not None and mask.shape == h.shape[:2]:
+        keep = mask.astype(bool)
+        return rel_err(h[keep], v[keep])
     return rel_err(h, v)
 
 

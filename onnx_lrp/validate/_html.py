@@ -55,7 +55,7 @@ def _log_plot(r: Report, width: int = 820, height: int = 250) -> str:
     n = len(r.layers)
     series = {"value_err (forward)": ("value_err", "#2166ac"), "rel_err (relevance)": ("rel_err", "#b2182b")}
     vals = [row[m]["worst"] for row in r.layers for m, _ in series.values() if row[m]["worst"]]
-    tol = {m: r._tolerance(m) for m, _ in series.values()}
+    tol = {m: r.layer_tolerance(m) for m, _ in series.values()}
     lo = min([v for v in vals if v > 0] + list(tol.values()) + [1e-8])
     hi = max(vals + list(tol.values()) + [1.0])
     y0, y1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
@@ -112,7 +112,8 @@ def _item(it: dict, r: Report) -> str:
     s = r.settings
     what = ""
     if it["target"] is not None:
-        shown = f"{it['target_text']!r} (id {it['target']})" if it["target_text"] is not None else f"class {it['target']}"
+        shown = (f"{it['target_text']!r} (id {it['target']})" if it["target_text"] is not None
+                 else f"class {it['target']}")
         pa = it["prediction_a_text"] if it["prediction_a_text"] is not None else it["prediction_a"]
         pb = it["prediction_b_text"] if it["prediction_b_text"] is not None else it["prediction_b"]
         what = f"explained: {_e(shown)}; A predicts {_e(repr(pa))}, B predicts {_e(repr(pb))}; "
@@ -136,7 +137,7 @@ def page(r: Report, worst: int = 5) -> str:
     s = r.settings
     verdict = "PASS" if r.passed else "FAIL"
     cls = "pass" if r.passed else "fail"
-    body = [f"<h1>onnx-lrp validate: do the two models decide for the same reasons?</h1>",
+    body = ["<h1>onnx-lrp validate: do the two models decide for the same reasons?</h1>",
             f'<p><span class="banner {cls}">{verdict}</span></p>',
             f'<p class="meta">A: {_e(_side(s["a"]))}<br>B: {_e(_side(s["b"]))}</p>',
             "<h2>Checks (worst input)</h2>"]
@@ -154,7 +155,8 @@ def page(r: Report, worst: int = 5) -> str:
     body.append(_table(["measure", "mean", "worst", "worst input"], agg))
     if r.layers:
         body.append("<h2>Where the two diverge: the residual stream, block by block</h2>")
-        body.append(f'<p class="meta">{_e(r.divergence["message"] if r.divergence else "No divergence: every stream tensor agrees within the layer tolerances.")}</p>')
+        none = "No divergence: every stream tensor agrees within the layer tolerances."
+        body.append(f'<p class="meta">{_e(r.divergence["message"] if r.divergence else none)}</p>')
         body.append(_log_plot(r))
         lrows = [[_e(row["block"]), _fmt(row["value_err"]["worst"]), _fmt(row["rel_err"]["worst"]),
                   _fmt(row["spearman"]["worst"]), _fmt(row["kendall"]["worst"]), _fmt(row["topk"]["worst"]),

@@ -1,7 +1,8 @@
 """Agreement measures between a reference array ``a`` and a candidate ``b`` of the same shape (numpy only).
 
-Forward values of the residual stream: :func:`row_err`. Relevance: :func:`relevance_agreement` (``rel_err = max|a - b| / max|a|``, Spearman's rho and Kendall's tau-b
-with ties, top-k overlap of the largest ``|a|`` and ``|b|``, sign agreement where ``|a|`` is not negligible).
+Forward values of the residual stream: :func:`row_err`. Relevance: :func:`relevance_agreement`
+(``rel_err = max|a - b| / max|a|``, Spearman's rho and Kendall's tau-b with ties, top-k overlap of the largest
+``|a|`` and ``|b|``, sign agreement where ``|a|`` is not negligible).
 Outputs: :func:`output_agreement` (max absolute / relative difference, same argmax, KL of the softmax
 distributions).
 """

@@ -94,8 +94,8 @@ def aggregate(values: list, better: str) -> dict:
 class Report:
     """What :func:`~onnx_lrp.validate.compare` measured.
 
-    ``passed``: every check holds. ``summary()``: print the terminal table (``str(report)``: its text). ``worst(n)``: the n inputs whose
-    relevance agrees least. ``to_dict()`` / ``to_json(path)``: the machine-readable form (keys documented in
+    ``passed``: every check holds. ``summary()``: print the terminal table (``str(report)``: its text).
+    ``worst(n)``: the n inputs whose relevance agrees least. ``to_dict()`` / ``to_json(path)``: the machine-readable form (keys documented in
     docs/validate.md). ``to_html(path)``: the page a person reads.
     """
 
@@ -157,7 +157,8 @@ class Report:
         return all(c["passed"] for c in self.checks)
 
     # ------------------------------------------------------------------ divergence
-    def _tolerance(self, m: str) -> float:
+    def layer_tolerance(self, m: str) -> float:
+        """The tolerance on the layer measure ``m`` (``value_err``, ``rel_err``) that locates the divergence."""
         for metric, op, val in self.thresholds:
             if metric == "layer_" + m and op == "<=":
                 return val
@@ -166,7 +167,7 @@ class Report:
     def _divergence(self) -> dict | None:
         if not self.layers:
             return None
-        tv, tr = self._tolerance("value_err"), self._tolerance("rel_err")
+        tv, tr = self.layer_tolerance("value_err"), self.layer_tolerance("rel_err")
         worst_v = [row["value_err"]["worst"] for row in self.layers]
         for i, row in enumerate(self.layers):
             v = worst_v[i]
@@ -284,7 +285,8 @@ def _side(d: dict) -> str:
 def _summary(r: Report, color: bool) -> str:
     s = r.settings
     lines = [f"A: {_side(s['a'])}", f"B: {_side(s['b'])}",
-             f"{s['inputs']} inputs, composite {s['composite']}, output {s['output']!r} ({s['mode']}), top-k {s['top_k']}",
+             f"{s['inputs']} inputs, composite {s['composite']}, output {s['output']!r} ({s['mode']}), "
+             f"top-k {s['top_k']}",
              "", f"{'measure':<28}{'mean':>12}{'worst':>12}  worst input"]
 
     def row(name: str, agg: dict) -> str:

@@ -6,10 +6,10 @@ through them). In a topological order, a tensor is a cut vertex iff no edge jump
 with ``u`` before it and ``w`` after it), so one sweep over the edges finds them all.
 
 Between two consecutive cut vertices lies a *segment*: an attention segment holds a product of two tensors
-computed from the inputs (``Q K^T``, ``A V``) or a fused attention op; a block is one attention segment and what follows it up to
-the next one. The stream *entering* block ``i`` is the last cut vertex before its attention segment; after the
-last block, the stream is the last cut vertex with the stream's shape (transformers' last hidden state, after
-the final norm). So ``stream[0]`` is the embedding output, ``stream[i]`` the output of block ``i - 1``, like
+computed from the inputs (``Q K^T``, ``A V``) or a fused attention op; a block is one attention segment and what
+follows it up to the next one. The stream *entering* block ``i`` is the last cut vertex before its attention
+segment; after the last block, the stream is the last cut vertex with the stream's shape (transformers' last
+hidden state, after the final norm). So ``stream[0]`` is the embedding output, ``stream[i]`` the output of block ``i - 1``, like
 ``output_hidden_states=True``.
 
 onnxruntime's ``Skip*Normalization`` ops compute the residual sum inside the node: it is a cut vertex of its own
