@@ -413,12 +413,13 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     assert out.returncode == 2 and "use fail_over rel_err=0.1" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_on_raw_arrays(tmp_path):
-    _, path = tiny_model("llama")
+def test_cli_pytorch_vs_optimised_onnx_on_raw_arrays(tmp_path):
+    pt_dir, _ = tiny_model("llama")
     np.savez(tmp_path / "x.npz", **_feeds())
-    out = _cli(str(path), str(variant("llama", "ort")), "--inputs", str(tmp_path / "x.npz"), "--json",
+    out = _cli(str(pt_dir), str(variant("llama", "ort")), "--inputs", str(tmp_path / "x.npz"), "--json",
                str(tmp_path / "r.json"), "--fail-under", "spearman=0.99,kendall=0.99", "--fail-over", "rel_err=1e-5")
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "(PyTorch LlamaForCausalLM, LXT 2.1)" in out.stdout and "RESULT: PASS" in out.stdout
     rep = json.loads((tmp_path / "r.json").read_text())
     assert [c["metric"] for c in rep["checks"]] == ["spearman", "kendall", "rel_err"] and rep["inputs"][2]["tokens"] \
         == [str(i) for i in _feeds()["input_ids"][2, :4]]

@@ -99,8 +99,9 @@ class OnnxSide:
             return "/".join(f"int{b}" for b in sorted(bits)) or "int4"
         if ops & _INT8_OPS:
             return "int8"
-        kinds = {t.data_type for t in self.graph.model.graph.initializer if t.data_type in (1, 10, 16)}
-        return {frozenset({10}): "fp16", frozenset({16}): "bf16"}.get(frozenset(kinds), "fp32")
+        names = {1: "fp32", 10: "fp16", 16: "bf16"}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
+        kinds = sorted({names[t.data_type] for t in self.graph.model.graph.initializer if t.data_type in names})
+        return "/".join(kinds) or "fp32"
 
     def describe(self) -> dict:
         return {"kind": "onnx", "path": self.name, "precision": self.precision(), "nodes": len(self.graph.nodes),
@@ -120,12 +121,14 @@ class OnnxSide:
     def vocab_size(self) -> int | None:
         """Rows of the embedding table that ``input_ids`` looks up (None without one)."""
         an = self.explainer.analysis
+        dims = {t.name: t.dims for t in self.graph.model.graph.initializer}
         for tensor, inp in an.sources.items():
             p = self.graph.producer.get(tensor)
-            if inp == "input_ids" and tensor in an.id_sources and p is not None:
+            if inp == "input_ids" and tensor in an.id_sources and p is not None and p.op_type == "Gather":
+                if p.inputs[0] in dims:
+                    return int(dims[p.inputs[0]][0])
                 table = self.graph.constant(p.inputs[0])
-                if table is not None and p.op_type == "Gather":
-                    return int(table.shape[0])
+                return None if table is None else int(table.shape[0])
         return None
 
     def config(self) -> dict:
