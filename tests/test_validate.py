@@ -214,6 +214,7 @@ def test_images_and_in_memory_modules():
     images = [np.random.default_rng(k).integers(0, 255, (20, 24, 3), dtype=np.uint8) for k in range(3)]
     rep = compare(pt_dir, folder, images=images)
     assert rep.settings["a"]["explained_by"] == "onnx_lrp.reference.torch" and rep.settings["mode"] == "class"
+    assert rep.items[0]["target_text"] == f"LABEL_{rep.items[0]['target']}"  # config.json's id2label
     assert rep.sources == ["pixel_values"] and np.shape(rep.items[0]["relevance_a"]["pixel_values"]) == (16, 16)
     assert rep.passed and rep.relevance["pixel_values"]["rel_err"]["worst"] <= 1e-5 and len(rep.layers) == 3
     assert "data:image/png;base64," in rep.to_html()

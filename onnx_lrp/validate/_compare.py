@@ -199,6 +199,7 @@ def _preprocessor(a, b):
 
 # ---------------------------------------------------------------------------------------------- running
 def _run(a, b, output: str, batches, top_k: int, tok) -> tuple[list[dict], str, list[dict]]:
+    labels = {int(k): v for k, v in (a.config().get("id2label") or b.config().get("id2label") or {}).items()}
     items: list[dict] = []
     mode = None
     layer_names: list[dict] = []
@@ -218,7 +219,7 @@ def _run(a, b, output: str, batches, top_k: int, tok) -> tuple[list[dict], str, 
             ra, rb = a.explain(req), b.explain(req)
         _check_shapes(a, b, ra, rb, output)
         for j, item in enumerate(batch_items):
-            items.append(_item(item, j, ra, rb, req, mode, top_k, tok))
+            items.append(_item(item, j, ra, rb, req, mode, top_k, tok, labels))
     return items, mode, layer_names
 
 
@@ -342,7 +343,8 @@ def _check_shapes(a, b, ra: Result, rb: Result, output: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- per input
-def _item(item: Item, j: int, ra: Result, rb: Result, req: Request, mode: str, top_k: int, tok) -> dict:
+def _item(item: Item, j: int, ra: Result, rb: Result, req: Request, mode: str, top_k: int, tok,
+          labels: dict[int, str]) -> dict:
     valid = item.valid
     rows_a, rows_b = ra.rows[j], rb.rows[j]
     if mode == "embedding" and valid is not None and rows_a.ndim == 2:
@@ -355,8 +357,8 @@ def _item(item: Item, j: int, ra: Result, rb: Result, req: Request, mode: str, t
     out = {
         "index": item.index, "label": item.label, "tokens": _cut(item.tokens, valid),
         "position": None if req.positions is None else int(req.positions[j]), "target": target,
-        "target_text": _text(tok, target, mode), "prediction_a": pa, "prediction_b": pb,
-        "prediction_a_text": _text(tok, pa, mode), "prediction_b_text": _text(tok, pb, mode),
+        "target_text": _text(tok, labels, target, mode), "prediction_a": pa, "prediction_b": pb,
+        "prediction_a_text": _text(tok, labels, pa, mode), "prediction_b_text": _text(tok, labels, pb, mode),
         "score_a": float(ra.score[j]), "score_b": float(rb.score[j]), "output": agree,
         "sources": {}, "relevance_a": {}, "relevance_b": {}, "layers": [],
     }
@@ -384,7 +386,10 @@ def _cut(tokens, valid):
     return [t for t, v in zip(tokens, valid) if v]
 
 
-def _text(tok, idx, mode: str):
-    if idx is None or tok is None or mode != "token":
+def _text(tok, labels: dict[int, str], idx, mode: str):
+    """The token (next-token mode) or label (class mode, from config.json's id2label) of an id."""
+    if idx is None:
         return None
-    return tok.decode([idx])
+    if mode == "class":
+        return labels.get(idx)
+    return tok.decode([idx]) if tok is not None and mode == "token" else None
