@@ -29,12 +29,12 @@ def _variants(src: Path, out: Path) -> dict[str, Path]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from onnx_lrp.ops import REGISTRY
+    from onnx_lrp.ops import known_op_types
 
     paths = {"fp32": src}
     for name in ("fp16", "int8-weights", "int4-weights", "int8-dynamic"):
         path = out / name / "model.onnx"
-        if name == "int8-dynamic" and "MatMulInteger" not in REGISTRY:
+        if name == "int8-dynamic" and "MatMulInteger" not in known_op_types():
             print(f"{name}: skipped (no MatMulInteger rule in this onnx-lrp)", file=sys.stderr)
             continue
         if not path.exists():

@@ -22,13 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._analysis import FUSED_ATTENTION_OPS, Analysis, propagate
+from .._analysis import Analysis, propagate
 from .._graph import Graph, Node
 
 SKIP_NORMS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
 # operands of the internal sum of a Skip*Normalization node: (input, skip, bias) at these input indices
 _SKIP_SUM_INPUTS = {"SkipLayerNormalization": (0, 1, 4), "SkipSimplifiedLayerNormalization": (0, 1, 3)}
 _BILINEAR = {"MatMul", "Einsum"}
+# fused attention ops (onnxruntime's com.microsoft ones, and ONNX's own Attention of opset 23)
+_FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"}
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def cut_points(graph: Graph, analysis: Analysis, output: str) -> tuple[list[Poin
 def _is_attention(node: Node, dependent: set[str]) -> bool:
     """A fused attention op, or a matrix product of two tensors computed from the inputs (whatever the composite
     holds constant: CP-LRP detaches the attention weights, yet ``A V`` is still attention)."""
-    if node.op_type in FUSED_ATTENTION_OPS:
+    if node.op_type in _FUSED_ATTENTION:
         return True
     return node.op_type in _BILINEAR and sum(1 for i in node.inputs if i and i in dependent) >= 2
 

@@ -124,7 +124,7 @@ class OnnxSide:
         dims = {t.name: t.dims for t in self.graph.model.graph.initializer}
         for tensor, inp in an.sources.items():
             p = self.graph.producer.get(tensor)
-            if inp == "input_ids" and tensor in an.id_sources and p is not None and p.op_type == "Gather":
+            if inp == "input_ids" and tensor in an.token_axis and p is not None and p.op_type == "Gather":
                 if p.inputs[0] in dims:
                     return int(dims[p.inputs[0]][0])
                 table = self.graph.constant(p.inputs[0])
