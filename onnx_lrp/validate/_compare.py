@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ._inputs import DEFAULT_TEXTS, Item, array_batches, image_batches, read_arrays, read_texts, text_batches
-from ._metrics import output_agreement, rel_err, relevance_agreement, row_err
+from ._metrics import SIGN_FLOOR, output_agreement, rel_err, relevance_agreement, row_err
 from ._report import Report, parse_thresholds
 from ._sides import TORCH_INPUTS, MismatchError, OnnxSide, Request, Result, TorchSide, open_side
 
@@ -63,7 +63,7 @@ def compare(a: Any, b: Any, *, texts: Sequence[str] | str | os.PathLike | None =
         settings = {
             "a": side_a.describe(), "b": side_b.describe(), "composite": str(composite), "output": out,
             "mode": mode, "inputs": len(items), "batch_size": batch_size, "top_k": top_k,
-            "sign_floor": 0.01,
+            "sign_floor": SIGN_FLOOR,
         }
         return Report(settings, items, layer_names, checks)
     finally:
