@@ -7,6 +7,7 @@ residual stream after each block (ONNX: :mod:`._residual`; PyTorch: ``output_hid
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -271,6 +272,9 @@ class TorchSide:
             raise MismatchError(f"{label} ({name}): config.json names no architecture (architectures)")
         family = lxt.family_of(self.model_type) if self.model_type else ""
         lxt_ok = family in lxt.FAMILIES and composite in lxt.COMPOSITES
+        if reference == "lxt" and lxt_ok and importlib.util.find_spec("lxt") is None:
+            raise ImportError(f"{label} ({name}): LXT is not installed: pip install --no-deps lxt==2.1")
+        lxt_ok = lxt_ok and importlib.util.find_spec("lxt") is not None  # "auto" without LXT: the torch reference
         from ..reference.torch import CHECKED_MODEL_TYPES
 
         torch_ok = self.model_type in CHECKED_MODEL_TYPES and composite in (
