@@ -409,7 +409,7 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(InputError, match=r"t.jsonl:2: expected a JSON string or an object with a 'text' string"):
         compare(llama, llama, texts=tmp_path / "t.jsonl", tokenizer=tmp_path)
     out = _cli(str(llama), str(tmp_path / "nothing.onnx"))
-    assert out.returncode == 2 and "onnx-lrp validate: error:" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "onnx-lrp: error:" in out.stderr and "Traceback" not in out.stderr
     out = _cli(str(llama), str(llama), "--fail-under", "rel_err=0.1")
     assert out.returncode == 2 and "use fail_over rel_err=0.1" in out.stderr and "Traceback" not in out.stderr
 
