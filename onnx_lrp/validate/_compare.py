@@ -33,16 +33,21 @@ def compare(a: Any, b: Any, *, texts: Sequence[str] | str | os.PathLike | None =
     """Explain the same inputs with models ``a`` (the reference) and ``b`` and compare outputs, relevance per
     source input, and relevance along the residual stream, block by block.
 
+    Parameters
+    ----------
     a, b: an ONNX file (or folder holding ``model.onnx``, ``ModelProto``, :class:`~onnx_lrp.Explainer`), or the
         PyTorch original (a transformers folder, or a ``PreTrainedModel``) explained by LXT 2.1 where it supports
-        the family, else by :mod:`onnx_lrp.reference.torch` (``reference="lxt"``/``"torch"`` forces one).
-    texts: a list of strings, or a file (one text per line, or ``.jsonl``); ``inputs``: raw input arrays (a dict
-        or an ``.npz`` file, batch axis first); ``images``: image files or arrays. Default: a few sentences.
+        the family, else by :mod:`onnx_lrp.reference.torch` (``reference="lxt"`` or ``"torch"`` forces one).
+    texts: a list of strings, or a file (one text per line, or ``.jsonl``). Default: a few built-in sentences.
+    inputs: raw input arrays (a dict or an ``.npz`` file, batch axis first).
+    images: image files or arrays.
     tokenizer: a folder or :class:`~onnx_lrp.text.Tokenizer` (default: next to A, else next to B).
-    composite: the rule set on both sides (a name; a :class:`~onnx_lrp.Composite` only for ONNX vs ONNX).
+    composite: the rule set on both sides (a name; a :class:`~onnx_lrp.composites.Composite` only for ONNX vs
+        ONNX).
     output: the output to explain (default: A's first explainable output).
-    top_k: k of the top-k overlap. fail_under / fail_over: thresholds, e.g. ``{"spearman": 0.9}`` or
-        ``"spearman=0.9,topk=0.8"`` (checked on the worst input; see :func:`parse_thresholds`).
+    top_k: k of the top-k overlap.
+    fail_under, fail_over: thresholds, e.g. ``{"spearman": 0.9}`` or ``"spearman=0.9,topk=0.8"``, checked on the
+        worst input (see :func:`parse_thresholds`).
     """
     checks = parse_thresholds(fail_under, fail_over)
     if isinstance(texts, (str, os.PathLike)):
