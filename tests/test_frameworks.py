@@ -1,0 +1,136 @@
+"""The same weights exported by other frameworks and exporters explain like the optimum export (issue 11).
+
+For tiny random-weight transformers (tests/_support.py), the PyTorch weights are exported again by
+- TensorFlow + tf2onnx (transformers' TF class, in the TF venv: tests/frameworks/export_tf.py),
+- JAX/Flax + jax2onnx (transformers' Flax class, in the JAX venv: tests/frameworks/export_jax.py), norms written
+  out as JAX computes them (variance as ``E[x^2] - E[x]^2``),
+- ``torch.onnx.export`` without optimum: TorchScript (with and without constant folding), dynamo, and each with
+  every node name set to "" (graphs without names must work).
+Measured against the optimum export of the same weights (which matches LXT, tests/test_parity_lxt.py): logits
+(non-padding positions), Gradient x Input, AttnLRP and CP-LRP token relevance, max |R - R_optimum| <= 1e-3
+max |R_optimum|. Batch 2, the second row padded (right for BERT, left for decoders).
+
+The TF/JAX venvs are built once from requirements-tf.txt / requirements-jax.txt (tests/frameworks/venvs.py,
+``make venvs``); a venv that cannot be built fails the test with pip's message. Exports are cached next to the
+tiny model in the test cache. Numbers: docs/frameworks.md (``python tests/frameworks/table.py``).
+"""
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnx_lrp import Explainer
+
+from _support import FAMILIES, rel_err, tiny_model
+from _variants import torch_export, variant
+from frameworks import venvs
+from test_coverage import _feeds
+
+TOL = 1e-3
+LOGIT_TOL = 1e-4
+GXI_TOL = 1e-5
+HERE = Path(__file__).parent / "frameworks"
+
+# tf2onnx cannot convert TF's exact GELU (Erfc): the TF BERT uses the tanh GELU ("gelu_new")
+BERT_TANH = (("hidden_act", "gelu_new"),)
+
+# case id -> (exporter, family, config items)
+CASES: dict[str, tuple[str, str, tuple]] = {
+    "tf2onnx-bert": ("tf2onnx", "bert", BERT_TANH),
+    "tf2onnx-gpt2": ("tf2onnx", "gpt2", ()),
+    "tf2onnx-mistral": ("tf2onnx", "mistral", ()),
+    "jax2onnx-bert": ("jax2onnx", "bert", ()),
+    "jax2onnx-gpt2": ("jax2onnx", "gpt2", ()),
+    "jax2onnx-llama": ("jax2onnx", "llama", ()),
+    **{f"{exp}-{fam}": (exp, fam, ()) for exp in ("torchscript", "torchscript-nofold", "torchscript-noname",
+                                                 "dynamo", "dynamo-noname") for fam in ("bert", "gpt2", "llama")},
+}
+
+
+def exported(exporter: str, family: str, config: tuple = ()) -> Path:
+    """The ONNX file ``exporter`` makes of ``tiny_model(family, config)``'s weights (cached)."""
+    pt_dir, base = tiny_model(family, config=dict(config) or None)
+    if exporter == "dynamo" and not config and family in ("gpt2", "llama"):
+        return variant(family, "dynamo")  # the same export, already made for tests/test_coverage.py
+    path = base.parent.parent / "frameworks" / exporter / "model.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = Explainer(base).input_names
+    if exporter.endswith("-noname"):
+        import onnx
+
+        model = onnx.load(str(exported(exporter[: -len("-noname")], family, config)))
+        for node in model.graph.node:
+            node.name = ""
+        onnx.save(model, str(path))
+    elif exporter.startswith(("torchscript", "dynamo")):
+        torch_export(family, pt_dir, path, names, dynamo=exporter == "dynamo",
+                     constant_folding=not exporter.endswith("-nofold"))
+    elif exporter in ("tf2onnx", "jax2onnx"):
+        stack = exporter[:-len("2onnx")]
+        cls = ("TF" if stack == "tf" else "Flax") + FAMILIES[family][1]
+        args = [str(HERE / f"export_{stack}.py"), str(pt_dir), cls, str(path)]
+        args += ["force_decomposed"] if stack == "jax" else []
+        done = subprocess.run([str(venvs.ensure(stack)), *args, *names], capture_output=True, text=True)
+        if done.returncode != 0 or not path.exists():
+            raise RuntimeError(f"{exporter} export of {family} failed:\n{done.stderr[-4000:]}")
+    else:
+        raise ValueError(f"unknown exporter {exporter!r}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def optimum(family: str, config: tuple, composite: str):
+    """(feeds, explanation) of the optimum export of the same weights."""
+    _, path = tiny_model(family, config=dict(config) or None)
+    ex = Explainer(path, composite=composite)
+    feeds = _feeds(family, ex.input_names)
+    return feeds, ex.explain(feeds)
+
+
+def compare(case: str, composite: str) -> dict:
+    """Explain the case's export like the optimum one; the measured differences."""
+    exporter, family, config = CASES[case]
+    feeds, ref = optimum(family, config, composite)
+    ex = Explainer(exported(exporter, family, config), composite=composite)
+    res = ex.explain({k: v for k, v in feeds.items() if k in ex.input_names}, target=ref.target,
+                     position=ref.position)
+    out, ref_out = res.outputs[ex.default_output], ref.outputs["logits"]
+    keep = feeds["attention_mask"] == 1 if out.ndim == 3 else slice(None)
+    return {"logits": float(np.abs(out[keep] - ref_out[keep]).max() / np.abs(ref_out[keep]).max()),
+            "relevance": rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]),
+            "nodes": len(ex.graph.nodes), "ops": sorted({n.op_type for n in ex.graph.nodes})}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_logits_and_gradient_x_input(case):
+    got = compare(case, "gradient-x-input")
+    assert got["logits"] <= LOGIT_TOL and got["relevance"] <= GXI_TOL, got
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attnlrp_matches_optimum_export(case):
+    got = compare(case, "attnlrp")
+    assert got["relevance"] <= TOL, got
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cp_lrp_matches_optimum_export(case):
+    got = compare(case, "cp-lrp")
+    assert got["relevance"] <= TOL, got
+
+
+def test_names_are_stripped():
+    """The -noname graphs really have no node names (else those cases would test nothing new)."""
+    import onnx
+
+    for fam in ("bert", "gpt2", "llama"):
+        named = onnx.load(str(exported("torchscript", fam))).graph.node
+        stripped = onnx.load(str(exported("torchscript-noname", fam))).graph.node
+        assert any(n.name for n in named) and not any(n.name for n in stripped)
