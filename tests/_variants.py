@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -97,9 +98,30 @@ def torch_export(family: str, pt_dir: Path, path: Path, names: list[str], *, dyn
                           dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),), external_data=False,
                           do_constant_folding=constant_folding)
     else:
-        torch.onnx.export(Logits(model), args, str(path), dynamo=False, input_names=names, output_names=["logits"],
-                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names}, opset_version=17,
-                          do_constant_folding=constant_folding)
+        with _traceable_masks():
+            torch.onnx.export(Logits(model), args, str(path), dynamo=False, input_names=names,
+                              output_names=["logits"], dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
+                              opset_version=17, do_constant_folding=constant_folding)
+
+
+@contextlib.contextmanager
+def _traceable_masks():
+    """transformers >= 4.53 builds attention masks with ``torch.vmap`` (and packed-sequence ids with
+    ``torch.diff``), which TorchScript cannot trace ("unordered_map::at"): swap in optimum's vectorised mask
+    functions for the export, as optimum's own patcher does."""
+    import transformers.masking_utils as mu
+    from optimum.exporters.onnx import model_patcher as mp
+
+    saved = mu.find_packed_sequence_indices
+    mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", mp.sdpa_mask_without_vmap)
+    mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", mp.eager_mask_without_vmap)
+    mu.find_packed_sequence_indices = mp.find_packed_sequence_indices_patched
+    try:
+        yield
+    finally:
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", mu.sdpa_mask)
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", mu.eager_mask)
+        mu.find_packed_sequence_indices = saved
 
 
 def seq2seq_model(family: str = "t5", seed: int = 0) -> tuple[Path, Path, Path]:
