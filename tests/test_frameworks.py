@@ -134,3 +134,74 @@ def test_names_are_stripped():
         named = onnx.load(str(exported("torchscript", fam))).graph.node
         stripped = onnx.load(str(exported("torchscript-noname", fam))).graph.node
         assert any(n.name for n in named) and not any(n.name for n in stripped)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The norm spellings seen in those exports, each alone on a hand-built graph (x -> norm -> MatMul W), against the
+# hand-computed AttnLRP relevance (Prop. 3.4: the statistic 1/sigma is a constant; LayerNorm keeps its mean):
+#   LayerNorm  R_x = x * (w*g - mean(w*g)) / sigma,   RMSNorm  R_x = x * w*g / rms,   g = W[:, t]
+# so a failure names the spelling, not a whole model.
+N_HID, EPS = 8, 1e-5
+
+
+def _norm_bias() -> np.ndarray:
+    return 0.1 * np.random.RandomState(2).randn(N_HID)
+
+
+def _norm_graph(spelling: str):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(0)
+    w, b, W = 1 + 0.3 * rng.randn(N_HID), _norm_bias(), rng.randn(N_HID, 3)
+    consts = {"w": w, "b": b, "W": W, "eps": np.array(EPS), "n_inv": np.array(1 / N_HID), "zero": np.array(0.0),
+              "axes": np.array([-1], np.int64)}
+    N = helper.make_node
+    mean = lambda i, o: (N("GlobalAveragePool", [i], [o]) if "gap" in spelling  # noqa: E731
+                         else N("ReduceMean", [i, "axes"], [o]))
+    if spelling == "fused-layernorm":
+        nodes = [N("LayerNormalization", ["x", "w", "b"], ["y"], axis=-1, epsilon=EPS)]
+    elif spelling == "tf2onnx-gap-layernorm":  # tf2onnx's "batchnorm" form: y = x*s + (b - mean*s), s = w/sigma
+        nodes = [mean("x", "m"), N("Sub", ["x", "m"], ["d"]), N("Mul", ["d", "d"], ["d2"]), mean("d2", "var"),
+                 N("Add", ["var", "eps"], ["ve"]), N("Sqrt", ["ve"], ["sd"]), N("Reciprocal", ["sd"], ["inv"]),
+                 N("Mul", ["inv", "w"], ["s"]), N("Mul", ["m", "s"], ["ms"]), N("Sub", ["b", "ms"], ["sh"]),
+                 N("Mul", ["x", "s"], ["xs"]), N("Add", ["xs", "sh"], ["y"])]
+    elif spelling in ("jax-layernorm", "jax-sum-layernorm"):  # var = max(E[x^2] - E[x]^2, 0), sums / N for magika
+        if spelling == "jax-sum-layernorm":
+            mean = lambda i, o: [N("ReduceSum", [i, "axes"], [o + "_s"]), N("Mul", [o + "_s", "n_inv"], [o])]  # noqa
+        else:
+            mean = (lambda f: lambda i, o: [f(i, o)])(mean)
+        nodes = [*mean("x", "m"), N("Mul", ["x", "x"], ["x2"]), *mean("x2", "m2"), N("Mul", ["m", "m"], ["mm"]),
+                 N("Sub", ["m2", "mm"], ["v0"]), N("Max", ["v0", "zero"], ["var"]), N("Add", ["var", "eps"], ["ve"]),
+                 N("Sqrt", ["ve"], ["sd"]), N("Sub", ["x", "m"], ["d"]), N("Div", ["d", "sd"], ["n"]),
+                 N("Mul", ["n", "w"], ["nw"]), N("Add", ["nw", "b"], ["y"])]
+    elif spelling == "tf2onnx-gap-rmsnorm":
+        nodes = [N("Mul", ["x", "x"], ["x2"]), mean("x2", "ms"), N("Add", ["ms", "eps"], ["me"]),
+                 N("Sqrt", ["me"], ["rms"]), N("Div", ["x", "rms"], ["n"]), N("Mul", ["n", "w"], ["y"])]
+    else:
+        raise ValueError(spelling)
+    nodes.append(N("MatMul", ["y", "W"], ["out"]))
+    graph = helper.make_graph(
+        nodes, "norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, N_HID])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 3])],
+        [numpy_helper.from_array(np.asarray(v, np.int64 if k == "axes" else np.float32), k)
+         for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), w, W
+
+
+@pytest.mark.parametrize("spelling", ["fused-layernorm", "tf2onnx-gap-layernorm", "jax-layernorm",
+                                      "jax-sum-layernorm", "tf2onnx-gap-rmsnorm"])
+def test_norm_spelling_holds_the_statistic_constant(spelling):
+    model, w, W = _norm_graph(spelling)
+    x = np.random.RandomState(1).randn(1, 4, N_HID).astype(np.float32) * 2 + 0.5
+    res = Explainer(model).explain({"x": x}, target=1, position=3)
+    v, g = x[0, 3].astype(np.float64), W[:, 1] * w
+    if spelling.endswith("rmsnorm"):
+        y = v / np.sqrt((v ** 2).mean() + EPS) * w
+        expect = v * g / np.sqrt((v ** 2).mean() + EPS)
+    else:
+        y = (v - v.mean()) / np.sqrt(v.var() + EPS) * w + _norm_bias()
+        expect = v * (g - g.mean()) / np.sqrt(v.var() + EPS)
+    np.testing.assert_allclose(res.outputs["out"][0, 3], y @ W, rtol=1e-4, atol=1e-5)  # the spelling is that norm
+    got = res.relevance["x"]
+    assert np.all(got[0, :3] == 0)
+    np.testing.assert_allclose(got[0, 3], expect, rtol=1e-4, atol=1e-6 * np.abs(expect).max())
