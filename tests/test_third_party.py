@@ -42,7 +42,8 @@ FILES = {
     "silero-vad": ("silero_vad", "silero-vad", "data/silero_vad.onnx"),
 }
 CONSERVATION = 10.0  # issue 11, item 7: |sum R_in| more than 10x the explained score is a blow-up
-FD_STEP, FD_RTOL = 3e-3, 2e-2
+# the OCR nets are piecewise linear (hard-swish, ReLU, clip): central differences across a kink are off by a few %
+FD_STEP, FD_RTOL, FD_PIXELS = 3e-3, 5e-2, 8
 
 
 def path(name: str) -> Path:
@@ -118,8 +119,8 @@ def start_weights(name: str, y: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", ["ocr-cls", "ocr-rec", "ocr-det", "ddddocr"])
 def test_gradient_matches_central_differences(name):
     """The plain gradient (no LRP rule involved) of ``sum(w * y)`` equals central differences of onnxruntime's
-    forward on the file as shipped (logits, not probabilities, where the output is a softmax), at the 4 pixels of
-    largest gradient."""
+    forward on the file as shipped (logits, not probabilities, where the output is a softmax), at the 8 pixels of
+    largest gradient (as a vector, within 5%)."""
     ex, out = explainer(name, "gradient", logits=name in ("ocr-cls", "ocr-rec"))
     feeds = FEEDS[name]()
     (key, x), = feeds.items()
@@ -130,12 +131,14 @@ def test_gradient_matches_central_differences(name):
     def f(z):
         return float((w * ex.forward({key: z}, [out])[out]).sum())
 
-    for i in np.argsort(-np.abs(g).ravel())[:4]:
+    top = np.argsort(-np.abs(g).ravel())[:FD_PIXELS]
+    fd = np.zeros(len(top))
+    for k, i in enumerate(top):
         step = np.zeros(x.size, np.float32)
         step[i] = FD_STEP
         step = step.reshape(x.shape)
-        fd = (f(x + step) - f(x - step)) / (2 * FD_STEP)
-        assert abs(fd - g.ravel()[i]) <= FD_RTOL * abs(g.ravel()[i]), (i, fd, g.ravel()[i])
+        fd[k] = (f(x + step) - f(x - step)) / (2 * FD_STEP)
+    assert np.linalg.norm(fd - g.ravel()[top]) <= FD_RTOL * np.linalg.norm(g.ravel()[top]), (fd, g.ravel()[top])
 
 
 # ------------------------------------------------------------------------------------------ AttnLRP
