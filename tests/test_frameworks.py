@@ -205,3 +205,131 @@ def test_norm_spelling_holds_the_statistic_constant(spelling):
     got = res.relevance["x"]
     assert np.all(got[0, :3] == 0)
     np.testing.assert_allclose(got[0, 3], expect, rtol=1e-4, atol=1e-6 * np.abs(expect).max())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A hand-written torch transformer (no transformers): nn.TransformerEncoderLayer, post-norm then pre-norm, exact
+# GELU, key padding mask, masked mean pooling, a linear head; exported by torch.onnx.export (TorchScript / dynamo).
+# Reference: the same maths written functionally in torch with the AttnLRP rules in gradient form
+# (tests/_torch_reference.py helpers: norm statistic detached, identity rule on GELU, both attention products halved),
+# checked to reproduce the module's own logits.
+def _encoder():
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.tok, self.pos = torch.nn.Embedding(128, 32), torch.nn.Embedding(64, 32)
+            self.layers = torch.nn.ModuleList(
+                torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True,
+                                                 norm_first=pre) for pre in (False, True))
+            self.head = torch.nn.Linear(32, 3)
+            with torch.no_grad():  # non-trivial norms and biases (the defaults hide mistakes)
+                for name, p in self.named_parameters():
+                    if "norm" in name:
+                        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape))
+                    elif name.endswith("bias"):
+                        p.copy_(0.1 * torch.randn(p.shape))
+
+        def forward(self, input_ids, attention_mask):
+            return self.from_embeddings(self.tok(input_ids), attention_mask)
+
+        def from_embeddings(self, h, attention_mask):
+            """From token embeddings (the relevance source: positions are a constant table read by arange)."""
+            h = h + self.pos(torch.arange(h.shape[1]))[None]
+            for layer in self.layers:
+                h = layer(h, src_key_padding_mask=attention_mask == 0)
+            m = attention_mask[..., None].to(h.dtype)
+            return self.head((h * m).sum(1) / m.sum(1))
+
+    return Encoder().eval()
+
+
+def _encoder_lrp(model, emb, attention_mask):
+    """AttnLRP in gradient form on ``model``'s weights, written out (no module forward is used)."""
+    import torch
+    import torch.nn.functional as F
+    from _torch_reference import _layer_norm_detached, half, identity_rule
+
+    def attention(layer, x):
+        a = layer.self_attn
+        B, S, D = x.shape
+        q, k, v = F.linear(x, a.in_proj_weight, a.in_proj_bias).split(D, -1)
+        q, k, v = (t.reshape(B, S, a.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = half(q @ k.transpose(-1, -2)) / (D // a.num_heads) ** 0.5
+        scores = scores.masked_fill((attention_mask == 0)[:, None, None, :], float("-inf"))
+        out = half(scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D)
+        return a.out_proj(out)
+
+    def norm(n, x):
+        return _layer_norm_detached(x, n.normalized_shape, n.weight, n.bias, n.eps)
+
+    def mlp(layer, x):
+        return layer.linear2(identity_rule(F.gelu, layer.linear1(x)))
+
+    h = emb + model.pos(torch.arange(emb.shape[1]))[None]
+    for layer in model.layers:
+        if layer.norm_first:
+            h = h + attention(layer, norm(layer.norm1, h))
+            h = h + mlp(layer, norm(layer.norm2, h))
+        else:
+            h = norm(layer.norm1, h + attention(layer, h))
+            h = norm(layer.norm2, h + mlp(layer, h))
+    m = attention_mask[..., None].to(h.dtype)
+    return model.head((h * m).sum(1) / m.sum(1))
+
+
+def _encoder_export(exporter: str) -> Path:
+    import onnx
+    import torch
+
+    from _support import CACHE
+
+    path = CACHE / "torch-encoder-v2" / exporter / "model.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if exporter.endswith("-noname"):
+        proto = onnx.load(str(_encoder_export(exporter[: -len("-noname")])))
+        for node in proto.graph.node:
+            node.name = ""
+        onnx.save(proto, str(path))
+        return path
+    model, names = _encoder(), ["input_ids", "attention_mask"]
+    ids = torch.randint(3, 100, (2, 9))
+    args = (ids, torch.ones_like(ids))
+    if exporter == "dynamo":
+        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=64)}
+        torch.onnx.export(model, args, str(path), dynamo=True, input_names=names, output_names=["logits"],
+                          dynamic_shapes=(dims, dims), external_data=False)
+    else:
+        torch.onnx.export(model, args, str(path), dynamo=False, input_names=names, output_names=["logits"],
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names}, opset_version=17)
+    return path
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "dynamo-noname"])
+def test_torch_encoder_layer_matches_torch_reference(exporter):
+    import torch
+
+    model = _encoder()
+    feeds = _feeds("encoder", ["input_ids", "attention_mask"])  # batch 2, row 2 left-padded by 3
+    ids, mask = (torch.as_tensor(feeds[k]) for k in ("input_ids", "attention_mask"))
+    emb = model.tok(ids).detach().requires_grad_()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    logits = _encoder_lrp(model, emb, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.from_embeddings(emb, mask), rtol=1e-5, atol=1e-6)
+    target = logits.argmax(-1)
+    logits[torch.arange(2), target].sum().backward()
+    ref = (emb * emb.grad).sum(-1).detach().double().numpy()
+
+    path = _encoder_export(exporter)
+    res = Explainer(path).explain(feeds, target=target.numpy())
+    np.testing.assert_allclose(res.outputs["logits"], logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert rel_err(res.relevance["input_ids"], ref) <= TOL
+    assert np.all(res.relevance["input_ids"][feeds["attention_mask"] == 0] == 0)
+    gxi = Explainer(path, composite="gradient-x-input").explain(feeds, target=target.numpy())
+    assert rel_err(gxi.relevance["input_ids"], ref) > 30 * TOL  # the rules matter on this model
