@@ -227,3 +227,98 @@ def test_silero_vad_if_is_named():
     sources", which sends the user looking in the wrong place)."""
     with pytest.raises(UnsupportedOpError, match="If"):
         Explainer(path("silero-vad"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Each pattern above alone, on a hand-built graph with a hand-computed expectation (the lead's unit tests of the fix).
+from _graphs import f32, model, node  # noqa: E402
+
+
+def _one_hot_graph(spelling: str) -> onnx.ModelProto:
+    """ids (1, 5) -> one-hot (1, 5, 6) -> @ E (6, 4) -> @ W (4, 3) -> (1, 5, 3); or Gather(E, ids)."""
+    inits = {"E": f32(6, 4, seed=1), "W": f32(4, 3, seed=2), "V": np.arange(6, dtype=np.int64),
+             "axes": np.array([-1], np.int64), "depth": np.array(6, np.int64), "values": np.array([0, 1], np.float32),
+             "one": np.array(1.0, np.float32), "zero": np.array(0.0, np.float32)}
+    if spelling == "gather":
+        nodes = [node("Gather", ["E", "ids"], ["e"])]
+    elif spelling == "onehot-op":
+        nodes = [node("OneHot", ["ids", "depth", "values"], ["oh"], axis=-1), node("MatMul", ["oh", "E"], ["e"])]
+    else:  # magika: Equal(ids, range) + Cast (or Where) + MatMul
+        nodes = [node("Unsqueeze", ["ids", "axes"], ["u"]), node("Equal", ["u", "V"], ["eq"]),
+                 node("Cast", ["eq"], ["oh"], to=onnx.TensorProto.FLOAT) if spelling == "equal-cast"
+                 else node("Where", ["eq", "one", "zero"], ["oh"]), node("MatMul", ["oh", "E"], ["e"])]
+    nodes.append(node("MatMul", ["e", "W"], ["out"]))
+    return model(nodes, {"ids": ("int", 1, 5)}, {"out": (1, 5, 3)}, inits)
+
+
+@pytest.mark.parametrize("spelling", ["gather", "onehot-op", "equal-cast", "equal-where"])
+def test_one_hot_lookup_is_a_source(spelling):
+    """R at the looked-up rows = E[ids] * W[:, t] (linear), summed over the embedding axis, at the position."""
+    ids = np.array([[0, 5, 2, 2, 3]])
+    res = Explainer(_one_hot_graph(spelling)).explain({"ids": ids}, target=1, position=3)
+    E, W = f32(6, 4, seed=1).astype(np.float64), f32(4, 3, seed=2).astype(np.float64)
+    expect = np.zeros(5)
+    expect[3] = (E[ids[0, 3]] * W[:, 1]).sum()
+    np.testing.assert_allclose(res.relevance["ids"][0], expect, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gate", ["HardSigmoid", "Sigmoid"])
+def test_gate_is_held_constant(gate):
+    """y = h * gate(h Wg) (squeeze-excitation): the gate is a constant, h takes all (Arras et al. 2017), so in
+    gradient form G_h = G_y * gate and R_x = x * W1 (g * W2[:, t]); no identity rule dividing by the gate's input."""
+    W1, Wg, W2 = f32(5, 8, seed=1), f32(8, 8, seed=2, scale=0.1), f32(8, 3, seed=3)
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("MatMul", ["h", "Wg"], ["z"]), node(gate, ["z"], ["g"]),
+             node("Mul", ["h", "g"], ["y"]), node("MatMul", ["y", "W2"], ["out"])]
+    m = model(nodes, {"x": (1, 5)}, {"out": (1, 3)}, {"W1": W1, "Wg": Wg, "W2": W2})
+    x = f32(1, 5, seed=4)
+    res = Explainer(m).explain({"x": x}, target=2)
+    h = x.astype(np.float64) @ W1
+    z = h @ Wg
+    g = np.clip(z / 6 + 0.5, 0, 1) if gate == "HardSigmoid" else 1 / (1 + np.exp(-z))
+    expect = x[0] * (W1 @ (g[0] * W2[:, 2]))
+    np.testing.assert_allclose(res.relevance["x"][0], expect, rtol=1e-4, atol=1e-6)
+    assert abs(res.relevance["x"].sum()) <= CONSERVATION * abs(res.score[0])
+
+
+@pytest.mark.parametrize("composite", ["cp-lrp", "vit-lrp"])
+def test_output_softmax_is_not_attention(composite):
+    """A classifier's own output Softmax is explained (plain softmax gradient), not held constant like attention:
+    R_x = x * W (s_t (e_t - s)) for the probability s_t."""
+    W = f32(5, 3, seed=1)
+    m = model([node("MatMul", ["x", "W"], ["z"]), node("Softmax", ["z"], ["p"], axis=-1)], {"x": (1, 5)},
+              {"p": (1, 3)}, {"W": W})
+    x = f32(1, 5, seed=2)
+    res = Explainer(m, composite=composite).explain({"x": x}, target=0)
+    z = x.astype(np.float64) @ W
+    s = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    if composite == "vit-lrp":  # gamma rule on the MatMul: checked elsewhere; here only that it runs and is finite
+        assert np.all(np.isfinite(res.relevance["x"])) and np.any(res.relevance["x"] != 0)
+        return
+    expect = x[0] * (W @ (s[0, 0] * (np.eye(3)[0] - s[0])))
+    np.testing.assert_allclose(res.relevance["x"][0], expect, rtol=1e-4, atol=1e-7)
+
+
+def test_time_major_output_is_detected():
+    """x (N=2, T=4, F) -> Transpose -> (T, N, F) @ W -> (T, N, C): the graph maps the inputs' batch to output axis
+    1; ``position=2`` explains out[2, b, target_b] for each b: R_x[b, 2] = x[b, 2] * W[:, t_b], other steps 0."""
+    W = f32(5, 3, seed=1)
+    m = model([node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]), node("MatMul", ["xt", "W"], ["out"])],
+              {"x": (2, 4, 5)}, {"out": (4, 2, 3)}, {"W": W})
+    x = f32(2, 4, 5, seed=2)
+    res = Explainer(m).explain({"x": x}, target=[1, 2], position=2)
+    expect = np.zeros((2, 4, 5))
+    for b, t in enumerate([1, 2]):
+        expect[b, 2] = x[b, 2] * W[:, t]
+    np.testing.assert_allclose(res.relevance["x"], expect, rtol=1e-5, atol=1e-7)
+
+
+def test_if_on_the_relevance_path_is_named():
+    """Relevance cannot be followed into an ``If``'s branches: fail naming the op and node."""
+    branch = lambda op: helper.make_graph([helper.make_node(op, ["x"], ["y_" + op])], op,  # noqa: E731
+                                          [], [helper.make_tensor_value_info("y_" + op, onnx.TensorProto.FLOAT, None)])
+    m = model([node("Greater", ["sr", "k"], ["c"]),
+               node("If", ["c"], ["y"], name="branch_on_rate", then_branch=branch("Relu"), else_branch=branch("Neg")),
+               node("MatMul", ["y", "W"], ["out"])],
+              {"x": (1, 5), "sr": ("int",)}, {"out": (1, 3)}, {"W": f32(5, 3), "k": np.array(8000, np.int64)})
+    with pytest.raises(UnsupportedOpError, match="If.*branch_on_rate"):
+        Explainer(m)
