@@ -1,6 +1,7 @@
-"""Print the measured table of docs/frameworks.md (runs the exports once, cached like the tests):
+"""Print the measured tables of docs/frameworks.md and docs/third-party.md (exports cached like the tests):
 
-    PYTHONPATH=$PWD .venv/bin/python tests/frameworks/table.py
+    PYTHONPATH=$PWD .venv/bin/python tests/frameworks/table.py              # frameworks
+    PYTHONPATH=$PWD .venv/bin/python tests/frameworks/table.py third-party  # shipped files
 """
 from __future__ import annotations
 
@@ -29,5 +30,34 @@ def main() -> None:
         print(f"| {case} | {cells[0]['nodes']} | {cells[0]['logits']:.1e} | " + " | ".join(vals) + " |", flush=True)
 
 
+def third_party() -> None:
+    import numpy as np
+
+    import test_third_party as tp
+    from onnx_lrp import Explainer
+
+    print("| file | op types | Explainer(...) | AttnLRP sum R / logit | Gradient x Input sum R / logit |")
+    print("|---|---|---|---|---|")
+    for name in tp.FILES:
+        path = tp.path(name)
+        import onnx
+
+        ops = len({n.op_type for n in onnx.load(str(path)).graph.node})
+        try:
+            Explainer(path)
+            built = "builds"
+        except Exception as e:
+            built = f"{type(e).__name__}: {str(e).splitlines()[0].split(': ', 1)[-1][:90]}"
+        ratios = []
+        for comp in ("attnlrp", "gradient-x-input"):
+            if name not in ("ocr-cls", "ocr-rec"):
+                ratios.append("")
+                continue
+            ex, out = tp.explainer(name, comp, logits=True)
+            res = ex.explain(tp.FEEDS[name](), output=out)
+            ratios.append(f"{float(res.relevance['x'].sum() / res.score[0]):.3g}")
+        print(f"| {name} | {ops} | {built} | " + " | ".join(ratios) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    third_party() if sys.argv[1:] == ["third-party"] else main()
