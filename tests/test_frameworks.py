@@ -333,3 +333,63 @@ def test_torch_encoder_layer_matches_torch_reference(exporter):
     assert np.all(res.relevance["input_ids"][feeds["attention_mask"] == 0] == 0)
     gxi = Explainer(path, composite="gradient-x-input").explain(feeds, target=target.numpy())
     assert rel_err(gxi.relevance["input_ids"], ref) > 30 * TOL  # the rules matter on this model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Plain Keras layers (no transformers): Embedding, MultiHeadAttention, LayerNormalization, Dense with tanh GELU,
+# masked mean, exported by tf2onnx (tests/frameworks/export_tf.py: keras_block). Reference: the block's maths in
+# torch from the exported weights (OUT.npz) with the AttnLRP rules, checked to reproduce onnxruntime's logits.
+def _keras_block() -> tuple[Path, dict]:
+    from _support import CACHE
+
+    path = CACHE / "keras-block-v1" / "model.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        args = [str(HERE / "export_tf.py"), "-", "keras-block", str(path), "input_ids", "attention_mask"]
+        done = subprocess.run([str(venvs.ensure("tf")), *args], capture_output=True, text=True)
+        if done.returncode != 0 or not path.exists():
+            raise RuntimeError(f"tf2onnx export of the Keras block failed:\n{done.stderr[-4000:]}")
+    return path, dict(np.load(path.with_suffix(".npz")))
+
+
+def _keras_block_lrp(w: dict, emb, mask, rules: bool = True):
+    """The block in torch; ``rules=False``: the plain function (its gradient is Gradient x Input's)."""
+    import torch
+    import torch.nn.functional as F
+    from _torch_reference import _layer_norm_detached, half, identity_rule
+
+    if not rules:
+        half, identity_rule = (lambda z: z), (lambda fn, z: fn(z))  # noqa: E731
+        _layer_norm_detached = lambda x, shape, g, b, eps: F.layer_norm(x, shape, g, b, eps)  # noqa: E731
+    t = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in w.items()}
+    h = emb
+
+    def proj(x, k):
+        return torch.einsum("bsd,dhk->bshk", x, t[f"mha.{k}"]) + t[f"mha.{k + 1}"]
+
+    q, k, v = proj(h, 0) / 8 ** 0.5, proj(h, 2), proj(h, 4)
+    scores = half(torch.einsum("bthk,bshk->bhts", q, k)).masked_fill((mask == 0)[:, None, None, :], float("-inf"))
+    out = half(torch.einsum("bhts,bshk->bthk", scores.softmax(-1), v))
+    h = h + torch.einsum("bthk,hkd->btd", out, t["mha.6"]) + t["mha.7"]
+    h = _layer_norm_detached(h, (32,), t["ln1.0"], t["ln1.1"], 1e-5)
+    gelu = lambda z: F.gelu(z, approximate="tanh")  # noqa: E731
+    f = identity_rule(gelu, h @ t["ff1.0"] + t["ff1.1"]) @ t["ff2.0"] + t["ff2.1"]
+    h = _layer_norm_detached(h + f, (32,), t["ln2.0"], t["ln2.1"], 1e-5)
+    m = mask[..., None].to(h.dtype)
+    return ((h * m).sum(1) / m.sum(1)) @ t["head.0"] + t["head.1"]
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "gradient-x-input"])
+def test_keras_block_matches_torch_reference(composite):
+    import torch
+
+    path, w = _keras_block()
+    feeds = _feeds("encoder", ["input_ids", "attention_mask"])
+    ids, mask = (torch.as_tensor(feeds[k]) for k in ("input_ids", "attention_mask"))
+    emb = torch.as_tensor(w["tok.0"], dtype=torch.float64)[ids].requires_grad_()
+    logits = _keras_block_lrp(w, emb, mask, rules=composite == "attnlrp")
+    res = Explainer(path, composite=composite).explain(feeds)
+    np.testing.assert_allclose(res.outputs["logits"], logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    logits[torch.arange(2), torch.as_tensor(res.target)].sum().backward()
+    ref = (emb * emb.grad).sum(-1).detach().numpy()
+    assert rel_err(res.relevance["input_ids"], ref) <= (TOL if composite == "attnlrp" else GXI_TOL)
