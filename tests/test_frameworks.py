@@ -17,8 +17,8 @@ tiny model in the test cache. Numbers: docs/frameworks.md (``python tests/framew
 from __future__ import annotations
 
 import functools
+import hashlib
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ def exported(exporter: str, family: str, config: tuple = ()) -> Path:
     pt_dir, base = tiny_model(family, config=dict(config) or None)
     if exporter == "dynamo" and not config and family in ("gpt2", "llama"):
         return variant(family, "dynamo")  # the same export, already made for tests/test_coverage.py
-    path = base.parent.parent / "frameworks" / exporter / "model.onnx"
+    path = base.parent.parent / "frameworks" / (exporter + _script_version(exporter)) / "model.onnx"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +83,15 @@ def exported(exporter: str, family: str, config: tuple = ()) -> Path:
     else:
         raise ValueError(f"unknown exporter {exporter!r}")
     return path
+
+
+def _script_version(exporter: str) -> str:
+    """A TF/JAX export is cached under a hash of its export script and pins (editing either exports again)."""
+    if exporter not in ("tf2onnx", "jax2onnx"):
+        return ""
+    stack = exporter[: -len("2onnx")]
+    blob = (HERE / f"export_{stack}.py").read_bytes() + venvs.requirements(stack).read_bytes()
+    return "-" + hashlib.sha1(blob).hexdigest()[:8]
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,7 +351,7 @@ def test_torch_encoder_layer_matches_torch_reference(exporter):
 def _keras_block() -> tuple[Path, dict]:
     from _support import CACHE
 
-    path = CACHE / "keras-block-v1" / "model.onnx"
+    path = CACHE / ("keras-block" + _script_version("tf2onnx")) / "model.onnx"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         args = [str(HERE / "export_tf.py"), "-", "keras-block", str(path), "input_ids", "attention_mask"]

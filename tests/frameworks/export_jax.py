@@ -20,7 +20,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax2onnx  # noqa: E402
-import numpy as np  # noqa: E402
 
 OPSET = 18
 # fixed (batch, seq): with symbolic dims transformers' Flax code fails inside jnp.arange(seq) / broadcast_to

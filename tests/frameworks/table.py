@@ -31,8 +31,6 @@ def main() -> None:
 
 
 def third_party() -> None:
-    import numpy as np
-
     import test_third_party as tp
     from onnx_lrp import Explainer
 
