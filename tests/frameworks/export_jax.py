@@ -20,6 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax2onnx  # noqa: E402
+import onnx  # noqa: E402
 
 OPSET = 18
 # fixed (batch, seq): with symbolic dims transformers' Flax code fails inside jnp.arange(seq) / broadcast_to
@@ -40,7 +41,6 @@ def flax_model(pt_dir: str, model_cls: str):
 
 def main(pt_dir: str, model_cls: str, out: str, normalization: str, names: list[str]) -> None:
     model, params = flax_model(pt_dir, model_cls)
-
     module = model.module
     accepts = inspect.signature(type(module).__call__).parameters
     extra = {}
@@ -61,8 +61,6 @@ def main(pt_dir: str, model_cls: str, out: str, normalization: str, names: list[
     spec = [jax.ShapeDtypeStruct(SHAPE, jnp.int32) for _ in names]
     proto = jax2onnx.to_onnx(logits, spec, opset=OPSET, input_names=names, output_names=["logits"],
                              normalization_mode=normalization)
-    import onnx
-
     onnx.save(proto, out)
     print(json.dumps({"out": out, "jax": jax.__version__}))
 
