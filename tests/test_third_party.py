@@ -322,3 +322,35 @@ def test_if_on_the_relevance_path_is_named():
               {"x": (1, 5), "sr": ("int",)}, {"out": (1, 3)}, {"W": f32(5, 3), "k": np.array(8000, np.int64)})
     with pytest.raises(UnsupportedOpError, match="If.*branch_on_rate"):
         Explainer(m)
+
+
+@pytest.mark.parametrize("op", ["ConvTranspose", "GlobalMaxPool"])
+def test_op_without_rule_today(op):
+    """Ops of the shipped files that have no rule yet. ``x -> op -> (flatten) -> @ W``: ConvTranspose is linear
+    (eps-LRP with eps 0: R_x = x * grad, the gradient exact from central differences of onnxruntime's forward);
+    GlobalMaxPool routes each channel's relevance to its max element (R_x = x * grad, the same check)."""
+    from _graphs import OPSET
+
+    if op == "ConvTranspose":
+        nodes = [node("ConvTranspose", ["x", "K"], ["y"], strides=[2, 2], pads=[0, 0, 0, 0])]
+        y_size, inits = 2 * 8 * 8, {"K": f32(3, 2, 2, 2, seed=1)}
+    else:
+        nodes = [node("GlobalMaxPool", ["x"], ["y"])]
+        y_size, inits = 3, {}
+    nodes += [node("Reshape", ["y", "shape"], ["f"]), node("MatMul", ["f", "W"], ["out"])]
+    inits.update(shape=np.array([1, -1], np.int64), W=f32(y_size, 2, seed=2))
+    m = model(nodes, {"x": (1, 3, 4, 4)}, {"out": (1, 2)}, inits, opset=OPSET)
+    x = f32(1, 3, 4, 4, seed=3)
+    res = Explainer(m).explain({"x": x}, target=1)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = 1.0 if op == "ConvTranspose" else 1e-2  # linear: any step is exact; max: stay below the gaps
+    grad = np.zeros(x.size)
+    for i in range(x.size):
+        step = np.zeros(x.size, np.float32)
+        step[i] = h
+        up, down = (sess.run(None, {"x": x + s * step.reshape(x.shape)})[0][0, 1] for s in (1, -1))
+        grad[i] = (up - down) / (2 * h)
+    expect = x.ravel() * grad
+    np.testing.assert_allclose(res.relevance["x"].ravel(), expect, rtol=1e-3, atol=1e-4 * np.abs(expect).max())
