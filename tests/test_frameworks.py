@@ -402,3 +402,92 @@ def test_keras_block_matches_torch_reference(composite):
     logits[torch.arange(2), torch.as_tensor(res.target)].sum().backward()
     ref = (emb * emb.grad).sum(-1).detach().numpy()
     assert rel_err(res.relevance["input_ids"], ref) <= (TOL if composite == "attnlrp" else GXI_TOL)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Recurrent layers exported from torch (ONNX LSTM / GRU ops, both directions, left padding through sequence_lens
+# is not used: full-length rows). Reference: the cell unrolled in torch with the rule of issue 11 (Arras et al. 2017,
+# signal takes all): the sigmoid gates are constants, tanh gets the identity rule, the cell sums are plain sums.
+def _recurrent(kind: str):
+    import torch
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.tok = torch.nn.Embedding(128, 16)
+            self.rnn = getattr(torch.nn, kind)(16, 12, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(24, 3)
+
+        def forward(self, input_ids):
+            return self.from_embeddings(self.tok(input_ids))
+
+        def from_embeddings(self, e):
+            return self.head(self.rnn(e)[0][:, -1])
+
+    return Tagger().eval()
+
+
+def _recurrent_lrp(model, e):
+    """The bidirectional layer unrolled: gates detached, identity rule on tanh (gradient form)."""
+    import torch
+    from _torch_reference import identity_rule
+
+    rnn, H = model.rnn, model.rnn.hidden_size
+
+    def run(x, sfx):
+        W, R = getattr(rnn, "weight_ih_l0" + sfx), getattr(rnn, "weight_hh_l0" + sfx)
+        b, bh = getattr(rnn, "bias_ih_l0" + sfx), getattr(rnn, "bias_hh_l0" + sfx)
+        h = c = torch.zeros(x.shape[0], H, dtype=x.dtype)
+        out = []
+        for t in range(x.shape[1]):
+            zi, zh = x[:, t] @ W.T + b, h @ R.T + bh
+            if isinstance(rnn, torch.nn.LSTM):
+                i, f, g, o = (zi + zh).split(H, -1)
+                i, f, o = (torch.sigmoid(v).detach() for v in (i, f, o))
+                c = f * c + i * identity_rule(torch.tanh, g)
+                h = o * identity_rule(torch.tanh, c)
+            else:  # GRU: r, z gates; n = tanh(W_n x + b_n + r * (R_n h + b_hn)); h = (1 - z) n + z h
+                (ri, zi_, ni), (rh, zh_, nh) = zi.split(H, -1), zh.split(H, -1)
+                r, z = torch.sigmoid(ri + rh).detach(), torch.sigmoid(zi_ + zh_).detach()
+                h = (1 - z) * identity_rule(torch.tanh, ni + r * nh) + z * h
+            out.append(h)
+        return torch.stack(out, 1)
+
+    fwd = run(e, "")
+    bwd = run(e.flip(1), "_reverse").flip(1)
+    return model.head(torch.cat([fwd, bwd], -1)[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_matches_torch_reference(kind):
+    import onnx
+    import torch
+
+    from _support import CACHE
+
+    model = _recurrent(kind)
+    path = CACHE / f"torch-{kind.lower()}-v1" / "model.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids = torch.randint(3, 100, (2, 7))
+        torch.onnx.export(model, (ids,), str(path), dynamo=False, input_names=["input_ids"],
+                          output_names=["logits"], dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
+                          opset_version=17)
+    assert kind in {n.op_type for n in onnx.load(str(path)).graph.node}
+    ids = np.random.RandomState(1).randint(3, 120, size=(2, 7)).astype(np.int64)
+    emb = model.tok(torch.as_tensor(ids)).detach().requires_grad_()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    logits = _recurrent_lrp(model, emb)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.from_embeddings(emb), rtol=1e-5, atol=1e-6)
+    target = logits.argmax(-1)
+    logits[torch.arange(2), target].sum().backward()
+    ref = (emb * emb.grad).sum(-1).detach().double().numpy()
+    plain = emb.detach().requires_grad_()
+    model.from_embeddings(plain)[torch.arange(2), target].sum().backward()
+    assert rel_err((plain * plain.grad).sum(-1).detach().numpy(), ref) > 30 * TOL  # the rule matters here
+    res = Explainer(path).explain({"input_ids": ids}, target=target.numpy())
+    np.testing.assert_allclose(res.outputs["logits"], logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert rel_err(res.relevance["input_ids"], ref) <= TOL
