@@ -44,3 +44,11 @@ class InputError(OnnxLrpError, ValueError):
 
 class TargetError(OnnxLrpError, ValueError):
     """The target, position or output to explain is invalid."""
+
+
+class ConfigError(OnnxLrpError, ValueError):
+    """A composite, rule, override or option is invalid for this model (names nothing, does not fit, ...)."""
+
+
+class RelevanceWarning(UserWarning):
+    """The relevance is implausible for the rules used (e.g. far from conserving the explained score)."""
