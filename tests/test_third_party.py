@@ -269,7 +269,13 @@ def _one_hot_graph(spelling: str) -> onnx.ModelProto:
         nodes = [node("Gather", ["E", "ids"], ["e"])]
     elif spelling == "onehot-op":
         nodes = [node("OneHot", ["ids", "depth", "values"], ["oh"], axis=-1), node("MatMul", ["oh", "E"], ["e"])]
-    else:  # magika: Equal(ids, range) + Cast (or Where) + MatMul
+    elif spelling == "reshape-expand-equal-cast":  # magika's (jax2tf + tf2onnx): ids broadcast before the Equal
+        inits.update(shape3=np.array([-1, 5, 1], np.int64), V3=np.arange(6, dtype=np.int64).reshape(1, 1, 6),
+                     bshape=np.array([1, 5, 6], np.int64))
+        nodes = [node("Reshape", ["ids", "shape3"], ["r"]), node("Expand", ["r", "bshape"], ["u"]),
+                 node("Equal", ["u", "V3"], ["eq"]), node("Cast", ["eq"], ["oh"], to=onnx.TensorProto.FLOAT),
+                 node("MatMul", ["oh", "E"], ["e"])]
+    else:  # Equal(ids, range) + Cast (or Where) + MatMul
         nodes = [node("Unsqueeze", ["ids", "axes"], ["u"]), node("Equal", ["u", "V"], ["eq"]),
                  node("Cast", ["eq"], ["oh"], to=onnx.TensorProto.FLOAT) if spelling == "equal-cast"
                  else node("Where", ["eq", "one", "zero"], ["oh"]), node("MatMul", ["oh", "E"], ["e"])]
@@ -277,7 +283,7 @@ def _one_hot_graph(spelling: str) -> onnx.ModelProto:
     return model(nodes, {"ids": ("int", 1, 5)}, {"out": (1, 5, 3)}, inits)
 
 
-@pytest.mark.parametrize("spelling", ["gather", "onehot-op", "equal-cast", "equal-where"])
+@pytest.mark.parametrize("spelling", ["gather", "onehot-op", "equal-cast", "equal-where", "reshape-expand-equal-cast"])
 def test_one_hot_lookup_is_a_source(spelling):
     """R at the looked-up rows = E[ids] * W[:, t] (linear), summed over the embedding axis, at the position."""
     ids = np.array([[0, 5, 2, 2, 3]])
@@ -293,7 +299,8 @@ def test_gate_is_held_constant(gate):
     """y = h * gate(h Wg) (squeeze-excitation): the gate is a constant, h takes all (Arras et al. 2017), so in
     gradient form G_h = G_y * gate and R_x = x * W1 (g * W2[:, t]); no identity rule dividing by the gate's input."""
     W1, Wg, W2 = f32(5, 8, seed=1), f32(8, 8, seed=2, scale=0.1), f32(8, 3, seed=3)
-    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("MatMul", ["h", "Wg"], ["z"]), node(gate, ["z"], ["g"]),
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("MatMul", ["h", "Wg"], ["z"]),
+             node(gate, ["z"], ["g"], **({"alpha": 1 / 6} if gate == "HardSigmoid" else {})),  # PaddleOCR's
              node("Mul", ["h", "g"], ["y"]), node("MatMul", ["y", "W2"], ["out"])]
     m = model(nodes, {"x": (1, 5)}, {"out": (1, 3)}, {"W1": W1, "Wg": Wg, "W2": W2})
     x = f32(1, 5, seed=4)
