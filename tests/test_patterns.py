@@ -433,3 +433,58 @@ def test_left_padding_is_refused_where_the_fused_attention_cannot_express_it():
     ref = Explainer(tiny_model("bert")[1]).explain({"input_ids": ids, "attention_mask": right})
     res = fused.explain({"input_ids": ids, "attention_mask": right})
     np.testing.assert_allclose(res.relevance["input_ids"], ref.relevance["input_ids"], rtol=1e-3, atol=1e-6)
+
+
+def test_inspect_shows_each_decision_and_why(tmp_path, capsys):
+    """``onnx-lrp inspect`` prints, per node, the kind, the rule and the reason, before anything runs."""
+    from onnx_lrp.cli import main
+
+    path = tmp_path / "se.onnx"
+    onnx.save(_se_block(), str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gate: input(s) [1] come from a non-zero-centred function" in out
+    assert "Sigmoid: a non-linear function for which the identity rule is unsound" in out
+    path = tmp_path / "ln.onnx"
+    onnx.save(_jax_layer_norm(), str(path))
+    assert main(["inspect", str(path), "--carrying-only"]) == 0
+    out = capsys.readouterr().out
+    assert "normalisation: 'rs' is a second-moment statistic of 'x'" in out and "held" in out
+
+
+def test_small_patterns_on_hand_built_graphs():
+    """The structural helpers, each on the smallest graph that shows it."""
+    from onnx_lrp import _patterns as pat
+
+    b = f32(3, seed=1)
+    g = Graph(model([node("MatMul", ["x", "W"], ["h"]), node("Add", ["b", "h"], ["z"]),
+                     node("Add", ["z", "r"], ["s1"]), node("Add", ["s1", "x2"], ["s"])],
+                    {"x": (2, 3), "r": (2, 3), "x2": (2, 3)}, {"s": (2, 3)}, {"W": f32(3, 3), "b": b}))
+    mm, bias_add, add1, add2 = g.nodes
+    np.testing.assert_array_equal(pat.following_bias(g, mm), b)  # the bias on either side of the Add
+    assert pat.following_bias(g, add1) is None  # its consumer adds a run-time tensor, no bias
+    assert pat.continues_sum(g, add1) and not pat.continues_sum(g, add2)
+    kinds = {"Add_s1": "add", "Add_s": "add"}
+    assert pat.sums_carrying_terms(g, add2, kinds)
+    carrying = {"x", "h", "z", "r", "s1", "x2", "s"}
+    assert pat.epsilon_site(g, mm, "map", "linear", kinds, carrying) == (True, pytest.approx(b))
+    assert pat.epsilon_site(g, add1, "sum", "add", kinds, carrying) == (False, None)  # the chain goes on
+    assert pat.epsilon_site(g, add2, "sum", "add", kinds, carrying) == (True, None)  # ...and ends here
+    # a LayerNorm's centring x - mean(x) is no layer of its own
+    g = Graph(_jax_layer_norm())
+    sub = next(n for n in g.nodes if n.name == "Sub_d")
+    carrying = set(g.producer) - g.static | {"x"}
+    assert pat.is_centring(g, sub, carrying)
+    assert pat.epsilon_site(g, sub, "sum", "add", {}, carrying) == (False, None)
+    # Where(IsNaN(s), 0, s) after a softmax
+    g = Graph(model([node("Softmax", ["x"], ["s"]), node("IsNaN", ["s"], ["n"]),
+                     node("Where", ["n", "zero", "s"], ["y"])], {"x": (2, 3)}, {"y": (2, 3)}, {"zero": np.float32(0)}))
+    assert pat.nan_guard(g, "s").name == "Where_y"
+    # a seq-first recurrent input has its batch on axis 1
+    W = np.zeros((1, 8, 3), np.float32)
+    g = Graph(model([node("LSTM", ["x", "W", "R"], ["y"], hidden_size=2)], {"x": (5, 2, 3)}, {"y": (5, 1, 2, 2)},
+                    {"W": W, "R": np.zeros((1, 8, 2), np.float32)}))
+    assert pat.input_batch_axis(g, "x") == 1
+    g = Graph(model([node("LSTM", ["x", "W", "R"], ["y"], hidden_size=2, layout=1)], {"x": (2, 5, 3)},
+                    {"y": (2, 5, 1, 2)}, {"W": W, "R": np.zeros((1, 8, 2), np.float32)}))
+    assert pat.input_batch_axis(g, "x") == 0
