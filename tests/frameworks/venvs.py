@@ -33,8 +33,21 @@ def location(name: str) -> Path:
     return ROOT / f"{name}-{digest}"
 
 
+_FAILED: dict[str, VenvError] = {}  # one build attempt per process
+
+
 def ensure(name: str) -> Path:
     """The python of venv ``name`` (``tf`` or ``jax``), built from ``requirements-NAME.txt`` if missing."""
+    if name in _FAILED:
+        raise _FAILED[name]
+    try:
+        return _build(name)
+    except VenvError as e:
+        _FAILED[name] = e
+        raise
+
+
+def _build(name: str) -> Path:
     req = requirements(name)
     if not req.exists():
         raise VenvError(f"no pinned requirements for the {name!r} export venv: {req} is missing")
