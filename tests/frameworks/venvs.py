@@ -3,8 +3,8 @@
     python tests/frameworks/venvs.py tf jax      # what `make venvs` runs (also built on first use by the tests)
 
 A venv lives in ``$ONNX_LRP_VENVS`` (default ``~/.cache/onnx-lrp/venvs``) under ``NAME-<hash of
-requirements-NAME.txt>``, so editing the pins builds a new one. Stack conflicts (protobuf, numpy pins of
-TensorFlow/JAX) keep them out of the main test venv: they only export ONNX files, in subprocesses.
+requirements-NAME.txt>``, so editing the pins builds a new one. They stay out of the main test venv (3.6 GB, Keras 3,
+transformers seeing TF/Flax in every process): they only export ONNX files, in subprocesses.
 """
 from __future__ import annotations
 
