@@ -84,7 +84,7 @@ def const_weight_backward(ctx: OpContext, W, bias=None):
             z, zplus = env[vz], env[vx] @ Wp
             if bias_c is not None:
                 z, zplus = z + bias_c, zplus + bias_p
-            g = g * rule.output_scale(xp, z, zplus)
+            g = g * rule.output_scale(z, zplus)
         if Wt.ndim == 1:
             return [g[..., None] * Wt] + [None] * (n_in - 1)
         in_shape = env.shape(sa)
@@ -182,7 +182,7 @@ def gemm(ctx: OpContext):
             zplus = alpha * ((_swap(A) if ta else A) @ Bp)
             if bias_p is not None:
                 zplus = zplus + bias_p
-            g = g * rule.output_scale(xp, env[ctx.node.outputs[0]], zplus)
+            g = g * rule.output_scale(env[ctx.node.outputs[0]], zplus)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
             ga = matmul_const(xp, g, Bt) if Bc is not None else g @ Bt
@@ -253,7 +253,7 @@ def conv(ctx: OpContext):
             zplus = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
             if bias_p is not None:
                 zplus = zplus + bias_p.reshape((-1,) + (1,) * (zplus.ndim - 2))
-            g = g * rule.output_scale(xp, env[z_name], zplus)
+            g = g * rule.output_scale(env[z_name], zplus)
         return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
 
     return back
