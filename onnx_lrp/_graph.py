@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._stream import read_split
+from ._stream import check_tensors, read_external, read_split, split_weights
 from .errors import ModelLoadError
 
 FLOAT_TYPES = {
@@ -225,6 +225,7 @@ def _constant_value(node: Node) -> np.ndarray:
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, str | None]:
     """Load a model from a path or take a ``ModelProto``; returns (model, description, directory)."""
     if isinstance(model, onnx.ModelProto):
+        check_tensors(model, "ModelProto")
         return model, "ModelProto", None
     path = model_path(model)
     try:
@@ -232,19 +233,47 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     _check_nodes(proto, path)
+    check_tensors(proto, str(path))
     return proto, str(path), str(path.parent)
 
 
-def load_split(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, dict | None, str]:
+def load_split(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLike | None = None
+               ) -> tuple[onnx.ModelProto, dict | None, str]:
     """Like :func:`load_model`, for a model onnx-lrp keeps: from a path, the model with its weights as stubs and
     the weights as arrays, each held once (:func:`onnx_lrp._stream.read_split`); a ``ModelProto`` as it is
-    (weights ``None``: it is the user's, never changed). Returns (model, weights, description)."""
+    (weights ``None``: it is the user's, never changed), or, when its tensors use external data, a copy with that
+    data read from ``base_dir`` (never from the working directory). Returns (model, weights, description)."""
     if isinstance(model, onnx.ModelProto):
-        return model, None, "ModelProto"
+        external = [t.name for t in external_tensors(model)]
+        if not external:
+            check_tensors(model, "ModelProto")
+            return model, None, "ModelProto"
+        if base_dir is None:
+            raise ModelLoadError(f"ModelProto: {len(external)} tensor(s) ({external[0]!r}, ...) keep their data in "
+                                 "external files; pass base_dir= (the folder holding them), or the path of the .onnx")
+        base = Path(base_dir)
+        if not base.is_dir():
+            raise ModelLoadError(f"ModelProto: base_dir {str(base)!r} is not a folder")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # the structure only: the data is in the external files
+        weights: dict = {}
+        desc = f"ModelProto (data in {base})"
+        read_external(copy, base, weights, desc)
+        check_tensors(copy, desc, held=weights)
+        proto, rest = split_weights(copy, held=weights)
+        weights.update(rest)
+        return proto, weights, desc
     path = model_path(model)
     proto, weights = read_split(path)
     _check_nodes(proto, path)
     return proto, weights, str(path)
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers and ``Constant`` values of the main graph whose data lives in external files."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
+                                               if a.type == onnx.AttributeProto.TENSOR]
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def model_path(model: str | os.PathLike) -> Path:
@@ -253,7 +282,7 @@ def model_path(model: str | os.PathLike) -> Path:
         raise ModelLoadError(
             f"expected a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}"
         )
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_dir():
         candidates = sorted(path.glob("*.onnx"))
         if len(candidates) != 1:
@@ -264,6 +293,8 @@ def model_path(model: str | os.PathLike) -> Path:
         path = candidates[0]
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():  # reading a FIFO or a device would block or never end
+        raise ModelLoadError(f"{path}: not a regular file (a FIFO, device or socket); give the .onnx file")
     return path
 
 

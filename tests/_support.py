@@ -475,3 +475,25 @@ def genai_model(family: str, precision: str = "fp32", *, config: dict | None = N
     if done.returncode != 0 or not onnx_path.exists():
         raise RuntimeError(f"onnxruntime-genai's builder failed on {stage}:\n{done.stderr[-4000:]}")
     return pt_dir, onnx_path
+
+
+def word_level_folder(family: str, name: str, specials: list[str], words: list[str], size: int = 128
+                      ) -> tuple[Path, dict[str, int]]:
+    """A cached folder ``name`` with the tiny ``family`` model as ``model.onnx`` and a word-level tokenizer
+    (whitespace split; ``specials`` then ``words``, padded to ``size`` ids with ``w<i>``; the second special is
+    the unknown token). Returns (model.onnx path, vocabulary)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, onnx_path = tiny_model(family)
+    folder = CACHE / name
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(onnx_path, folder / "model.onnx")
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    vocab.update({f"w{i}": i for i in range(len(vocab), size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "model.onnx", vocab
