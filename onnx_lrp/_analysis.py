@@ -249,7 +249,7 @@ def propagate(graph: Graph, sources: dict[str, str] | set[str], detached: set[st
     for n in graph.nodes:
         if n.outputs and n.outputs[0] in sources:
             continue
-        if any(i in carrying for i in n.inputs if i):
+        if any(i in carrying for i in n.inputs + n.captures if i):
             for k, o in enumerate(n.outputs):
                 if o and o not in detached and _carries(n, k):
                     carrying.add(o)

@@ -46,6 +46,7 @@ class Node:
     outputs: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     proto: onnx.NodeProto | None = None
+    captures: list[str] = field(default_factory=list)  # outer tensors read inside its subgraphs (If, Loop, Scan)
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)
@@ -102,7 +103,7 @@ class Graph:
             used.add(name)
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             self.nodes.append(
-                Node(k, n.op_type, name, n.domain, list(n.input), list(n.output), attrs, n)
+                Node(k, n.op_type, name, n.domain, list(n.input), list(n.output), attrs, n, _captures(n))
             )
         self.producer: dict[str, Node] = {}
         self.consumers: dict[str, list[Node]] = {}
@@ -110,7 +111,7 @@ class Graph:
             for o in n.outputs:
                 if o:
                     self.producer[o] = n
-            for i in n.inputs:
+            for i in dict.fromkeys(n.inputs + n.captures):
                 if i:
                     self.consumers.setdefault(i, []).append(n)
         self._constants: dict[str, np.ndarray] = {}
@@ -121,7 +122,7 @@ class Graph:
         # static = does not depend on any graph input (weights, constants and what is computed from them)
         self.static: set[str] = set(self._initializers) | set(self._constants)
         for n in self.nodes:
-            if all((not i) or i in self.static for i in n.inputs) and n.op_type not in _RANDOM_OPS:
+            if all((not i) or i in self.static for i in n.inputs + n.captures) and n.op_type not in _RANDOM_OPS:
                 self.static.update(o for o in n.outputs if o)
 
     # ------------------------------------------------------------------ constants
@@ -146,6 +147,20 @@ class Graph:
 
     def is_initializer(self, name: str) -> bool:
         return name in self._initializers
+
+
+def _captures(node: onnx.NodeProto) -> list[str]:
+    """Outer-scope tensors the subgraphs of a control-flow node read (they are no node inputs in ONNX)."""
+    out: list[str] = []
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                for i in list(n.input) + _captures(n):
+                    if i and i not in local and i not in out:
+                        out.append(i)
+                local.update(o for o in n.output if o)
+    return out
 
 
 def _topological(nodes, source: str) -> list[onnx.NodeProto]:
