@@ -220,7 +220,7 @@ def test_norm_spelling_holds_the_statistic_constant(spelling):
 # A hand-written torch transformer (no transformers): nn.TransformerEncoderLayer, post-norm then pre-norm, exact
 # GELU, key padding mask, masked mean pooling, a linear head; exported by torch.onnx.export (TorchScript / dynamo).
 # Reference: the same maths written functionally in torch with the AttnLRP rules in gradient form
-# (tests/_torch_reference.py helpers: norm statistic detached, identity rule on GELU, both attention products halved),
+# (onnx_lrp/reference/torch.py helpers: norm statistic detached, identity rule on GELU, both attention products halved),
 # checked to reproduce the module's own logits.
 def _encoder():
     import torch
@@ -259,7 +259,7 @@ def _encoder_lrp(model, emb, attention_mask):
     """AttnLRP in gradient form on ``model``'s weights, written out (no module forward is used)."""
     import torch
     import torch.nn.functional as F
-    from _torch_reference import _layer_norm_detached, half, identity_rule
+    from onnx_lrp.reference.torch import _layer_norm_detached, half, identity_rule
 
     def attention(layer, x):
         a = layer.self_attn
@@ -365,7 +365,7 @@ def _keras_block_lrp(w: dict, emb, mask, rules: bool = True):
     """The block in torch; ``rules=False``: the plain function (its gradient is Gradient x Input's)."""
     import torch
     import torch.nn.functional as F
-    from _torch_reference import _layer_norm_detached, half, identity_rule
+    from onnx_lrp.reference.torch import _layer_norm_detached, half, identity_rule
 
     if not rules:
         half, identity_rule = (lambda z: z), (lambda fn, z: fn(z))  # noqa: E731
@@ -431,7 +431,7 @@ def _recurrent(kind: str):
 def _recurrent_lrp(model, e):
     """The bidirectional layer unrolled: gates detached, identity rule on tanh (gradient form)."""
     import torch
-    from _torch_reference import identity_rule
+    from onnx_lrp.reference.torch import identity_rule
 
     rnn, H = model.rnn, model.rnn.hidden_size
 
