@@ -260,7 +260,7 @@ def propagate(graph: Graph, sources: dict[str, str] | set[str], detached: set[st
     for n in graph.nodes:
         if n.outputs and n.outputs[0] in sources:
             continue
-        if any(i in carrying for i in n.inputs if i):
+        if any(i in carrying for i in n.inputs + n.captures if i):
             for k, o in enumerate(n.outputs):
                 if o and o not in detached and _carries(n, k):
                     carrying.add(o)
@@ -293,10 +293,12 @@ def analyse(
     roots = {**src, **{t: t for t in routed}}
     detached: set[str] = set()
     statistics: dict[str, tuple[str, str]] = {}
+    held: dict[str, Decision] = {}  # nodes a Constant rule detached in some round (they leave the carrying set)
     for _ in range(12):
         carrying = propagate(graph, roots, detached) | chain
         state = _decide(graph, composite, carrying, src, statistics, allow_unsupported)
         decisions, regions, region_rules, new_detached, unsupported = state
+        held.update((k, d) for k, d in decisions.items() if isinstance(d.rule, Constant))
         if new_detached <= detached:
             break
         detached |= new_detached
@@ -307,7 +309,7 @@ def analyse(
                 unsupported.setdefault(n.op_type, []).append(n.name)
     if unsupported and not allow_unsupported:
         raise UnsupportedOpError(unsupported, graph.source)
-    _check_overrides(graph, composite, decisions, regions)
+    _check_overrides(graph, composite, {**held, **decisions}, regions)
     decisions = {k: d for k, d in decisions.items() if not isinstance(d.rule, Constant)}
     region_of = {n.name: r.name for r in regions.values() for n in r.nodes}
     if regions:

@@ -679,7 +679,7 @@ def epsilon_site(graph: Graph, node: Node, layer: str | None, kind: str, kinds: 
 
 
 # ---------------------------------------------------------------------------------------------- one-hot ids
-ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
 def id_origin(graph: Graph, tensor: str) -> str | None:

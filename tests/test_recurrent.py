@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lrp import Explainer, Uniform, attnlrp
 from onnx_lrp.errors import OnnxLrpError
 
-from _recurrent_reference import onnx_rnn, torch_module_reference
+from onnx_lrp.reference.recurrent import onnx_rnn, torch_module_reference
 from _support import rel_err
 
 TOL = 1e-4
@@ -51,7 +51,7 @@ class Classifier(torch.nn.Module):
         y = torch_module_reference(self.rnn, x, rule, epsilon)
         last = y[:, -1] if self.rnn.batch_first else y[-1]
         if epsilon:
-            from _torch_reference import eps_layer
+            from onnx_lrp.reference.torch import eps_layer
 
             return eps_layer(self.head(last), epsilon)
         return self.head(last)
@@ -330,7 +330,7 @@ def test_written_out_lstm_cell_takes_the_gate_rule():
     """The same LSTM written out as element-wise ops: the graph patterns must give the gates the same rule as the
     LSTM op (held constant; the signal takes all) and tanh the identity rule: equal to the torch reference.
     Needs the gate rule of the graph patterns (issue 11, item 2)."""
-    from _torch_reference import identity_rule
+    from onnx_lrp.reference.torch import identity_rule
 
     torch.manual_seed(3)
     model = WrittenOutLSTM().eval()

@@ -61,7 +61,7 @@ def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float,
     wP, wV, wQK = weights
     if eps and not wP:
         O = P @ V
-        GO = GO * (O / stabilise(xp, O, eps))
+        GO = GO * (O / stabilise(O, eps))
     GV = (P.swapaxes(-1, -2) @ GO) * wV
     if not wP:
         zeros = xp.zeros(GV.shape[:-2] + (P.shape[-2], Q.shape[-1]), dtype=GO.dtype)
@@ -167,7 +167,7 @@ def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias:
         if not (gamma or eps):
             return None
         zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
-        return qkv / stabilise(xp, zm, eps)
+        return qkv / stabilise(zm, eps)
 
     def input_of(env):
         if quantized_input is None:

@@ -85,7 +85,7 @@ def const_weight_backward(ctx: OpContext, W, bias=None):
             z, zplus = env[vz], env[vx] @ Wp
             if bias_c is not None:
                 z, zplus = z + bias_c, zplus + bias_p
-            g = g * rule.output_scale(xp, z, zplus)
+            g = g * rule.output_scale(z, zplus)
         if Wt.ndim == 1:
             return [g[..., None] * Wt] + [None] * (n_in - 1)
         in_shape = env.shape(sa)
@@ -183,7 +183,7 @@ def gemm(ctx: OpContext):
             zplus = alpha * ((_swap(A) if ta else A) @ Bp)
             if bias_p is not None:
                 zplus = zplus + bias_p
-            g = g * rule.output_scale(xp, env[ctx.node.outputs[0]], zplus)
+            g = g * rule.output_scale(env[ctx.node.outputs[0]], zplus)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
             ga = matmul_const(xp, g, Bt) if Bc is not None else g @ Bt
@@ -240,7 +240,7 @@ def _gamma_scale(ctx: OpContext, g, z, zplus, bias_p):
     """``G_z * z / stab(z + gamma (z+ + b+))`` (the gamma rule on a convolution, ``z+`` from the positive kernel)."""
     if bias_p is not None:
         zplus = zplus + bias_p.reshape((-1,) + (1,) * (zplus.ndim - 2))
-    return g * ctx.rule.output_scale(ctx.xp, z, zplus)
+    return g * ctx.rule.output_scale(z, zplus)
 
 
 def conv_geometry(ctx: OpContext, nd: int) -> tuple[int, list[int], list[int], list[int]]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._graph import dequantize_linear
 from .._patterns import following_bias
-from ..rules import Constant, ConstantGate, Epsilon, Gamma, Gradient, Uniform, stabilise
+from ..rules import Constant, ConstantGate, Epsilon, Gamma, Gradient, Uniform
 from ._base import MS, ONNX, NodeView, OpContext, register, unbroadcast
 from .fused import attention_backward
 from .linear import const_weight_backward, conv_geometry, conv_input_grad, product_weights
@@ -137,14 +137,12 @@ def _dequantize_output(ctx: OpContext, ks: int, kz: int):
 def _with_epsilon(ctx: OpContext, back, z_of):
     """``back`` with eps-LRP at the layer's float result: ``G`` at the output scaled by ``z / stab(z)``.
     ``z_of(env) -> z`` (None: there is no eps)."""
-    eps = _epsilon(ctx)
-    if not eps:
+    if not _epsilon(ctx):
         return back
-    xp = ctx.xp
+    rule = ctx.rule
 
     def back_eps(env, gy):
-        z = z_of(env)
-        return back(env, [gy[0] * (z / stabilise(xp, z, eps))] + list(gy[1:]))
+        return back(env, [gy[0] * rule.output_scale(z_of(env))] + list(gy[1:]))
 
     return back_eps
 

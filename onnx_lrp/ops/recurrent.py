@@ -15,7 +15,8 @@ of a step takes the rule the composite gives the unfused op it stands for (:meth
   factor half; ``Gradient`` the full gradient to both. The gate's own ``sigmoid`` takes the rule of kind
   ``nonlinear`` (its derivative; ``Constant`` stops it).
 - *squashing* ``tanh`` (LSTM's candidate ``g`` and ``tanh(C)``, GRU's candidate, RNN's activation): the unary rule
-  of a ``Tanh`` (RNN, declared of kind ``unary``: its own rule). ``Identity``: ``G_a = G_y * tanh(a) / (a + eps)`` (AttnLRP Eq. 9); ``Gradient``: ``1 - tanh(a)^2``.
+  of a ``Tanh`` (RNN, declared of kind ``unary``: its own rule). ``Identity``: ``G_a = G_y * tanh(a) / stab(a)``
+  (AttnLRP Eq. 9); ``Gradient``: ``1 - tanh(a)^2``.
 
 With every part ``Gradient`` (Gradient x Input) the result is the exact VJP of the op. Supported: directions
 forward / reverse / bidirectional; ``sequence_lens`` (a step past a sequence's length leaves its state unchanged and
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..rules import Constant, ConstantGate, Epsilon, Gradient, Identity, Uniform, stabilise
+from ..rules import Constant, ConstantGate, Epsilon, Gradient, Identity, Uniform
 from ._base import MS, OpContext, register
 
 _DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
@@ -40,23 +41,23 @@ _DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", 
 
 @dataclass(frozen=True)
 class _Rules:
-    """The rule of each part of a step: eps of the linear maps, the shares of a gated product's signal and gate
-    (the gate's share goes on through the sigmoid's derivative), and the identity rule's epsilon for tanh (None:
-    its derivative)."""
+    """The rule of each part of a step: eps-LRP of the linear maps (None: the plain gradient), the shares of a gated product's signal and gate
+    (the gate's share goes on through the sigmoid's derivative), and the identity rule for tanh (None: its
+    derivative)."""
 
-    eps: float
+    epsilon: Epsilon | None
     signal: float
     gate: float
-    identity_eps: float | None
+    identity: Identity | None
 
     def linear(self, xp, ga, a):
         """eps-LRP at a pre-activation ``a``: ``G_a * a / stab(a)``."""
-        return ga * (a / stabilise(xp, a, self.eps)) if self.eps else ga
+        return ga * self.epsilon.output_scale(a) if self.epsilon is not None else ga
 
     def squash(self, g, a, y, dclip):
-        """``G_a`` of ``y = tanh(clip(a))``: identity rule ``G_y y / (a + eps)``, or the derivative."""
-        if self.identity_eps is not None:
-            return g * (y / (a + self.identity_eps))
+        """``G_a`` of ``y = tanh(clip(a))``: identity rule ``G_y y / stab(a)``, or the derivative."""
+        if self.identity is not None:
+            return g * self.identity.ratio(a, y)
         d = 1 - y * y
         return g * d if dclip is None else g * d * dclip
 
@@ -86,8 +87,8 @@ def _rules(ctx: OpContext) -> _Rules:
     act = ctx.rule if ctx.kind == "unary" else ctx.rule_of("unary", "Tanh")
     if not isinstance(act, (Identity, Gradient)):
         raise ctx.fail(f"rule {act.name} for tanh inside a recurrent op is not supported (Identity or Gradient)")
-    return _Rules(lin.epsilon if isinstance(lin, Epsilon) else 0.0, signal, through_gate,
-                  act.epsilon if isinstance(act, Identity) else None)
+    return _Rules(lin if isinstance(lin, Epsilon) and lin.epsilon else None, signal, through_gate,
+                  act if isinstance(act, Identity) else None)
 
 
 def _text(v: Any) -> str:

@@ -1,7 +1,7 @@
-"""An independent torch-autograd reference of the recurrent rules (onnx_lrp/ops/recurrent.py).
+"""An independent torch-autograd reference of the recurrent rules (:mod:`onnx_lrp.ops.recurrent`).
 
 The ONNX ``LSTM``/``GRU``/``RNN`` equations are written with torch ops, one time step after another, and torch
-autograd does the backward. The rules are expressed the way tests/_torch_reference.py expresses AttnLRP:
+autograd does the backward. The rules are expressed the way :mod:`onnx_lrp.reference.torch` expresses AttnLRP:
 
 - ``"gradient"``: nothing changed (the op's exact VJP);
 - ``"attnlrp"``: every gate ``sigmoid(clip(.))`` is ``.detach()``-ed (held constant: the signal it multiplies takes all
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from _torch_reference import eps_layer, half, identity_rule
+from .torch import eps_layer, half, identity_rule
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -39,8 +39,9 @@ def _rules(rule: str, epsilon: float, clip):
     return gate, squash, (lambda a: eps_layer(a, epsilon)) if epsilon else (lambda a: a), mul
 
 
-def onnx_rnn(op: str, X, W, R, B=None, h0=None, c0=None, P=None, lens=None, direction="forward", clip=None,
-             linear_before_reset=0, input_forget=0, rule="gradient", epsilon=0.0):
+def onnx_rnn(op: str, X: torch.Tensor, W: torch.Tensor, R: torch.Tensor, B=None, h0=None, c0=None, P=None, lens=None,
+             direction: str = "forward", clip: float | None = None, linear_before_reset: int = 0,
+             input_forget: int = 0, rule: str = "gradient", epsilon: float = 0.0) -> tuple:
     """ONNX ``op`` on ``X (T, B, I)`` (layout 0) with the rule applied; returns ``(Y, Y_h[, Y_c])`` as ONNX does."""
     T, Bsz, _ = X.shape
     H = R.shape[-1]
@@ -115,7 +116,7 @@ def torch_to_onnx_weights(module: torch.nn.RNNBase, layer: int) -> tuple[torch.T
     return torch.stack(Ws), torch.stack(Rs), torch.stack(Bs)
 
 
-def torch_module_reference(module: torch.nn.RNNBase, x, rule: str, epsilon: float = 0.0):
+def torch_module_reference(module: torch.nn.RNNBase, x: torch.Tensor, rule: str, epsilon: float = 0.0) -> torch.Tensor:
     """The output sequence of a (multi-layer, maybe bidirectional, maybe batch-first) torch recurrent module,
     computed layer by layer with :func:`onnx_rnn` under ``rule``; same layout as ``module(x)[0]``."""
     op = type(module).__name__
