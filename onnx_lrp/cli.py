@@ -1,4 +1,4 @@
-"""The ``onnx-lrp`` command line: export, inspect, explain, demo.
+"""The ``onnx-lrp`` command line: export, inspect, explain, validate, demo.
 
 Run ``onnx-lrp COMMAND --help`` for each command's options.
 """
@@ -28,6 +28,7 @@ commands:
   export    turn a Hugging Face transformers model folder into model.onnx (+ tokenizer)
   inspect   list every node of an ONNX model with the LRP rule that will run on it
   explain   explain a model's output for a text, a chat prompt, a generated span, or an image
+  validate  do two models (PyTorch original, ONNX fp32/fp16/int8/optimised) explain the same inputs alike?
   demo      download-free demo: SmolLM2-135M-Instruct explains "The capital of France is ..."
 
 examples:
@@ -36,6 +37,7 @@ examples:
   onnx-lrp inspect ./my-bert-onnx/model.onnx --summary
   onnx-lrp explain ./my-bert-onnx/model.onnx "a wonderful, moving film" --html out.html
   onnx-lrp explain smollm2 "The capital of France is" --generate 5
+  onnx-lrp validate ./my-bert-folder ./my-bert-onnx/model.onnx --html report.html
 """
 
 
@@ -301,6 +303,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- validate
+def cmd_validate(args: argparse.Namespace) -> int:
+    """0: every check passed; 1: a check failed; (from :func:`main`) 2: the models or inputs are wrong."""
+    from .validate import compare
+
+    _check_writable(args.html, args.json)
+    kw = {}
+    if args.texts:
+        kw["texts"] = args.texts
+    if args.inputs:
+        kw["inputs"] = args.inputs
+    if args.images:
+        kw["images"] = args.images
+    with step(f"explaining with A ({args.a}) and B ({args.b})"):
+        report = compare(args.a, args.b, tokenizer=args.tokenizer, composite=args.composite,
+                         reference=args.reference, output=args.output, batch_size=args.batch_size,
+                         top_k=args.top_k, fail_under=args.fail_under, fail_over=args.fail_over, **kw)
+    report.summary(color=False if args.no_color else None)
+    if args.json:
+        report.to_json(args.json)
+        message(f"wrote {args.json}")
+    if args.html:
+        report.to_html(args.html, worst=args.worst)
+        message(f"wrote {args.html}")
+    return 0 if report.passed else 1
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -367,6 +396,46 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--composite", default="attnlrp", help="rule set (default attnlrp; vit-lrp for ViTs)")
     x.add_argument("--no-color", action="store_true", help="plain text with numbers instead of colours")
     x.set_defaults(func=cmd_explain)
+
+    v = sub.add_parser("validate", parents=[debug], formatter_class=fmt,
+                       help="compare two models' explanations (PyTorch vs ONNX, fp32 vs int8, ...)",
+                       description="Explain the same inputs with model A (the reference) and model B, and compare: "
+                       "outputs (max abs/rel difference, same prediction, KL), relevance per input (max |diff| / "
+                       "max |R|, Spearman, Kendall, top-k overlap, sign agreement), and relevance along the residual "
+                       "stream after each block, naming the first block where the two part.\n"
+                       "A and B: an ONNX file (or a folder with model.onnx), or a transformers folder (PyTorch; "
+                       "explained with LXT 2.1 where it supports the family, else onnx_lrp.reference.torch; needs "
+                       "pip install 'onnx-lrp[validate]').\n"
+                       "Exit status: 0 every check passed, 1 a check failed, 2 the models or inputs are wrong.",
+                       epilog="examples:\n  onnx-lrp validate path/to/hf_model out/model.onnx --texts probes.txt "
+                       "--html report.html\n  onnx-lrp validate out/model.onnx out/model.int8.onnx --fail-under "
+                       "spearman=0.9\n  onnx-lrp validate a.onnx b.onnx --fail-over rel_err=1e-4 --json report.json")
+    v.add_argument("a", help="model A, the reference: ONNX file/folder or transformers folder")
+    v.add_argument("b", help="model B, checked against A")
+    v.add_argument("--texts", metavar="FILE", help="texts to explain: one per line, or .jsonl with a 'text' field "
+                   "(default: eight built-in sentences)")
+    v.add_argument("--inputs", metavar="FILE.npz", help="raw input arrays named after the model's inputs")
+    v.add_argument("--images", nargs="+", metavar="IMAGE", help="image files (vision models; the preprocessing comes "
+                   "from preprocessor_config.json next to A or B)")
+    v.add_argument("--tokenizer", metavar="DIR", help="folder with the tokenizer (default: next to A, else B)")
+    v.add_argument("--composite", default="attnlrp", help="rule set on both sides (default attnlrp; cp-lrp, "
+                   "vit-lrp, gradient-x-input)")
+    v.add_argument("--reference", default="auto", choices=["auto", "lxt", "torch"],
+                   help="what explains a PyTorch side (default: LXT where it supports the family)")
+    v.add_argument("--output", help="the output to explain (default: A's first explainable output)")
+    v.add_argument("--batch-size", type=int, default=8, help="inputs per batch (default 8)")
+    v.add_argument("--top-k", type=int, default=5, help="k of the top-k overlap (default 5)")
+    v.add_argument("--fail-under", metavar="SPEC", help="agreement thresholds on the worst input, e.g. "
+                   "spearman=0.9,topk=0.8 (the default); measures: spearman, kendall, topk, sign, same_prediction, "
+                   "layer_spearman, ...")
+    v.add_argument("--fail-over", metavar="SPEC", help="error thresholds, e.g. rel_err=1e-3,kl=1e-2; measures: "
+                   "rel_err, max_abs, max_rel, kl, layer_value_err, layer_rel_err")
+    v.add_argument("--json", metavar="FILE", help="write the report as JSON (stable keys: docs/validate.md)")
+    v.add_argument("--html", metavar="FILE", help="write the HTML report (heatmaps of the worst inputs, the "
+                   "layer-divergence plot, the settings)")
+    v.add_argument("--worst", type=int, default=5, metavar="N", help="inputs shown in the HTML report (default 5)")
+    v.add_argument("--no-color", action="store_true", help="no colours in the terminal table")
+    v.set_defaults(func=cmd_validate)
 
     d = sub.add_parser("demo", parents=[debug], formatter_class=fmt,
                        help="SmolLM2 explains 'The capital of France is'",

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from ._analysis import Analysis, analyse, graph_output_is_float
-from ._canonize import expand_embed_layer_norm
+from ._canonize import canonize, needs_canonizing
 from ._capture import ForwardCapture, default_session_options
 from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
@@ -41,7 +41,8 @@ class Explanation:
     batch element a target axis follows the batch axis: ``(batch, targets, ...)``.
     ``embedding_relevance[input]``: the un-summed ``(batch, seq, hidden)`` relevance of token inputs.
     ``outputs``: the forward outputs. ``score``: the explained quantity ``sum(w * y)`` per batch element
-    (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors.
+    (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors;
+    ``latent_gradient[name]``: the modified gradient ``G`` there (``latent = tensor * G``).
     """
 
     relevance: dict[str, np.ndarray]
@@ -52,6 +53,7 @@ class Explanation:
     latent: dict[str, np.ndarray] = field(default_factory=dict)
     embedding_relevance: dict[str, np.ndarray] = field(default_factory=dict)
     output: str = ""
+    latent_gradient: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Explainer:
@@ -276,15 +278,18 @@ class Explainer:
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
         if check_conservation and self.composite.conserving and not self._warned:
             self._check_conservation(relevance, score, lead, inputs, output, w, y)
-        latent = {}
+        latent, latent_grad = {}, {}
         for name in collect:
-            g = grads.get(name)
             t = env[name]
-            latent[name] = _batch_first(t * g if g is not None else xp.zeros_like(t), lead)
+            g = grads.get(name)
+            g = xp.zeros((1,) * lead + t.shape, dtype=dtype) if g is None else g
+            latent[name] = _batch_first(t * g, lead)
+            latent_grad[name] = _batch_first(g, lead)
         host = to_numpy if as_numpy else (lambda a: a)
         relevance = {k: host(v) for k, v in relevance.items()}
         emb_rel = {k: host(v) for k, v in emb_rel.items()}
         latent = {k: host(v) for k, v in latent.items()}
+        latent_grad = {k: host(v) for k, v in latent_grad.items()}
         outputs = {k: host(v) for k, v in outputs.items()}
         score = host(_batch_first(score, lead))
         return Explanation(
@@ -296,20 +301,28 @@ class Explainer:
             latent=latent,
             embedding_relevance=emb_rel,
             output=output,
+            latent_gradient=latent_grad,
         )
 
     def forward(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """A plain forward pass (no relevance), inputs validated and filled as in :meth:`explain`;
-        returns the graph outputs ``outputs`` (default: all) by name."""
+        returns ``outputs`` (default: all graph outputs; intermediate tensors computed from the inputs too) by
+        name."""
         names = list(outputs) if outputs is not None else self.output_names
-        bad = [n for n in names if n not in self.graph.output_names]
+        inner = [n for n in names if n not in self.graph.output_names]
+        bad = [n for n in inner if n not in self.graph.producer or n in self.graph.static]
         if bad:
-            raise TargetError(f"{self.graph.source}: no graph output(s) {bad}; outputs: {self.graph.output_names}")
+            raise TargetError(f"{self.graph.source}: no graph output(s) or computed tensor(s) {bad}; "
+                              f"outputs: {self.graph.output_names}")
         feeds = self.prepare_inputs(inputs)
         if max((v.size for v in feeds.values()), default=0) <= SHORT_INPUT:
+            if inner:
+                self._capture.prepare(set(inner), set())
             values, _ = self._capture.run(feeds, names, [])
         else:  # attention in chunks of rows where long; no probabilities kept
             self._plan(self.default_output, ())
+            if inner:
+                self._capture_long.prepare(set(inner), set())
             values, _ = self._capture_long.run(feeds, names, [], chunks_for(self._capture_long.chunkable(),
                                                                             self._shapes(feeds)))
         return {k: np.array(to_numpy(v)) for k, v in values.items()}  # copies: values may view ORT's memory
@@ -640,15 +653,15 @@ class Explainer:
 
 def load_graph(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> Graph:
     """The :class:`~onnx_lrp._graph.Graph` onnx-lrp explains: from a file each weight held once, as an array
-    (:func:`~onnx_lrp._graph.load_split`; a ``ModelProto``'s external data read from ``base_dir``); fused ops that
-    hide a relevance source (``EmbedLayerNormalization``) expanded next to themselves. A ``ModelProto`` is never
-    changed (copied when it must be)."""
+    (:func:`~onnx_lrp._graph.load_split`; a ``ModelProto``'s external data read from ``base_dir``); rewritten by the
+    canonizers it needs (:mod:`onnx_lrp._canonize`: fused ops that hide a relevance source expanded next to
+    themselves, duplicated ``DequantizeLinear`` merged). A ``ModelProto`` is never changed (copied when it must be)."""
     proto, weights, desc = load_split(model, base_dir)
-    if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
+    if needs_canonizing(proto):
         if proto is model:  # never change the user's ModelProto
             proto = onnx.ModelProto()
             proto.CopyFrom(model)
-        expand_embed_layer_norm(proto)
+        canonize(proto)
     return Graph(proto, desc, weights)
 
 

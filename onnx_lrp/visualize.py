@@ -165,10 +165,11 @@ def _chip_style(c: np.ndarray) -> str:
     return f"background:{_rgb(c)};color:{_rgb(ink(c))}"
 
 
-def _text_block(tokens: Sequence[str], rel: np.ndarray, special: Sequence[bool] | None) -> str:
+def _text_block(tokens: Sequence[str], rel: np.ndarray, special: Sequence[bool] | None,
+                vmax: float | None = None) -> str:
     special = list(special) if special else [False] * len(tokens)
     spans = []
-    for tok, r, c, sp in zip(tokens, rel, colours(rel), special):
+    for tok, r, c, sp in zip(tokens, rel, colours(rel, vmax), special):
         cls = "tok" + (" special" if sp else "") + ("" if tok else " part")
         tip = f"{tok!r}: {r:+.4g}" if tok else f"part of the next character (a byte-level piece): {r:+.4g}"
         style = _chip_style(c) if tok else f"background:{_rgb(c)}"
@@ -178,8 +179,9 @@ def _text_block(tokens: Sequence[str], rel: np.ndarray, special: Sequence[bool] 
     return '<div class="text">' + "".join(spans) + "</div>"
 
 
-def _legend(rel: np.ndarray) -> str:
-    vmax = float(np.abs(rel).max()) if np.size(rel) else 0.0
+def _legend(rel: np.ndarray, vmax: float | None = None) -> str:
+    if vmax is None:
+        vmax = float(np.abs(rel).max()) if np.size(rel) else 0.0
     return (f'<div class="legend"><span>-{vmax:.3g} (against)</span><span class="bar"></span>'
             f'<span>+{vmax:.3g} (for)</span><span class="meta">sum {float(np.sum(rel)):.4g}</span></div>')
 
@@ -261,6 +263,13 @@ def heatmap_rgb(heat: np.ndarray, image: np.ndarray | None = None, *, alpha: flo
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write an ``(H, W, 3)`` uint8 array as a PNG file (8-bit RGB, zlib; no imaging library needed)."""
+    path = Path(path)
+    path.write_bytes(png_bytes(rgb))
+    return path
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An ``(H, W, 3)`` uint8 array as the bytes of a PNG file."""
     a = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"write_png expects (H, W, 3) uint8, got shape {a.shape}")
@@ -270,8 +279,5 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    path = Path(path)
-    path.write_bytes(png)
-    return path
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))

@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform, stabilise
+from . import attention_blocks
 from ._base import MS, OpContext, register
-from .attention_blocks import attention_backward, rows_of
+from .attention_blocks import rows_of
 
 
 def attention_weights(ctx: OpContext) -> tuple[float, float, float]:
@@ -55,7 +56,8 @@ def fused_attention_backward(xp, GO, Q, K, V, scores, weights: tuple[float, floa
     constant (``wP = 0``), ``O = P V`` is a linear map of ``V`` and ``G_O`` is first scaled by ``O / stab(O)``,
     as on the unfused ``MatMul``."""
     wP, wV, wQK = weights
-    GQ, GKt, GV = attention_backward(xp, GO, Q, K.swapaxes(-1, -2), V, scores, (wQK, wQK, wP, wV), eps)
+    GQ, GKt, GV = attention_blocks.attention_backward(xp, GO, Q, K.swapaxes(-1, -2), V, scores, (wQK, wQK, wP, wV),
+                                                      eps)
     if GQ is None:
         GQ = xp.zeros(GV.shape[:-2] + Q.shape[-2:], dtype=GO.dtype)
     GK = GKt.swapaxes(-1, -2) if GKt is not None else xp.zeros(GV.shape[:-2] + K.shape[-2:], dtype=GO.dtype)
@@ -108,18 +110,26 @@ def key_mask(ctx: OpContext, mask, B: int, S: int, T: int):
 
 @register("Attention", kind="product", domain=MS)
 def attention(ctx: OpContext):
-    node, xp = ctx.node, ctx.xp
     for k, what in ((4, "past"), (6, "past_sequence_length")):
         if ctx.input(k) is not None:
             raise ctx.fail(f"input {what!r} is not supported (explain with an empty cache)")
+    W = ctx.const(1)
+    if W is None:
+        raise ctx.fail("the qkv weight must be an initializer")
+    return attention_backward(ctx, W, mask=3, attention_bias=5)
+
+
+def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias: int | None, quantized_input=None):
+    """The backward of a fused ``Attention``-like node with the (float) qkv weight ``W`` (``X W + b``, the bias
+    input 2), its key mask input ``mask`` and additive ``attention_bias`` input (indices of the node's inputs).
+    ``quantized_input``: ``(scale(env), zero_point(env))`` of an integer input 0, which stands for
+    ``X = (q - zp) * scale`` (and gets ``G_q = scale * G_X``)."""
+    node, xp = ctx.node, ctx.xp
     if int(ctx.attr("do_rotary", 0)):
         raise ctx.fail("do_rotary=1 is not supported")
     for k in (1, 2):
         if ctx.carrying(k):
             raise ctx.fail(f"input {k} ({ctx.input(k)!r}) carries relevance; only the hidden states may")
-    W = ctx.const(1)
-    if W is None:
-        raise ctx.fail("the qkv weight must be an initializer")
     bias = ctx.const(2) if ctx.input(2) else None
     if ctx.input(2) and bias is None:
         raise ctx.fail("the qkv bias must be an initializer")
@@ -139,8 +149,8 @@ def attention(ctx: OpContext):
     bc = ctx.array(bias) if bias is not None else None
     bpos = ctx.array(np.maximum(bias, 0)) if (gamma and bias is not None) else None
     x = ctx.value(ctx.input(0))
-    vmask = ctx.value(ctx.input(3)) if ctx.input(3) else None
-    vbias = ctx.value(ctx.input(5)) if ctx.input(5) else None
+    vmask = ctx.value(ctx.input(mask)) if ctx.input(mask) else None
+    vbias = ctx.value(ctx.input(attention_bias)) if attention_bias is not None and ctx.input(attention_bias) else None
     key = f"fused-attention:{node.name}"
 
     def projection_scale(X, qkv):
@@ -150,8 +160,14 @@ def attention(ctx: OpContext):
         zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
         return qkv / stabilise(zm, eps)
 
+    def input_of(env):
+        if quantized_input is None:
+            return env[x]
+        scale, zero = quantized_input
+        return (env[x].astype(env.dtype) - zero(env)) * scale(env)
+
     def forward(env):
-        X = env[x]
+        X = input_of(env)
         qkv = X @ Wc + (bc if bc is not None else 0)
         Q = heads_first(qkv[..., :hq], heads)
         K = heads_first(qkv[..., hq:hq + hk], heads)
@@ -186,7 +202,8 @@ def attention(ctx: OpContext):
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
         if zscale is not None:
             Gqkv = Gqkv * zscale
-        return [Gqkv @ Wt] + [None] * (len(node.inputs) - 1)
+        gx = Gqkv @ Wt
+        return [gx if quantized_input is None else gx * quantized_input[0](env)] + [None] * (len(node.inputs) - 1)
 
     return back
 
