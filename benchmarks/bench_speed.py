@@ -127,8 +127,9 @@ def run_peak_mb() -> float:
     return float("nan")
 
 
-def timed(fn, repeats: int, budget_s: float) -> tuple[float, list[float]]:
-    fn()  # warm-up
+def timed(fn, repeats: int, budget_s: float, warmup: bool = True) -> tuple[float, list[float]]:
+    if warmup:
+        fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeats and (len(times) < 2 or time.perf_counter() - start < budget_s):
@@ -288,7 +289,7 @@ def worker(req: dict) -> dict:
         for seq in req["seqs"]:
             ids = make_ids(spec, batch, seq)
             rss_before = rss_mb()
-            med, times = timed(lambda: run(ids), req["repeats"], req["budget_s"])
+            med, times = timed(lambda: run(ids), req["repeats"], req["budget_s"], req.get("warmup", True))
             rows.append(dict(batch=batch, seq=seq, median_s=med, min_s=min(times), times_s=times,
                              rss_before_mb=rss_before, peak_mb=max(load_peak, peak_mb()), run_peak_mb=run_peak_mb()))
     return {"rows": rows}
@@ -434,8 +435,9 @@ def speed_table(name: str, spec: dict, threads: int, variants: list[str], args, 
 
 
 def long_table(name: str, spec: dict, threads: int, variants: list[str], args, gpu_skip) -> dict:
-    """Every (batch, tokens) point of every variant in its own process: time (median of up to 2 runs after a
-    warm-up) and peak memory; LXT skipped where its estimated need exceeds ``--lxt-limit``."""
+    """Every (batch, tokens) point of every variant in its own process: time (up to 2,048 tokens in all: median
+    of 2 runs after a warm-up; longer: one run, no warm-up) and peak memory; LXT skipped where its estimated need
+    exceeds ``--lxt-limit``."""
     points = [tuple(int(x) for x in p.split("x")) for p in args.long_points.split(",")]
     rows = []
     for batch, seq in points:
@@ -446,7 +448,9 @@ def long_table(name: str, spec: dict, threads: int, variants: list[str], args, g
                                            f"--lxt-limit {args.lxt_limit:.0f} GB"}
                 continue
             t = time.perf_counter()
-            out = run_worker(_req(name, variant, [seq], [batch], threads, args, repeats=2 if seq <= 2048 else 1))
+            short = seq * batch <= 2048
+            req = _req(name, variant, [seq], [batch], threads, args, repeats=2 if short else 1)
+            out = run_worker(dict(req, warmup=short))
             row[variant] = out.get("rows", [out])[0]
             print(f"  {name} {batch}x{seq} {variant}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         rows.append(row)

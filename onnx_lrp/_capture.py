@@ -28,14 +28,12 @@ from ._device import CPU, Device, check_session
 from ._graph import Graph
 from ._stream import copy_without_initializers, is_weight
 from ._inputs import ort_failure, quiet_run
-from .errors import ModelLoadError, ResourceError
+from .errors import ModelLoadError
 from .ops.attention_blocks import Block
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
 # session options given external initializers: id -> (options, names, OrtValues kept alive)
 _EXTERNAL: dict[int, tuple[Any, set, list]] = {}
-# how onnxruntime reports an allocation that failed
-_ALLOCATION_FAILURES = ("Failed to allocate memory", "bad_alloc", "BFCArena", "out of memory")
 # com.microsoft ops that pre-pack their constant inputs when the session is created
 _PREPACKING_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 
@@ -237,10 +235,6 @@ class ForwardCapture:
         try:
             session.run_with_iobinding(binding, quiet_run())
         except Exception as exc:  # onnxruntime raises its own exception types
-            if isinstance(exc, MemoryError) or any(m in str(exc) for m in _ALLOCATION_FAILURES):
-                sizes = {k: tuple(v.shape) for k, v in feeds.items()}
-                raise ResourceError(f"{self.graph.source}: onnxruntime ran out of memory on inputs of shapes {sizes} "
-                                    f"({exc}); explain fewer tokens or a smaller batch") from exc
             raise ort_failure(self.graph, feeds, exc) from exc
         return binding.get_outputs()
 

@@ -15,7 +15,7 @@ was given (the table of checks: ``docs/errors.md``).
    are evaluated by a small onnxruntime session over the graph's integer and shape arithmetic (no weights).
 
 :func:`ort_failure` turns an onnxruntime failure during a run into an ``InputError`` that names the node and the
-inputs it reads.
+inputs it reads (a ``ResourceError`` when an allocation failed).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ._graph import Graph, GraphInput, Node
-from .errors import InputError
+from .errors import InputError, ResourceError
 
 # inputs whose values are attention masks (transformers' names): 0/1, at least one 1 per row
 MASK_INPUTS = ("attention_mask", "decoder_attention_mask", "encoder_attention_mask")
@@ -592,12 +592,20 @@ _NODE = re.compile(r"running (\S+) node\. Name:'([^']*)'")
 _CXX = re.compile(r"/onnxruntime_src/\S+:\d+\s+(?:[\w:<>,*& ]+?\([^()]*\)(?:\s*const)?\s+)?")
 
 
-def ort_failure(graph: Graph, feeds: Mapping[str, np.ndarray], exc: Exception) -> InputError:
+# how onnxruntime reports an allocation that failed
+_ALLOCATION_FAILURES = ("Failed to allocate memory", "bad_alloc", "BFCArena", "out of memory")
+
+
+def ort_failure(graph: Graph, feeds: Mapping[str, np.ndarray], exc: Exception) -> InputError | ResourceError:
     """An :class:`InputError` for an onnxruntime failure during a run: the node and its op type, the graph inputs
-    the node reads (with their shapes), and onnxruntime's message without its source locations."""
+    the node reads (with their shapes), and onnxruntime's message without its source locations; a
+    :class:`ResourceError` for an allocation that failed (the inputs are too large for the memory, not wrong)."""
     text = str(exc)
     text = text.split("Status Message:", 1)[-1] if "Status Message:" in text else text
     text = _CXX.sub("", text).strip()
+    if isinstance(exc, MemoryError) or any(m in text for m in _ALLOCATION_FAILURES):
+        return ResourceError(f"{graph.source}: onnxruntime ran out of memory on inputs of shapes {_shapes(feeds)} "
+                             f"({text}); explain fewer tokens or a smaller batch")
     m = _NODE.search(str(exc))
     if m is None:
         return InputError(f"{graph.source}: onnxruntime failed on inputs {_shapes(feeds)}: {text}")

@@ -93,7 +93,7 @@ class Explainer:
         the relevance pass's products with the weights (:mod:`onnx_lrp._kernels`, onnxruntime's MLAS kernels);
         default: the cores this process may use. The two passes run one after the other, so they never compete
         for the cores. numpy's BLAS, left with the small attention products, runs one thread (with two, OpenBLAS
-        made the relevance pass 6.5x slower on the shared 2-core machine: docs/performance.md).
+        made explanations up to 22x slower on the shared 2-core machine: docs/performance.md).
     blas_threads
         deprecated (use ``threads``): numpy BLAS threads during the relevance pass (default 1).
     memory_budget

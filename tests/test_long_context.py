@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_lrp import Explainer, ResourceError
+from onnx_lrp import Explainer, InputError, ResourceError
+from onnx_lrp._inputs import ort_failure
 from onnx_lrp.errors import OnnxLrpError
 
 from _support import rel_err, tiny_model
@@ -145,3 +146,18 @@ def test_onnxruntime_allocation_failure_is_a_resource_error(monkeypatch):
     monkeypatch.setattr(ex._capture, "session", Failing())
     with pytest.raises(ResourceError, match=r"ran out of memory on inputs of shapes .*input_ids.*\(2, 12\)"):
         ex.explain(_feeds(ex, 12))
+
+
+def test_run_failures_are_resource_errors_only_when_an_allocation_failed():
+    """``ort_failure`` (every onnxruntime run failure goes through it): an allocation that failed -> ResourceError;
+    anything else -> InputError naming the node."""
+    ex = Explainer(tiny_model("llama")[1])
+    feeds = {"input_ids": np.zeros((2, 12), np.int64)}
+    alloc = ort_failure(ex.graph, feeds, RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to "
+                                                      "allocate memory for requested buffer of size 2916000000"))
+    assert isinstance(alloc, ResourceError) and "'input_ids' (2, 12)" in str(alloc)
+    assert isinstance(ort_failure(ex.graph, feeds, MemoryError()), ResourceError)
+    other = ort_failure(ex.graph, feeds, RuntimeError("Non-zero status code returned while running Gather node. "
+                                                      "Name:'nowhere' Status Message: indices out of range"))
+    assert isinstance(other, InputError) and not isinstance(other, ResourceError)
+    assert "'nowhere' (Gather)" in str(other)
