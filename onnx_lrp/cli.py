@@ -121,6 +121,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     by_rule = Counter(repr(an.rules[n]) for n in an.kinds if n not in an.region_of)
     by_rule.update(repr(r.rule) + " (unary regions)" for r in an.regions.values())
     print("rules: " + ", ".join(f"{k}: {v}" for k, v in by_rule.most_common()))
+    _inspect_selectors(graph, an)
     if an.unsupported:
         print("\nUNSUPPORTED op types on the relevance path (no LRP rule):")
         for op, names in sorted(an.unsupported.items()):
@@ -128,6 +129,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 1
     print("all relevance-carrying ops have rules")
     return 0
+
+
+def _inspect_selectors(graph, analysis) -> None:
+    from .latent import describe, find_layers
+
+    print(describe(find_layers(graph, analysis)))
 
 
 # ---------------------------------------------------------------------------------------------- explain

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -11,7 +11,7 @@ import onnx
 from ._analysis import Analysis, analyse, graph_output_is_float
 from ._capture import ForwardCapture
 from ._device import Device, resolve_device
-from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
+from ._engine import Env, Plan, blas_threads, compile_plan, conditionable, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
 from .composites import Composite, get_composite
@@ -31,7 +31,8 @@ class Explanation:
     batch element a target axis follows the batch axis: ``(batch, targets, ...)``.
     ``embedding_relevance[input]``: the un-summed ``(batch, seq, hidden)`` relevance of token inputs.
     ``outputs``: the forward outputs. ``score``: the explained quantity ``sum(w * y)`` per batch element
-    (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors.
+    (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors;
+    ``activations[name]``: their forward values.
     """
 
     relevance: dict[str, np.ndarray]
@@ -40,6 +41,7 @@ class Explanation:
     target: np.ndarray | None
     position: np.ndarray | None
     latent: dict[str, np.ndarray] = field(default_factory=dict)
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
     embedding_relevance: dict[str, np.ndarray] = field(default_factory=dict)
     output: str = ""
 
@@ -142,6 +144,7 @@ class Explainer:
         output: str | None = None,
         output_relevance: np.ndarray | None = None,
         collect: Sequence[str] = (),
+        conditions: Mapping[str, Any] | None = None,
         as_numpy: bool = True,
     ) -> Explanation:
         """Explain ``output`` at ``target`` (class/token id) and ``position`` (sequence index).
@@ -153,6 +156,10 @@ class Explainer:
         output_relevance: start weights ``w`` replacing the one-hot: ``R_out = w * y`` (e.g. ``+1``/``-1``
             for a contrastive explanation); the output's shape, or ``(k,) + shape`` for k explanations.
         collect: intermediate tensor names whose relevance is returned in ``latent``.
+        conditions: tensor name -> mask (an array, or a function of the gradient): only the relevance flowing
+            through the tensor's unmasked entries reaches the inputs (conditional relevance). The mask multiplies
+            the tensor's modified gradient, of shape ``(k,) + tensor shape`` with k targets. See
+            :mod:`onnx_lrp.latent`.
         as_numpy: return numpy arrays (default); ``False`` keeps CuPy arrays on ``device="cuda"``.
         """
         output = output or self.default_output
@@ -166,6 +173,13 @@ class Explainer:
                 )
         feeds = self.prepare_inputs(inputs)
         plan = self._plan(output, collect)
+        conditions = dict(conditions or {})
+        if conditions:
+            reachable = conditionable(plan)
+            bad = [n for n in conditions if n not in reachable]
+            if bad:
+                raise TargetError(f"conditions: tensor(s) {bad} are not on the relevance path of output {output!r} "
+                                  "(not in the graph, constants for the rules, or inside a fused activation)")
         xp, dtype = self.xp, self.dtype
         dynamic = [v for v in plan.values if v not in self._static and v not in feeds]
         static_now = [v for v in dynamic if v in self.graph.static]
@@ -187,20 +201,22 @@ class Explainer:
         env = Env(xp, dtype, lead, run_values, shapes, self._static)
         w = xp.asarray(w, dtype=dtype)
         with blas_threads(xp, self.blas_threads):
-            grads = run_plan(plan, env, {output: w})
+            grads = run_plan(plan, env, {output: w}, {k: _as_condition(xp, dtype, m) for k, m in conditions.items()})
         # score = sum(w * y) per batch element (and target), without a temporary of the output's size
         w2 = w.reshape(w.shape[: lead + 1] + (-1,))
         score = xp.einsum("...bn,bn->...b", w2, xp.asarray(y, dtype=dtype).reshape(w2.shape[lead], -1))
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
-        latent = {}
+        latent, activations = {}, {}
         for name in collect:
             g = grads.get(name)
             t = env[name]
             latent[name] = _batch_first(t * g if g is not None else xp.zeros_like(t), lead)
+            activations[name] = t
         host = to_numpy if as_numpy else (lambda a: a)
         relevance = {k: host(v) for k, v in relevance.items()}
         emb_rel = {k: host(v) for k, v in emb_rel.items()}
         latent = {k: host(v) for k, v in latent.items()}
+        activations = {k: host(v) for k, v in activations.items()}
         outputs = {k: host(v) for k, v in outputs.items()}
         score = host(_batch_first(score, lead))
         return Explanation(
@@ -210,6 +226,7 @@ class Explainer:
             target=tgt,
             position=pos,
             latent=latent,
+            activations=activations,
             embedding_relevance=emb_rel,
             output=output,
         )
@@ -439,6 +456,13 @@ def last_token(feeds: Mapping[str, np.ndarray], batch: int, seq: int) -> np.ndar
     idx = np.arange(seq)[None, :]
     last = np.where(m > 0, idx, -1).max(-1)
     return np.where(last < 0, seq - 1, last)
+
+
+def _as_condition(xp: Any, dtype: Any, mask: Any) -> Callable[[Any], Any]:
+    if callable(mask):
+        return mask
+    m = xp.asarray(mask, dtype=dtype)
+    return lambda g: g * m
 
 
 def _batch_first(a: Any, lead: int) -> Any:
