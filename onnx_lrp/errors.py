@@ -44,3 +44,8 @@ class InputError(OnnxLrpError, ValueError):
 
 class TargetError(OnnxLrpError, ValueError):
     """The target, position or output to explain is invalid."""
+
+
+class DatasetError(OnnxLrpError):
+    """A corpus run cannot go on: a bad row with ``on_error="fail"``, an output folder holding another run, a
+    worker that keeps failing."""
