@@ -330,6 +330,18 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
     return _run_dataset(job, args)
 
 
+def cmd_concepts(args: argparse.Namespace) -> int:
+    from .concepts import ConceptsJob
+
+    job = ConceptsJob(_model_path(args.model, args.cache), args.layers, args.composite,
+                      target=_int_or_str(args.target), top_k=args.top_k, window=args.window,
+                      atlas_units=args.atlas_units, on_error=args.on_error, max_tokens=args.max_tokens)
+    code = _run_dataset(job, args)
+    if code == 0:
+        message(f"wrote {Path(args.out) / 'concepts.parquet'} and {Path(args.out) / 'atlas.html'}")
+    return code
+
+
 def _add_corpus_commands(sub, fmt) -> None:
     t = sub.add_parser("latent", help="most relevant neurons/heads of chosen layers; relevance through them",
                        formatter_class=fmt, description="Explain TEXT's prediction and list, per chosen layer "
@@ -362,6 +374,22 @@ def _add_corpus_commands(sub, fmt) -> None:
     d.add_argument("--latent", nargs="+", metavar="SEL", help="also store the top-k units of these selectors")
     d.add_argument("--top-k", type=int, default=10, help="units stored per selector (default %(default)s)")
     d.set_defaults(func=cmd_explain_dataset)
+
+    c = sub.add_parser("concepts", help="reference samples (ActMax / RelMax) of every neuron over a corpus; atlas",
+                       formatter_class=fmt, description="For every unit of the --layers (mlp:12: MLP neurons, "
+                       "resid:8: stream dimensions, head:12: heads), find the corpus samples where it is most "
+                       "active (ActMax) and most relevant for the prediction (RelMax), with the token window around "
+                       "the position. Writes OUT/concepts.parquet (with per-unit corpus statistics) and a "
+                       "searchable OUT/atlas.html. Runs on Ray like explain-dataset, resumable.",
+                       epilog="example:\n  onnx-lrp concepts smollm2 wiki.txt --layers mlp:20 --out atlas/ "
+                       "--workers 2")
+    _dataset_job_args(c)
+    c.add_argument("--layers", nargs="+", required=True, metavar="SEL", help="selectors (onnx-lrp inspect lists them)")
+    c.add_argument("--top-k", type=int, default=10, help="reference samples per unit and score (default %(default)s)")
+    c.add_argument("--window", type=int, default=8, help="tokens kept each side of the position (default %(default)s)")
+    c.add_argument("--atlas-units", type=int, default=200, help="units per layer on the atlas page, by corpus "
+                   "relevance (default %(default)s)")
+    c.set_defaults(func=cmd_concepts)
 
 
 # ---------------------------------------------------------------------------------------------- parser

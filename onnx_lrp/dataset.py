@@ -214,6 +214,9 @@ class Job:
     def process(self, items: list[Any]) -> Any:
         raise NotImplementedError
 
+    def finish(self, out: Path, shards: int, data: str) -> None:
+        """Runs once all ``shards`` of the input are written (a reduction over them)."""
+
 
 @dataclass
 class RunSummary:
@@ -256,7 +259,7 @@ def run(job: Job, data: str | os.PathLike, out: str | os.PathLike, *, shard_size
         summary.written += 1
         if "error" in table.column_names:
             summary.errors += table.num_rows - table.column("error").null_count
-        bar.update(table.num_rows)
+        bar.update(min(shard_size, total - index * shard_size))
 
     try:
         if workers <= 0:
@@ -267,6 +270,8 @@ def run(job: Job, data: str | os.PathLike, out: str | os.PathLike, *, shard_size
             run_on_ray(job, todo, write, workers, address=address, options=ray_options)
     finally:
         bar.close()
+    if all(shard_path(out, i).is_file() for i in range(n_shards)):
+        job.finish(out, n_shards, str(data))
     return summary
 
 

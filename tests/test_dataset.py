@@ -15,41 +15,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from onnx_lrp.dataset import DatasetError, ExplainJob, read_results, read_rows, run
 from onnx_lrp.text import TextExplainer
 
-from _support import tiny_model
+from _corpus import texts
 
 HERE = Path(__file__).parent
 
 
-def _texts(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.RandomState(seed)
-    return [" ".join(f"t{i}" for i in rng.randint(3, 120, size=rng.randint(2, 12))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory) -> Path:
-    """The tiny Llama with a word-level tokenizer over its vocabulary ("t0" .. "t127")."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    _, path = tiny_model("llama")
-    d = tmp_path_factory.mktemp("tinytext")
-    (d / "model.onnx").symlink_to(path)
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(d / "tokenizer.json"))
-    return d / "model.onnx"
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
-    texts = _texts(20)
+    rows = texts(20)
     p = tmp_path_factory.mktemp("corpus") / "rows.jsonl"
-    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return p, texts
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    return p, rows
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +37,6 @@ def reference(text_model, corpus):
     """TextExplainer.explain on each row, one by one."""
     tx = TextExplainer(text_model)
     return [tx.explain(t) for t in corpus[1]]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for all tests of this module (2 CPUs); workers import the tests folder too."""
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024)
-    yield
-    ray.shutdown()
 
 
 def _assert_same(table: pa.Table, reference, rows=None) -> None:
@@ -181,7 +152,7 @@ def test_batched_rows_and_latent_top_k(ray_session, text_model, corpus, referenc
 
 def test_bad_rows_skip_or_fail(ray_session, text_model, tmp_path):
     data = tmp_path / "bad.jsonl"
-    good = _texts(6, seed=2)
+    good = texts(6, seed=2)
     lines = [json.dumps({"text": good[0]}), json.dumps({"text": good[1]}), "{not json", json.dumps({"text": ""}),
              json.dumps({"text": good[2]}), json.dumps({"input_ids": [5, 500, 6]}), json.dumps({"text": good[3]})]
     data.write_text("\n".join(lines) + "\n")
@@ -201,9 +172,9 @@ def test_bad_rows_skip_or_fail(ray_session, text_model, tmp_path):
 
 
 def test_ctrl_c_on_the_cli_leaves_complete_shards_and_resumes(text_model, tmp_path):
-    texts = _texts(60, seed=5)
+    rows = texts(60, seed=5)
     data = tmp_path / "rows.txt"
-    data.write_text("\n".join(texts) + "\n")
+    data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "onnx_lrp", "explain-dataset", str(text_model), str(data), "--out", str(out),
            "--workers", "0", "--shard-size", "1", "--quiet"]
@@ -222,4 +193,4 @@ def test_ctrl_c_on_the_cli_leaves_complete_shards_and_resumes(text_model, tmp_pa
     assert done.returncode == 0, done.stderr
     assert f"{len(written)} already complete" in done.stderr
     d = read_results(out).to_pydict()
-    assert d["row"] == list(range(60)) and d["text"] == texts
+    assert d["row"] == list(range(60)) and d["text"] == rows
