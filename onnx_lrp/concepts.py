@@ -334,8 +334,8 @@ h1{font-size:1.3em;margin:0 0 .2em} .sub{color:#666;font-size:.9em;margin-bottom
 .unit h2{font-size:1em;margin:.1em 0 .4em} .stat{color:#666;font-weight:normal;font-size:.85em}
 .cols{display:flex;gap:1.5em;flex-wrap:wrap} .col{flex:1;min-width:28em}
 .col h3{font-size:.85em;color:#555;margin:.2em 0} .ex{font-family:ui-monospace,monospace;font-size:.82em;
-white-space:pre;margin:.12em 0;overflow:hidden;text-overflow:ellipsis}
-.ex .sc{display:inline-block;width:5.5em;color:#888} .t{padding:0 1px;border-radius:2px}
+white-space:pre-wrap;margin:.15em 0 .15em 5.5em;text-indent:-5.5em}
+.ex .sc{display:inline-block;width:5.5em;text-indent:0;color:#888} .t{padding:0 1px;border-radius:2px}
 .t.hi{outline:2px solid #000} #more{margin:1em 0;font-size:1em}
 </style></head><body>
 <h1>@TITLE@</h1><div class="sub">@SUBTITLE@</div>

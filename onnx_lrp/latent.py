@@ -217,11 +217,15 @@ class _Finder:
                 return False
             if p.op_type == "Softmax":
                 return True
-            ins = [i for i in p.inputs if i and i in self.carrying]
-            if len(ins) != 1:
+            t = self.only_input(p)
+            if t is None:
                 return False
-            t = ins[0]
         return False
+
+    def only_input(self, p: Node) -> str | None:
+        """The one carrying input of ``p`` (None if it has several or none)."""
+        ins = [i for i in p.inputs if i and i in self.carrying]
+        return ins[0] if len(ins) == 1 else None
 
     # ------------------------------------------------------------------ sums
     def sums(self) -> list[_Sum]:
@@ -293,10 +297,10 @@ class _Finder:
             p = self.g.producer.get(t)
             if p is None or p.op_type not in _RESHAPES or len(self.g.consumers.get(t, [])) != 1:
                 break
-            nxt = [i for i in p.inputs if i and i in self.carrying]
-            if len(nxt) != 1:
+            nxt = self.only_input(p)
+            if nxt is None:
                 break
-            t = nxt[0]
+            t = nxt
         axis = 1 if m.op_type in ("Conv", "ConvTranspose") else -1
         return t, axis
 
@@ -314,12 +318,9 @@ class _Finder:
                 perm = list(p.attr("perm") or [])
                 if len(perm) == 4:  # (B, H, S, D) -> (B, S, H, D): heads on the input's axis perm[2]
                     return p.inputs[0], perm[2] - 4, None
-            if p.op_type not in _MOVES:
+            t = self.only_input(p) if p.op_type in _MOVES else None
+            if t is None:
                 return None
-            nxt = [i for i in p.inputs if i and i in self.carrying]
-            if len(nxt) != 1:
-                return None
-            t = nxt[0]
         return None
 
 
