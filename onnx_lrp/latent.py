@@ -21,8 +21,8 @@ data movement; a branch that merges several paths before it, a mixture of expert
 and, for heads, further back through the ``Transpose`` that merges heads (or to a fused attention op's
 ``num_heads``).
 
-On a site, per explanation (Eq. refs: AttnLRP, Achtibat et al. 2024): the relevance of unit ``u`` is
-``R_u = sum_p R_{p,u}`` over positions ``p`` (a head sums over its output features too, Sec. 4.3); conditional
+On a site, per explanation: the relevance of unit ``u`` is ``R_u = sum_p R_{p,u}`` over positions ``p`` (a head
+sums over its output features too, as AttnLRP's Sec. 4.3 does for heads); conditional
 relevance ("relevance through a concept", CRP) keeps only the part of the modified gradient at the site that flows
 through chosen units: ``R_x(u) = x * G_x`` with ``G_site`` masked to ``u`` (linear in ``G``, so the conditional
 heatmaps of all units of a site sum to the relevance that flows through the site).
@@ -35,11 +35,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ._analysis import FUSED_ATTENTION_OPS, LINEAR_OPS, Analysis, propagate
+from ._engine import SUM_OPS
 from ._graph import Graph, Node
 from .errors import TargetError
 from .explainer import Explainer, Explanation, last_token
 
-SUM_OPS = ("Add", "Sub", "Sum")
 SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 # single-input data movement a head output passes on its way to the output projection
 _MOVES = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Dropout"}
@@ -51,7 +51,7 @@ class Site:
     """A named layer: the graph tensor it reads and how its units lie in that tensor.
 
     ``axis``: the unit axis of the tensor (neurons, stream dimensions; heads-first attention outputs: the head
-    axis), negative from the end. ``heads``: for attention outputs whose heads are packed in the last axis (fused
+    axis), negative from the end, or 1 for the channels of a convolution's input. ``heads``: for attention outputs whose heads are packed in the last axis (fused
     attention ops), the number of heads (``axis`` is then -1 and ``D = features / heads``).
     """
 
@@ -101,9 +101,8 @@ class _Sum:
     skip: str
     branches: list[str]
     node: Node
-    kinds: set[str] = field(default_factory=set)  # "attn" / "mlp" per branch
-    attn: list[str] = field(default_factory=list)
-    mlp: list[str] = field(default_factory=list)
+    attn: list[str] = field(default_factory=list)  # the branch terms that hold attention
+    mlp: list[str] = field(default_factory=list)  # the others
 
 
 class _Finder:
@@ -413,11 +412,14 @@ def _final_stream(f: _Finder, chain: list[_Sum]) -> str | None:
         return last.out
     a, b = chain[-2], chain[-1]
     ops = sorted(n.op_type for n in f.between(a.out, b.skip))
-    # candidates: tensors after the last sum reached by the same multiset of ops
-    for n in f.g.nodes[last.node.index + 1:]:
-        for o in n.outputs:
-            if o and o in f.carrying and len(ops) and sorted(x.op_type for x in f.between(last.out, o)) == ops:
-                return o
+    # candidates: tensors a few steps after the last sum, in topological order, reached by the same ops
+    near, frontier = set(), [last.out]
+    for _ in range(len(ops) + 2):
+        frontier = [v for u in frontier for v in f.succs(u) if v not in near]
+        near.update(frontier)
+    for o in sorted(near, key=f.index):
+        if ops and sorted(x.op_type for x in f.between(last.out, o)) == ops:
+            return o
     return None
 
 
