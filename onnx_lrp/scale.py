@@ -9,13 +9,14 @@ nothing and no row appears twice.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Iterator
 
 import ray
 
 from .dataset import Job, Row
-from .errors import DatasetError
+from .errors import DatasetError, OnnxLrpError
 
 # a small object store: shards are small, and this machine's memory is shared (Ray's default takes 30% of RAM)
 LOCAL_OBJECT_STORE = 256 * 1024 * 1024
@@ -23,13 +24,15 @@ LOCAL_OBJECT_STORE = 256 * 1024 * 1024
 
 class _Worker:
     def __init__(self, job: Job):
-        self.job = job
-        job.setup()
-
-    def pid(self) -> int:
-        return os.getpid()
+        self.job, self.failed = job, None
+        try:
+            job.setup()
+        except OnnxLrpError as err:  # a bad model or selector: reported by the first shard, not retried as a crash
+            self.failed = err
 
     def process(self, index: int, items: list[Any]) -> tuple[int, Any]:
+        if self.failed is not None:
+            raise self.failed
         return index, self.job.process(items)
 
 
@@ -38,9 +41,9 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  object_store_memory=LOCAL_OBJECT_STORE)
     return True
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from onnx_lrp import TargetError
 from onnx_lrp.dataset import DatasetError, ExplainJob, read_results, read_rows, run
 from onnx_lrp.text import TextExplainer
 
@@ -194,3 +195,11 @@ def test_ctrl_c_on_the_cli_leaves_complete_shards_and_resumes(text_model, tmp_pa
     assert f"{len(written)} already complete" in done.stderr
     d = read_results(out).to_pydict()
     assert d["row"] == list(range(30)) and d["text"] == rows
+
+
+def test_a_bad_selector_fails_the_run_with_its_message(ray_session, text_model, corpus, tmp_path):
+    """An error in a worker's setup (here: a layer the model does not have) ends the run with that error, not as
+    a worker crash retried by Ray."""
+    with pytest.raises(TargetError, match="selector 'mlp:9': this model offers"):
+        run(ExplainJob(text_model, latent=["mlp:9"]), corpus[0], tmp_path / "x", workers=1, progress=False)
+    assert not list((tmp_path / "x").glob("shard-*"))

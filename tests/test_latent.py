@@ -161,3 +161,28 @@ def test_conditioned_explain_and_errors():
     mask[5] = 1
     r = ex.explain(feeds, collect=[t], conditions={t: mask})
     assert np.abs(r.latent[t][..., :5]).max() == 0 and np.abs(r.latent[t][..., 5]).max() > 0
+
+
+def test_cli_latent_and_inspect(text_model, tmp_path, capsys):
+    from onnx_lrp.cli import main
+
+    assert main(["inspect", str(text_model), "--summary"]) == 0
+    out = capsys.readouterr().out
+    assert "latent selectors (2 layers" in out and "resid:0..2" in out and "mlp:0..1" in out and "head:0..1" in out
+    js = tmp_path / "latent.json"
+    code = main(["latent", str(text_model), "t5 t9 t17 t33", "--layers", "mlp:1", "head:0", "--top-k", "3",
+                 "--through", "head:0", "--units", "0,2", "--json", str(js), "--no-color"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "mlp:1: most relevant neurons:" in out and "relevance through head:0 unit 2" in out
+    report = json.loads(js.read_text())
+    lat = LatentExplainer(Explainer(text_model))
+    ids = np.asarray([[5, 9, 17, 33]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    top, val = lat.explain(feeds, ["mlp:1"]).top("mlp:1", 3)
+    assert report["layers"]["mlp:1"]["units"] == top[0].tolist()
+    np.testing.assert_allclose(report["layers"]["mlp:1"]["relevance"], val[0], rtol=1e-6)
+    cond = lat.conditional(feeds, "head:0", [0, 2]).relevance["input_ids"][0]
+    np.testing.assert_allclose(report["conditional"]["2"], cond[1], rtol=1e-6, atol=1e-9)
+    assert main(["latent", str(text_model), "t5 t9", "--layers", "mlp:9"]) == 1  # a clear error, no traceback
+    assert "this model offers" in capsys.readouterr().err
