@@ -4,7 +4,9 @@ runner in this process, on 1 Ray actor and on 2 Ray actors, on the same corpus a
 Each configuration runs in its own process (fresh memory, fresh Ray), in the order given and then reversed
 (``--repeats`` rounds), so that a change of load on the shared machine affects every configuration alike; the table
 gives the median per configuration. ``wall`` counts everything from the start of the process's work (model load,
-Ray start-up, actors loading their model); ``rows/s`` is rows / wall. The model load alone is measured in the loop.
+Ray start-up, actors loading their model); ``rows/s`` is rows / wall. ``steady rows/s`` leaves the start-up out: the
+loop's rows over its time after the model load; a runner's rows after its first shard over the time from the first
+shard file written to the last (file modification times).
 
     python benchmarks/bench_dataset.py [--rows 64] [--configs loop,here,ray1,ray2] [--repeats 2] [--batch-size 1]
 """
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIGS = ("loop", "here", "ray1", "ray2")
+SHARD = 8  # rows per shard
 
 
 def one(config: str, model: str, data: Path, batch_size: int, out: Path) -> dict:
@@ -47,11 +50,17 @@ def one(config: str, model: str, data: Path, batch_size: int, out: Path) -> dict
         rel = [tx.explain(text).relevance for text in rows]
         wall = time.perf_counter() - t0
         np.savez(out / "loop.npz", *rel)
-        return {"config": config, "rows": len(rows), "wall_s": wall, "load_s": loaded - t0}
+        return {"config": config, "rows": len(rows), "wall_s": wall, "load_s": loaded - t0,
+                "steady_rows_s": len(rows) / (wall - (loaded - t0))}
     workers = {"here": 0, "ray1": 1, "ray2": 2}[config]
     shutil.rmtree(out / config, ignore_errors=True)
-    run(ExplainJob(model, batch_size=batch_size), data, out / config, shard_size=8, workers=workers, progress=False)
-    return {"config": config, "rows": len(rows), "wall_s": time.perf_counter() - t0}
+    run(ExplainJob(model, batch_size=batch_size), data, out / config, shard_size=SHARD, workers=workers,
+        progress=False)
+    wall = time.perf_counter() - t0
+    # steady state: the rows of all but the first shard over the time from the first shard written to the last
+    written = sorted(f.stat().st_mtime for f in (out / config).glob("shard-*.parquet"))
+    steady = (len(rows) - SHARD) / (written[-1] - written[0]) if len(written) > 2 else float("nan")
+    return {"config": config, "rows": len(rows), "wall_s": wall, "steady_rows_s": steady}
 
 
 def max_difference(out: Path, config: str) -> tuple[float, bool]:
@@ -104,13 +113,16 @@ def main() -> None:
         print(f"\n{a.rows} Wikipedia sentences, {Path(a.model).parent.parent.name}, batch size {a.batch_size}, "
               f"os.cpu_count() = {os.cpu_count()}, load average at the end {os.getloadavg()[0]:.1f}; median of "
               f"{a.repeats}\n")
-        print(f"| configuration | wall s (incl. start-up) | rows/s | speed vs {configs[0]} |")
-        print("|---|---|---|---|")
+        print(f"| configuration | wall s (incl. start-up) | rows/s | speed vs {configs[0]} | steady rows/s | "
+              f"steady speed vs {configs[0]} |")
+        print("|---|---|---|---|---|---|")
         names = {"loop": "plain loop of TextExplainer.explain", "here": "runner, this process (--workers 0)",
                  "ray1": "runner, 1 Ray actor", "ray2": "runner, 2 Ray actors"}
+        steady0 = statistics.median(r["steady_rows_s"] for r in results[configs[0]])
         for c in configs:
             w = statistics.median(r["wall_s"] for r in results[c])
-            print(f"| {names[c]} | {w:.1f} | {a.rows / w:.2f} | {base / w:.2f}x |")
+            st = statistics.median(r["steady_rows_s"] for r in results[c])
+            print(f"| {names[c]} | {w:.1f} | {a.rows / w:.2f} | {base / w:.2f}x | {st:.2f} | {st / steady0:.2f}x |")
         if "loop" in results:
             print(f"\nmodel load (loop): {statistics.median(r['load_s'] for r in results['loop']):.1f} s")
             for c in configs:

@@ -316,7 +316,7 @@ def _run_dataset(job, args) -> int:
         print(f"onnx-lrp: interrupted: {n} complete shard(s) in {args.out}; run the same command again to resume",
               file=sys.stderr)
         return 130
-    message(f"{summary.out}: {summary.rows} rows in {summary.shards} shards ({summary.written} written, "
+    message(f"{summary.out}: {summary.rows} rows in {summary.shards} shard(s) ({summary.written} written, "
             f"{summary.skipped} already complete); {summary.errors} row(s) stored with an error in this run")
     return 0
 

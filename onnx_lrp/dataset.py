@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, InputError, OnnxLrpError
+from .errors import DatasetError, InputError, OnnxLrpError, TargetError
 from .progress import counter
 
 MANIFEST = "manifest.json"
@@ -242,7 +242,7 @@ def run(job: Job, data: str | os.PathLike, out: str | os.PathLike, *, shard_size
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, {"job": job.name, "config": job.config(), "shard_size": shard_size,
-                          "input": str(data), "fingerprint": fingerprint(data), "text_column": text_column})
+                          "input": str(Path(data).absolute()), "fingerprint": fingerprint(data), "text_column": text_column})
     for stale in glob.glob(str(out / ".shard-*.tmp-*")):  # a run stopped while writing
         os.remove(stale)
     total = count_rows(data, text_column)
@@ -285,8 +285,8 @@ def _check_manifest(out: Path, want: dict) -> None:
     path = out / MANIFEST
     if path.is_file():
         have = json.loads(path.read_text())
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k) and k != "input")
+        if diff:  # the input is known by its bytes (it may have moved)
             raise DatasetError(f"{out}: holds a run with another {', '.join(diff)} ({path}); resume it with the "
                                "same arguments and input, or write to another folder")
         return
@@ -397,7 +397,7 @@ class TextJob(Job):
     def feeds(self, batch: list[list[int]]) -> dict[str, Any]:
         """Right-padded ids and mask (one row: exactly the feeds of :meth:`TextExplainer.explain`)."""
         S = max(len(i) for i in batch)
-        pad = self.tx.tokenizer.config.get("pad_token_id") or 0
+        pad = self.tx.config.get("pad_token_id") or 0  # what a sequence classifier looks for (config.json)
         ids = np.full((len(batch), S), pad, dtype=np.int64)
         mask = np.zeros((len(batch), S), dtype=np.int64)
         for k, i in enumerate(batch):
@@ -467,6 +467,9 @@ class ExplainJob(TextJob):
         super().setup()
         from .latent import LatentExplainer
 
+        if self.tx.kind == "encoder":
+            raise TargetError(f"{self.model}: output {self.tx.output!r} is a hidden state, not a prediction to "
+                              "explain per row")
         self.tid = self.tx.resolve_target(self.target)
         self.lat = LatentExplainer(self.tx.explainer) if self.latent else None
         if self.lat is not None:
