@@ -15,6 +15,7 @@ import pytest
 from onnx_lrp import Explainer, TargetError
 from onnx_lrp.latent import LatentExplainer, find_layers
 
+from _graphs import f32, model, node
 from _support import rel_err, tiny_model
 from _variants import mixtral_model, seq2seq_model, variant
 
@@ -135,6 +136,23 @@ def test_conditional_heatmaps_of_a_stream_layer_sum_to_the_heatmap():
         np.testing.assert_allclose(cond.sum(1), full, rtol=1e-5, atol=1e-6 * np.abs(full).max())
     heads = lat.conditional(feeds, "head:0", range(4)).relevance["input_ids"]  # only what flows through heads
     assert not np.allclose(heads.sum(1), full, rtol=1e-2)
+
+
+def test_conditions_keep_only_what_flows_through_by_hand():
+    """y = (x + x A) w with Gradient x Input: conditioning on h = x A with mask m leaves R_x = x * (A (m * w)): the
+    bypass through the residual sum is dropped, the mask applies to the complete gradient of h."""
+    x, A, w = f32(1, 4, seed=1), f32(4, 4, seed=2), f32(4, 1, seed=3)
+    m = model([node("MatMul", ["x", "A"], ["h"]), node("Add", ["x", "h"], ["s"]), node("MatMul", ["s", "w"], ["y"])],
+              {"x": (1, 4)}, {"y": (1, 1)}, {"A": A, "w": w})
+    ex = Explainer(m, "gradient-x-input")
+    mask = np.array([1, 0, 1, 0], np.float32)
+    got = ex.explain({"x": x}, target=0, conditions={"h": mask}).relevance["x"]
+    np.testing.assert_allclose(got, x * (A @ (mask * w[:, 0])), rtol=1e-6)
+    both = [ex.explain({"x": x}, target=0, conditions={"h": mk}).relevance["x"] for mk in (mask, 1 - mask)]
+    direct = x * w[:, 0]  # the bypass, which no condition on h keeps
+    np.testing.assert_allclose(both[0] + both[1] + direct, ex.explain({"x": x}, target=0).relevance["x"], rtol=1e-6)
+    src = ex.explain({"x": x}, target=0, conditions={"x": mask}).relevance["x"]  # on a source: at the end
+    np.testing.assert_allclose(src, mask * ex.explain({"x": x}, target=0).relevance["x"], rtol=1e-6)
 
 
 def test_conditioned_explain_and_errors():
