@@ -239,6 +239,9 @@ def run(job: Job, data: str | os.PathLike, out: str | os.PathLike, *, shard_size
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    _require("pyarrow", "writing Parquet shards")
+    if workers > 0:
+        _require("ray", f"--workers {workers} (Ray actors; --workers 0 runs in this process)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, {"job": job.name, "config": job.config(), "shard_size": shard_size,
@@ -273,6 +276,13 @@ def run(job: Job, data: str | os.PathLike, out: str | os.PathLike, *, shard_size
     if all(shard_path(out, i).is_file() for i in range(n_shards)):
         job.finish(out, n_shards, str(data))
     return summary
+
+
+def _require(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise DatasetError(f"{what} needs {module}: pip install 'onnx-lrp[scale]'")
 
 
 def _run_here(job: Job, todo: Iterator[tuple[int, list[Row]]], write: Callable[[int, Any], None]) -> None:
