@@ -424,7 +424,7 @@ def _final_stream(f: _Finder, chain: list[_Sum]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- read-outs
-def units(site: Site, values: Any, batch_axes: int = 1, reduce: str = "sum") -> np.ndarray:
+def unit_values(site: Site, values: Any, batch_axes: int = 1, reduce: str = "sum") -> np.ndarray:
     """``values`` of a site's tensor as ``lead + (positions, units)``: neurons or heads on the last axis, every
     other axis (sequence, image positions) flattened into positions. Heads sum their output features
     (``reduce="sum"``, for relevance) or take their L2 norm (``"norm"``, the size of a head's output).
@@ -530,41 +530,41 @@ class LatentExplainer:
             raise TargetError("LatentExplainer.explain takes one target per batch element")
         rel, act = {}, {}
         for sel, (site, unit) in resolved.items():
-            r = units(site, res.latent[site.tensor])
-            a = units(site, res.activations[site.tensor], reduce="norm")
+            r = unit_values(site, res.latent[site.tensor])
+            a = unit_values(site, res.activations[site.tensor], reduce="norm")
             if unit is not None:
                 _check_unit(site, unit, r.shape[-1])
                 r, a = r[..., unit:unit + 1], a[..., unit:unit + 1]
             rel[sel], act[sel] = r, a
         return LatentExplanation(res, rel, act, {sel: s for sel, (s, _) in resolved.items()})
 
-    def conditional(self, inputs: Mapping[str, Any], selector: str, units_: Sequence[int] | None = None,
+    def conditional(self, inputs: Mapping[str, Any], selector: str, units: Sequence[int] | None = None,
                     target: Any = None, position: Any = None, *, output: str | None = None,
                     chunk: int = 16) -> ConditionalExplanation:
         """Input heatmaps conditioned on each unit of ``selector`` (CRP): the explained output's relevance that
-        flows through unit ``u`` alone, for every ``u`` in ``units_`` (default: the head a selector names). The
+        flows through unit ``u`` alone, for every ``u`` in ``units`` (default: the head a selector names). The
         units are explained as targets of one batched pass, ``chunk`` at a time."""
         site, unit = self.site(selector)
-        if units_ is None:
+        if units is None:
             if unit is None:
                 raise TargetError(f"conditional: give the units of {selector!r} (neuron or head indices)")
-            units_ = [unit]
-        units_ = [int(u) for u in units_]
-        if not units_:
+            units = [unit]
+        units = [int(u) for u in units]
+        if not units:
             raise TargetError("conditional: no units given")
         ex = self.explainer
         out_name = output or ex.default_output
         feeds = ex.prepare_inputs(inputs)
         tgt, pos = _default_target(ex, feeds, out_name, target, position)
         parts: list[Explanation] = []
-        for c in range(0, len(units_), chunk):
-            block = units_[c:c + chunk]
+        for c in range(0, len(units), chunk):
+            block = units[c:c + chunk]
             k = len(block)
             res = ex.explain(feeds, np.repeat(tgt[:, None], k, 1), None if pos is None else np.repeat(pos[:, None], k, 1),
                              output=out_name, conditions={site.tensor: _unit_mask(ex.xp, site, block)})
             parts.append(res)
         rel = {name: np.concatenate([p.relevance[name] for p in parts], axis=1) for name in parts[0].relevance}
-        return ConditionalExplanation(rel, units_, site, tgt, pos, parts[0].score[:, 0])
+        return ConditionalExplanation(rel, units, site, tgt, pos, parts[0].score[:, 0])
 
 
 def _check_unit(site: Site, unit: int, n: int) -> None:
