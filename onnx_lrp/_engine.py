@@ -13,13 +13,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._analysis import LINEAR_OPS, Analysis
+from ._analysis import Analysis
 from ._graph import Graph
+from ._patterns import epsilon_site
 from .errors import OnnxLrpError
-from .ops import REGISTRY, OpContext
-from .ops.activation import region_backward
-from .ops._base import stabilise
-from .ops.linear import following_bias
+from .ops import OpContext, region_backward, spec_of
 from .rules import Epsilon, Rule
 
 
@@ -31,7 +29,7 @@ class Step:
     inputs: list[str | None]  # carrying inputs, aligned with what ``backward`` returns
     outputs: list[str]
     backward: Callable
-    epsilon: float = 0.0  # eps-LRP modifier on the output gradient (needs the output value)
+    stabilise: bool = False  # eps-LRP on the output gradient: G_z * z / stab(z) (needs the output value)
     eps_bias: Any = None  # bias added to the output for eps-LRP's z (a linear map's bias in the next node)
 
 
@@ -97,7 +95,7 @@ def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:
             found[region.name] = max(n.index for n in region.nodes)
             stack.append(region.x)
             continue
-        if p.name not in analysis.kinds:
+        if p.name not in analysis.decisions:
             continue
         found[p.name] = p.index
         stack.extend(i for i in p.inputs if i and i in analysis.carrying)
@@ -109,38 +107,37 @@ def compile_plan(
 ) -> Plan:
     plan = Plan(output, [])
     by_name = {n.name: n for n in graph.nodes}
-    gate_cache: dict[str, bool] = {}
-
-    def is_gate(t: str) -> bool:
-        return _is_gate(graph, analysis, t, gate_cache)
-
+    kinds = analysis.kinds
     reads: list[set[str]] = []  # values each step reads
     for name in reversed(relevant_nodes(graph, analysis, output)):
         region = analysis.regions.get(name)
         node = by_name[name]
-        rule = region.rule if region is not None else analysis.rules[name]
-        kind = "unary" if region is not None else analysis.kinds[name]
+        decision = analysis.decisions[name]
+        rule = analysis.region_rules[name] if region is not None else decision.rule
         step_values: set[str] = set()
-        ctx = OpContext(graph, node, rule, kind, analysis.carrying, xp, dtype, step_values, plan.shapes, is_gate,
-                        analysis.composite)
-        # a region of several nodes, or of one node whose op computes y = f(x) from x read twice (x * x)
-        if region is not None and (len(region.nodes) > 1 or analysis.kinds.get(name) != "unary"):
+        ctx = OpContext(graph, node, rule, decision.kind, analysis.carrying, xp, dtype, step_values, plan.shapes,
+                        decision.gates, analysis.composite)
+        spec = spec_of(node)
+        # a region of several nodes, or of one node that reads x more than once (x * x)
+        if region is not None and (len(region.nodes) > 1 or [i for i in node.inputs if i in analysis.carrying]
+                                   != [region.x]):
             back = region_backward(ctx, region.x, region.y)
             step_values.update((region.x, region.y))
             plan.steps.append(Step(name, "region", rule, [region.x], [region.y], back))
             reads.append(step_values)
             continue
-        builder = REGISTRY.get(node.op_type)
-        if builder is None:
-            raise OnnxLrpError(f"node {name!r}: no rule for op type {node.op_type}")
-        back = builder(ctx)
+        if spec is None or spec.builder is None:
+            raise OnnxLrpError(f"node {name!r}: no rule for op type {node.op_type} (domain {node.domain or 'ai.onnx'})")
+        back = spec.builder(ctx)
         if back is None:
             continue
-        eps, eps_bias = _epsilon_site(ctx, kind, analysis.kinds)
-        if eps:
+        site, eps_bias = (epsilon_site(graph, node, spec.layer, decision.kind, kinds, analysis.carrying)
+                          if isinstance(rule, Epsilon) and rule.epsilon else (False, None))
+        if site:
             step_values.add(node.outputs[0])
         inputs = [i if (i and i in analysis.carrying) else None for i in node.inputs]
-        plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, eps, eps_bias))
+        plan.steps.append(Step(name, node.op_type, rule, inputs, list(node.outputs), back, site,
+                               ctx.array(eps_bias) if eps_bias is not None else None))
         reads.append(step_values)
     plan.keep = set(analysis.sources) | set(collect) | analysis.token_inputs
     for r in reads:
@@ -149,70 +146,6 @@ def compile_plan(
     plan.values.update(collect)
     plan.release = _last_reads(reads, plan.keep | set(graph.output_names))
     return plan
-
-
-SUM_OPS = ("Add", "Sub", "Sum")
-
-
-def _epsilon_site(ctx: OpContext, kind: str, kinds: dict[str, str]) -> tuple[float, Any]:
-    """(eps, bias) of the eps-LRP stabiliser at this node: once per *layer*, whatever ops a graph splits it into.
-
-    Layers: a linear map with its bias, ``z = x W + b`` (``MatMul``/``Einsum`` take the bias from the node that adds
-    it, :func:`~onnx_lrp.ops.linear.following_bias`: a bias ``Add`` or a fused op holding it; ``Gemm``/``Conv``
-    hold it); a sum of several carrying tensors, ``z`` being the whole chain of ``Add`` nodes it is written as
-    (``word + segment + position``, in any order), stabilised at the chain's last ``Add``; a pooling (``reduce``).
-    Element-wise scaling or shifting by a tensor that carries no relevance (a bias ``Add`` after its ``MatMul``,
-    attention's ``1/sqrt(d)`` and mask, GELU's ``0.5``, a detached norm statistic) belongs to its neighbouring layer:
-    no stabiliser, as in the fused ops (``Attention``, ``BiasGelu``, ``Skip*Normalization``) that compute it inside.
-    A written-out LayerNorm's centring ``x - mean(x)`` gets none either, as inside ``LayerNormalization``.
-    """
-    rule, node, graph = ctx.rule, ctx.node, ctx.graph
-    if not isinstance(rule, Epsilon) or not rule.epsilon or _centres(graph, node):
-        return 0.0, None
-    if node.op_type in SUM_OPS and kind in ("add", "linear"):
-        if _continues_sum(graph, node):
-            return 0.0, None
-        return (rule.epsilon, None) if _sums_carrying_terms(graph, node, kinds) else (0.0, None)
-    if kind == "reduce":
-        return rule.epsilon, None
-    if kind != "linear" or node.op_type not in LINEAR_OPS:
-        return 0.0, None
-    if node.op_type in ("Gemm", "Conv", "ConvTranspose") and ctx.input(2):
-        return rule.epsilon, None
-    bias = following_bias(ctx)
-    return rule.epsilon, (ctx.array(bias) if bias is not None else None)
-
-
-def _centres(graph: Graph, node: Any) -> bool:
-    """``Sub(x, ReduceMean(x))`` (a written-out LayerNorm's centring), or that ``ReduceMean`` read only by it."""
-    if node.op_type == "ReduceMean":
-        cons = graph.consumers.get(node.outputs[0], [])
-        return bool(cons) and all(_centres(graph, c) for c in cons)
-    if node.op_type != "Sub" or len(node.inputs) < 2:
-        return False
-    p = graph.producer.get(node.inputs[1])
-    return p is not None and p.op_type == "ReduceMean" and p.inputs[0] == node.inputs[0]
-
-
-def _continues_sum(graph: Graph, node: Any) -> bool:
-    """Whether the node's output is read only by one more ``Add``/``Sub``/``Sum`` (the sum goes on there)."""
-    out = node.outputs[0]
-    cons = graph.consumers.get(out, [])
-    return len(cons) == 1 and cons[0].op_type in SUM_OPS and out not in graph.output_names
-
-
-def _sums_carrying_terms(graph: Graph, node: Any, kinds: dict[str, str]) -> bool:
-    """Whether the chain of sums ending at ``node`` adds several carrying tensors (some node of it is ``add``)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if kinds.get(n.name) == "add":
-            return True
-        for i in n.inputs:
-            p = graph.producer.get(i) if i else None
-            if p is not None and p.op_type in SUM_OPS and _continues_sum(graph, p):
-                stack.append(p)
-    return False
 
 
 def _last_reads(reads: list[set[str]], keep: set[str]) -> list[tuple[str, ...]]:
@@ -226,24 +159,6 @@ def _last_reads(reads: list[set[str]], keep: set[str]) -> list[tuple[str, ...]]:
         if name not in keep:
             out[k].append(name)
     return [tuple(sorted(x)) for x in out]
-
-
-def _is_gate(graph: Graph, analysis: Analysis, t: str, cache: dict[str, bool]) -> bool:
-    """Whether ``t`` is computed by a non-linearity (activation, softmax, top-k), looking through data
-    movement and products of such values: the factor CP-LRP treats as a constant."""
-    if t in cache:
-        return cache[t]
-    cache[t] = False
-    p = graph.producer.get(t)
-    result = False
-    if p is not None and t in analysis.carrying:
-        kind = analysis.kinds.get(p.name)
-        if p.name in analysis.region_of or kind in ("unary", "softmax") or p.op_type in ("TopK", "Sigmoid"):
-            result = True
-        elif kind in ("movement", "product", "linear") and p.op_type not in ("MatMul", "Gemm", "Conv", "Einsum"):
-            result = any(_is_gate(graph, analysis, i, cache) for i in p.inputs if i and i in analysis.carrying)
-    cache[t] = result
-    return result
 
 
 def conditionable(plan: Plan) -> set[str]:
@@ -286,11 +201,11 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any],
         if all(g is None for g in gy):
             env.end_step(release)
             continue
-        if step.epsilon:
+        if step.stabilise:
             z = env[step.outputs[0]]
             if step.eps_bias is not None:
                 z = z + step.eps_bias
-            gy[0] = gy[0] * (z / stabilise(xp, z, step.epsilon))
+            gy[0] = gy[0] * step.rule.output_scale(xp, z)
         try:
             gx = step.backward(env, gy)
         except OnnxLrpError:

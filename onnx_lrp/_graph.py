@@ -92,6 +92,7 @@ class Graph:
         self.input_names = {i.name for i in self.inputs}
         self.output_names = [o.name for o in g.output]
         self.output_types = {o.name: o.type.tensor_type.elem_type for o in g.output}
+        self.output_dims = {o.name: _dims(o) for o in g.output}
         self.nodes: list[Node] = []
         used: set[str] = set()
         for k, n in enumerate(_topological(g.node, source)):

@@ -38,10 +38,11 @@ def insert_token_mask(
     masked embeddings (``e * m + b * (1 - m)``); default zero (``e * m``).
     """
     graph = Graph(model, "model")
-    sources, id_sources = find_sources(graph, [id_input] if id_input else None)
+    sources, token_axis = find_sources(graph, [id_input] if id_input else None)
     by_input: dict[str, list[str]] = {}
-    for tensor in id_sources:
-        by_input.setdefault(sources[tensor], []).append(tensor)
+    for tensor in token_axis:
+        if graph.producer[tensor].op_type in ("Gather", "GatherBlockQuantized"):  # embedding lookups
+            by_input.setdefault(sources[tensor], []).append(tensor)
     if not by_input:
         raise InputError(
             f"found no embedding lookup (Gather of a weight table by an integer graph input"

@@ -81,49 +81,49 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ._analysis import analyse, is_variance
-    from ._graph import Graph, load_model
+    from ._analysis import analyse
     from .composites import get_composite
-    from .ops import REGISTRY
+    from .explainer import load_graph
 
     with step(f"reading {args.model}"):
-        proto, desc, _ = load_model(_model_path(args.model, args.cache))
-        graph = Graph(proto, desc)
-        an = analyse(graph, get_composite(args.composite), set(REGISTRY), args.sources, allow_unsupported=True)
+        graph = load_graph(_model_path(args.model, args.cache))
+        an = analyse(graph, get_composite(args.composite), args.sources, allow_unsupported=True)
     rows = []
     no_rule = {name for names in an.unsupported.values() for name in names}
+    held = {s: prod for prod, (s, _) in an.statistics.items()}
     for n in graph.nodes:
+        d = an.decisions.get(n.name)
         if n.name in no_rule:
-            status, rule = "UNSUPPORTED", "no rule: treated as constant"
-        elif n.name in an.region_of:
-            reg = an.regions[an.region_of[n.name]]
-            status, rule = "carrying", f"{reg.rule!r} on unary region -> {reg.y}"
-        elif n.name in an.kinds:
-            status, rule = "carrying", f"{an.rules[n.name]!r} [{an.kinds[n.name]}]"
+            status, kind, rule, why = "UNSUPPORTED", "-", "-", "no rule: treated as constant"
+        elif d is not None:
+            status, kind, rule, why = "carrying", d.kind, repr(d.rule), d.why
+        elif any(o in held for o in n.outputs if o):
+            status, kind, rule = "held", "norm", "ConstantStatistic()"
+            why = f"normalisation statistic held constant (product {held[next(o for o in n.outputs if o in held)]!r})"
         elif any(o in an.detached for o in n.outputs if o):
-            status = "detached"
-            rule = ("ConstantStatistic() [norm statistic held constant]" if is_variance(graph, n)
-                    else "Constant() [held constant by the composite]")
+            status, kind, rule, why = "held", "-", "Constant()", "held constant by the composite"
         elif any(o in an.sources for o in n.outputs if o):
-            status, rule = "source", f"relevance source for input {an.sources[n.outputs[0]]!r}"
+            status, kind, rule, why = "source", "-", "-", f"relevance source for input {an.sources[n.outputs[0]]!r}"
         else:
-            status, rule = "constant", "-"
-        rows.append((n.name, n.op_type, status, rule))
+            status, kind, rule, why = "constant", "-", "-", "-"
+        rows.append((n.name, n.op_type, status, kind, rule, why))
     if not args.summary:
-        w = min(70, max(len(r[0]) for r in rows)) if rows else 10
-        print(f"{'node':<{w}}  {'op type':<30}  {'status':<11}  rule")
-        for name, op, status, rule in rows:
+        w = min(60, max(len(r[0]) for r in rows)) if rows else 10
+        print(f"{'node':<{w}}  {'op type':<26}  {'status':<11}  {'kind':<9}  {'rule':<24}  why")
+        for name, op, status, kind, rule, why in rows:
             if args.carrying_only and status == "constant":
                 continue
-            print(f"{name[-w:]:<{w}}  {op:<30}  {status:<11}  {rule}")
+            print(f"{name[-w:]:<{w}}  {op:<26}  {status:<11}  {kind:<9}  {rule:<24}  {why}")
     counts = Counter(r[2] for r in rows)
-    kinds = Counter(an.kinds.values())
-    print(f"\n{desc}: {len(rows)} nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    kinds = Counter(d.kind for d in an.decisions.values())
+    print(f"\n{graph.source}: {len(rows)} nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print("sources: " + ", ".join(f"{t} (input {i})" for t, i in an.sources.items()))
     print("carrying nodes by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
-    by_rule = Counter(repr(an.rules[n]) for n in an.kinds if n not in an.region_of)
-    by_rule.update(repr(r.rule) + " (unary regions)" for r in an.regions.values())
+    by_rule = Counter(repr(d.rule) for n, d in an.decisions.items() if n not in an.region_of)
+    by_rule.update(repr(r) + " (unary regions)" for r in an.region_rules.values())
     print("rules: " + ", ".join(f"{k}: {v}" for k, v in by_rule.most_common()))
+    if an.statistics:
+        print(f"normalisations found by their maths: {len(an.statistics)} product(s), statistic held constant")
     _inspect_selectors(graph, an)
     if an.unsupported:
         print("\nUNSUPPORTED op types on the relevance path (no LRP rule):")
@@ -140,7 +140,6 @@ def _inspect_selectors(graph, analysis) -> None:
     print(describe(find_layers(graph, analysis)))
 
 
-# ---------------------------------------------------------------------------------------------- explain
 def _show_text(res, args, heading: str) -> None:
     from .visualize import html_page, terminal
 

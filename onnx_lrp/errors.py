@@ -46,6 +46,14 @@ class TargetError(OnnxLrpError, ValueError):
     """The target, position or output to explain is invalid."""
 
 
+class ConfigError(OnnxLrpError, ValueError):
+    """A composite, rule, override or option is invalid for this model (names nothing, does not fit, ...)."""
+
+
+class RelevanceWarning(UserWarning):
+    """The relevance is implausible for the rules used (e.g. far from conserving the explained score)."""
+
+
 class DatasetError(OnnxLrpError):
     """A corpus run cannot go on: a bad row with ``on_error="fail"``, an output folder holding another run, a
     worker that keeps failing."""

@@ -8,17 +8,19 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+import warnings
+
 from ._analysis import Analysis, analyse, graph_output_is_float
+from ._canonize import expand_embed_layer_norm
 from ._capture import ForwardCapture
 from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, conditionable, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
 from .composites import Composite, get_composite
-from .errors import InputError, TargetError
-from .ops import REGISTRY
+from ._patterns import output_layout, right_padding_only
+from .errors import InputError, RelevanceWarning, TargetError
 from .ops.contrib_attention import cache_head_size
-from .ops.fused import expand_embed_layer_norm
 from .rules import Rule
 
 
@@ -88,14 +90,7 @@ class Explainer:
         blas_threads: int | None = 1,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
-        proto, weights, desc = load_split(model)  # from a file: each weight held once, as an array
-        if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
-            if proto is model:  # never change the user's ModelProto
-                proto = onnx.ModelProto()
-                proto.CopyFrom(model)
-            expand_embed_layer_norm(proto)
-        self.graph = Graph(proto, desc, weights)
-        del proto, weights
+        self.graph = load_graph(model)
         self.composite = get_composite(composite, overrides)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -103,9 +98,11 @@ class Explainer:
         self.xp = self._device.xp
         self.blas_threads = blas_threads
         self.analysis: Analysis = analyse(
-            self.graph, self.composite, set(REGISTRY), list(sources) if sources is not None else None, allow_unsupported
+            self.graph, self.composite, list(sources) if sources is not None else None, allow_unsupported
         )
         self._plans: dict[tuple, Plan] = {}
+        self._warned = False  # the conservation guard warns once per Explainer
+        self._right_padded = right_padding_only(self.graph)
         self._static: dict[str, Any] = {}
         self.default_output = self._default_output()
         self._capture = ForwardCapture(self.graph, self._device, session_options)
@@ -146,6 +143,9 @@ class Explainer:
         collect: Sequence[str] = (),
         conditions: Mapping[str, Any] | None = None,
         as_numpy: bool = True,
+        batch_axis: int | None = None,
+        position_axis: int | None = None,
+        check_conservation: bool = True,
     ) -> Explanation:
         """Explain ``output`` at ``target`` (class/token id) and ``position`` (sequence index).
 
@@ -161,6 +161,12 @@ class Explainer:
             the tensor's modified gradient, of shape ``(k,) + tensor shape`` with k targets. See
             :mod:`onnx_lrp.latent`.
         as_numpy: return numpy arrays (default); ``False`` keeps CuPy arrays on ``device="cuda"``.
+        batch_axis, position_axis: the output's batch and sequence axes (default: read from the graph, which names
+            the output's batch dimension after the inputs' batch, e.g. ``(T, N, C)`` of a CTC recogniser; else from the
+            sizes; else ``(batch, seq, classes)``); classes are the last axis.
+        check_conservation: under a conserving composite, warn once (:class:`~onnx_lrp.errors.RelevanceWarning`)
+            when the summed input relevance is more than 10x the explained score, naming the first tensor where it
+            blew up (not with ``conditions``: the conditioned part need not conserve the score).
         """
         output = output or self.default_output
         if output not in self.graph.output_names:
@@ -172,6 +178,7 @@ class Explainer:
                     f"collect: tensor {name!r} carries no relevance (not in the graph, or a constant for the rules)"
                 )
         feeds = self.prepare_inputs(inputs)
+        self._check_padding(feeds)
         plan = self._plan(output, collect)
         conditions = dict(conditions or {})
         if conditions:
@@ -197,15 +204,20 @@ class Explainer:
             run_values[k] = to_compute(xp, dtype, v)
         del values  # run_values holds the only references: the engine frees each tensor after its last use
         y = outputs[output]
-        w, lead, tgt, pos = self._start(to_numpy(y), target, position, output_relevance, feeds)
+        w, lead, tgt, pos, b = self._start(to_numpy(y), target, position, output_relevance, feeds, output,
+                                           batch_axis, position_axis)
         env = Env(xp, dtype, lead, run_values, shapes, self._static)
         w = xp.asarray(w, dtype=dtype)
         with blas_threads(xp, self.blas_threads):
             grads = run_plan(plan, env, {output: w}, {k: _as_condition(xp, dtype, m) for k, m in conditions.items()})
         # score = sum(w * y) per batch element (and target), without a temporary of the output's size
-        w2 = w.reshape(w.shape[: lead + 1] + (-1,))
-        score = xp.einsum("...bn,bn->...b", w2, xp.asarray(y, dtype=dtype).reshape(w2.shape[lead], -1))
+        wb = xp.moveaxis(w, lead + b, lead)
+        w2 = wb.reshape(wb.shape[: lead + 1] + (-1,))
+        yb = xp.moveaxis(xp.asarray(y, dtype=dtype), b, 0)
+        score = xp.einsum("...bn,bn->...b", w2, yb.reshape(w2.shape[lead], -1))
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
+        if check_conservation and not conditions and self.composite.conserving and not self._warned:
+            self._check_conservation(relevance, score, lead, inputs, output, w, y)
         latent, activations = {}, {}
         for name in collect:
             g = grads.get(name)
@@ -353,16 +365,31 @@ class Explainer:
         past = [v for k, v in feeds.items() if k.startswith("past") and v.ndim == 4]
         return int(past[0].shape[2]) if past else 0
 
-    def _start(self, y, target, position, output_relevance, feeds):
-        """Start weights ``w`` (one-hot by default), the number of leading target axes, targets, positions."""
+    def _start(self, y, target, position, output_relevance, feeds, output, batch_axis, position_axis):
+        """Start weights ``w`` (one-hot by default, in the output's own layout), the number of leading target axes,
+        targets, positions, and the output's batch axis."""
         src = self.graph.source
         if output_relevance is not None:
             w = np.asarray(output_relevance, dtype=self.dtype)
+            b = 0 if batch_axis is None else output_layout(self.graph, output, y.shape, feeds, {}, batch_axis)[0]
+            if not np.all(np.isfinite(w)):
+                raise TargetError(f"{src}: output_relevance holds NaN or infinite values")
             if w.shape == y.shape:
-                return w, 0, None, None
+                return w, 0, None, None, b
             if w.shape[1:] == y.shape:
-                return w, 1, None, None
+                return w, 1, None, None, b
             raise TargetError(f"{src}: output_relevance has shape {w.shape}; expected {y.shape} or (k,) + {y.shape}")
+        b, p = output_layout(self.graph, output, y.shape, feeds, self.analysis.sources, batch_axis, position_axis)
+        moved = [b] + ([p] if p is not None else [])
+        yc = np.moveaxis(y, moved, list(range(len(moved))))
+        w, lead, tgt, pos = self._one_hot(yc, target, position, feeds)
+        if moved != list(range(len(moved))):
+            w = np.moveaxis(w, [lead + k for k in range(len(moved))], [lead + a for a in moved])
+        return w, lead, tgt, pos, b
+
+    def _one_hot(self, y, target, position, feeds):
+        """The one-hot start of a ``(batch, classes)`` or ``(batch, seq, classes)`` output ``y``."""
+        src = self.graph.source
         if y.ndim not in (2, 3):
             raise TargetError(
                 f"{src}: output of shape {y.shape} has no (batch, classes) or (batch, seq, classes) layout; "
@@ -417,6 +444,77 @@ class Explainer:
             return w[0], 0, tgt[:, 0], (pos[:, 0] if pos is not None else None)
         return w, 1, tgt, pos
 
+    def _check_padding(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Refuse left-padded masks on graphs whose attention can only express right padding."""
+        mask = feeds.get("attention_mask")
+        if not self._right_padded or mask is None or mask.ndim != 2:
+            return
+        m = mask != 0
+        # right padding: every row is ones then zeros, i.e. never a 1 after a 0
+        bad = np.nonzero((~m[:, :-1] & m[:, 1:]).any(-1))[0]
+        if bad.size:
+            raise InputError(
+                f"{self.graph.source}: attention_mask rows {bad.tolist()} are not right-padded (a 1 follows a 0), but "
+                f"the model's attention ({', '.join(self._right_padded[:3])}) computes one sequence length per row, "
+                "which expresses right padding only: onnxruntime would compute something else. Pad on the right, or "
+                "export the model without the fused attention")
+
+    def _check_conservation(self, relevance, score, lead: int, inputs, output: str, w, y) -> None:
+        """Warn once when the summed input relevance is more than 10x the explained score (the rules should
+        conserve it up to biases), naming the first tensor from the output where it blew up."""
+        xp = self.xp
+        keep = (1,) if lead else ()
+        total = sum(xp.asarray(r).sum(axis=tuple(a for a in range(r.ndim) if a not in keep)) for r in relevance.values())
+        expected = xp.asarray(score).sum(axis=-1)  # score: (k, batch) or (batch,)
+        # biases absorb relevance, so a score near 0 may have a larger relevance sum: the scale is the larger of
+        # the score and the explained output's magnitude
+        scale = xp.maximum(xp.abs(expected), float(xp.max(xp.abs(xp.asarray(y)))) if y.size else 0.0)
+        ratio = float(xp.max(xp.abs(total) / (scale + 1e-12)))
+        if ratio <= 10.0 or not np.isfinite(ratio):
+            if np.isfinite(ratio):
+                return
+        self._warned = True
+        where = self._first_blow_up(inputs, output, w, float(xp.max(xp.abs(expected))))
+        warnings.warn(
+            f"{self.graph.source}: relevance is not conserved under composite {self.composite.name!r}: the input "
+            f"relevance sums to {float(xp.max(xp.abs(total))):.3g} for an explained score of "
+            f"{float(xp.max(xp.abs(expected))):.3g} ({ratio:.3g}x the output's scale){where}. Check the rules there "
+            "(onnx-lrp inspect) or override them; check_conservation=False silences this.",
+            RelevanceWarning, stacklevel=3)
+
+    def _first_blow_up(self, inputs, output: str, w, score: float) -> str:
+        """``; it first exceeds 10x the score at node ...`` from a diagnostic pass collecting the relevance of every
+        step's output, or "" when none does."""
+        plan = self._plan(output, ())
+        by_name = {n.name: n for n in self.graph.nodes}
+        order = [o for st in plan.steps for o in st.outputs[:1]
+                 if o in self.analysis.carrying and o != output and o not in self.graph.output_names]
+        res = self.explain(inputs, output=output, output_relevance=w, collect=order, check_conservation=False)
+        for t in order:  # plan order: from the output towards the inputs
+            if float(np.max(np.abs(res.latent[t].sum(axis=tuple(range(2, res.latent[t].ndim)) if w.ndim > len(
+                    res.outputs[output].shape) else None)))) > 10 * score:
+                n = self.graph.producer[t]
+                return (f"; it first exceeds 10x the score at tensor {t!r} (output of {self._describe(n)}), reached "
+                        f"from {' <- '.join(self._describe(c) for c in self._downstream(t))}")
+        return ""
+
+    def _describe(self, n) -> str:
+        d = self.analysis.decisions.get(n.name)
+        return f"{n.name!r} ({n.op_type}, kind {d.kind}, rule {d.rule.name})" if d is not None else repr(n.name)
+
+    def _downstream(self, t: str, depth: int = 3) -> list:
+        """The carrying consumers of ``t`` its relevance comes back from, following single consumers."""
+        out = []
+        for _ in range(depth):
+            cons = [c for c in self.graph.consumers.get(t, []) if c.name in self.analysis.decisions]
+            if not cons:
+                break
+            out.append(cons[0])
+            if len(cons) > 1 or not cons[0].outputs:
+                break
+            t = cons[0].outputs[0]
+        return out
+
     def _source_relevance(self, grads, env: Env, feeds, lead: int):
         xp = self.xp
         plain_gradient = self.composite.reading == "gradient"
@@ -428,11 +526,16 @@ class Explainer:
             if g is None:
                 g = xp.zeros(x.shape if not lead else (1,) + x.shape, dtype=self.dtype)
             r = g if plain_gradient else x * g
-            if tensor in self.analysis.id_sources:
-                emb[inp] = emb.get(inp, 0) + r
-                tok = xp.sqrt((g * g).sum(-1)) if plain_gradient else r.sum(-1)
-                ids_shape = feeds[inp].shape
-                tok = tok.reshape(tok.shape[:lead] + ids_shape) if tok.size == int(np.prod(tok.shape[:lead])) * int(np.prod(ids_shape)) else tok
+            if tensor in self.analysis.token_axis:  # derived from integer ids: one relevance per token
+                ids_shape = tuple(feeds[inp].shape)
+                axis = _token_axis(r.shape[lead:], ids_shape, self.analysis.token_axis[tensor])
+                if axis is None:
+                    tok = r
+                else:
+                    emb[inp] = emb.get(inp, 0) + r
+                    tok = xp.sqrt((g * g).sum(axis - len(x.shape))) if plain_gradient else r.sum(axis - len(x.shape))
+                if tok.size == int(np.prod(tok.shape[:lead])) * int(np.prod(ids_shape)):
+                    tok = tok.reshape(tok.shape[:lead] + ids_shape)
                 relevance[inp] = relevance.get(inp, 0) + tok
             else:
                 relevance[inp] = relevance.get(inp, 0) + r
@@ -444,6 +547,19 @@ class Explainer:
         rel = {k: _batch_first(v, lead) for k, v in relevance.items()}
         emb = {k: _batch_first(v, lead) for k, v in emb.items()}
         return rel, emb
+
+
+def load_graph(model: str | os.PathLike | onnx.ModelProto) -> Graph:
+    """The :class:`~onnx_lrp._graph.Graph` onnx-lrp explains: from a file each weight held once, as an array
+    (:func:`~onnx_lrp._graph.load_split`); fused ops that hide a relevance source (``EmbedLayerNormalization``)
+    expanded next to themselves. A ``ModelProto`` is never changed (copied when it must be)."""
+    proto, weights, desc = load_split(model)
+    if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
+        if proto is model:  # never change the user's ModelProto
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+        expand_embed_layer_norm(proto)
+    return Graph(proto, desc, weights)
 
 
 def last_token(feeds: Mapping[str, np.ndarray], batch: int, seq: int) -> np.ndarray:
@@ -463,6 +579,19 @@ def _as_condition(xp: Any, dtype: Any, mask: Any) -> Callable[[Any], Any]:
         return mask
     m = xp.asarray(mask, dtype=dtype)
     return lambda g: g * m
+
+
+def _token_axis(shape: tuple[int, ...], ids_shape: tuple[int, ...], axis: int | None) -> int | None:
+    """The axis (non-negative, of a source of ``shape``) that a token's relevance is summed over: the embedding or
+    one-hot axis ``axis`` when given, else the one axis whose removal leaves the ids' shape (None: none)."""
+    if axis is not None:
+        return axis % len(shape)
+    if tuple(shape) == tuple(ids_shape):
+        return None
+    for k in range(len(shape)):
+        if tuple(shape[:k] + shape[k + 1:]) == tuple(ids_shape):
+            return k
+    return len(shape) - 1
 
 
 def _batch_first(a: Any, lead: int) -> Any:

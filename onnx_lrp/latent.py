@@ -34,13 +34,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._analysis import FUSED_ATTENTION_OPS, LINEAR_OPS, Analysis, propagate
-from ._engine import SUM_OPS
+from ._analysis import Analysis, propagate
 from ._graph import Graph, Node
+from ._patterns import SUM_OPS
+from ._registry import MS, spec_of
 from .errors import TargetError
 from .explainer import Explainer, Explanation, last_token
 
 SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")  # com.microsoft
 # single-input data movement a head output passes on its way to the output projection
 _MOVES = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Dropout"}
 _RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
@@ -193,8 +195,10 @@ class _Finder:
         return None
 
     def is_weight_map(self, n: Node) -> bool:
-        """A linear map with a weight: one carrying operand among the first two, the other static."""
-        if n.op_type not in LINEAR_OPS:
+        """A linear map with a weight (an op declared as a layer's map: ``MatMul``, ``Gemm``, ``Conv``, ``Einsum``,
+        ``MatMulNBits``, ...): one carrying operand among the first two, the other static."""
+        spec = spec_of(n)
+        if spec is None or spec.layer not in ("map", "output"):
             return False
         ops = [i for i in n.inputs[:2] if i]
         return sum(i in self.carrying for i in ops) == 1 and any(i in self.g.static for i in ops)
@@ -202,7 +206,7 @@ class _Finder:
     def is_attention(self, nodes: list[Node]) -> bool:
         names = {n.name for n in nodes}
         for n in nodes:
-            if n.op_type in FUSED_ATTENTION_OPS and n.domain == "com.microsoft":
+            if _fused_attention(n):
                 return True
             if n.op_type in ("MatMul", "Einsum") and sum(i in self.carrying for i in n.inputs[:2] if i) == 2:
                 if any(self._from_softmax(i, names) for i in n.inputs[:2]):
@@ -310,7 +314,7 @@ class _Finder:
             p = self.g.producer.get(t)
             if p is None:
                 return None
-            if p.op_type in FUSED_ATTENTION_OPS and p.domain == "com.microsoft":
+            if _fused_attention(p):
                 heads = p.attr("num_heads")
                 return (t, -1, int(heads)) if heads else None
             if p.op_type == "Transpose":
@@ -321,6 +325,10 @@ class _Finder:
             if t is None:
                 return None
         return None
+
+
+def _fused_attention(n: Node) -> bool:
+    return n.op_type in FUSED_ATTENTION and n.domain == MS
 
 
 def find_layers(graph: Graph, analysis: Analysis) -> Layers:

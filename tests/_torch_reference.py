@@ -10,10 +10,12 @@ instance (the module-level attention function is swapped only inside :func:`lrp_
   is linear in ``x`` once ``1/rms`` is fixed, so ``grad_x = grad_y * f(x) / x``; LayerNorm keeps its mean:
   ``y = w * (x - mean(x)) / std(x).detach() + b``;
 - element-wise activations (incl. soft-capping ``c * tanh(s / c)``, and every activation module: ``ACT2FN``
-  entries, ``nn.GELU``, ``nn.Tanh``, ...): identity rule,
-  ``grad_x = grad_y * f(x) / (x + 1e-10)``;
-- products of two relevance-carrying tensors (``Q K^T``, ``A V``, ``act(gate) * up``, expert output * routing
-  weight, ``w / sum(w)`` as ``w * (1/sum)``): the product's gradient is halved (uniform rule);
+  entries, ``nn.GELU``, ``nn.Tanh``, ...): identity rule, ``grad_x = grad_y * f(x) / (x + 1e-10)``, where it is
+  sound (``f(0) = 0``, ``f(x)/x`` bounded: probed numerically); other activations (sigmoid, hard-sigmoid) the plain
+  gradient;
+- products of two relevance-carrying tensors (``Q K^T``, ``A V``, ``act(gate) * up``, expert output * softmax
+  routing weight, ``w / sum(w)`` as ``w * (1/sum)``): the product's gradient is halved (uniform rule); a factor
+  computed by a non-zero-centred function (DeepSeek-V3's sigmoid routing weights) is a gate, held constant;
 - softmax, linear layers, additions, RoPE (cos/sin are constants): the plain gradient;
 - CP-LRP: the attention weights and the activated gate are detached instead;
 - "vit-lrp" (LXT's ViT recipe): CP-LRP plus the gamma rule on every ``nn.Linear`` (gamma 0.05) and ``nn.Conv2d``
@@ -85,9 +87,41 @@ def _custom_layer_norm_forward(self, x):
     return y
 
 
+def _zero_centred(fn) -> bool:
+    """Whether ``fn(0) = 0`` and ``fn(x)/x`` stays bounded near 0 (probed in float64): where the identity rule is
+    sound."""
+    x = torch.tensor([0.0, 1e-8, -1e-8, 1e-4, -1e-4, 1e-2, -1e-2], dtype=torch.float64)
+    with torch.no_grad():
+        y = fn(x)
+    ratio = y[1:] / x[1:]
+    return bool(abs(float(y[0])) < 1e-7 and torch.isfinite(ratio).all() and ratio.abs().max() < 1e3)
+
+
+def activation_rule(fn, x: torch.Tensor) -> torch.Tensor:
+    """An activation ``fn(x)``: the identity rule where it is sound (zero-centred), else the plain gradient;
+    transformers' Laplace activation ``0.5 (1 + erf((x - mu) / (sigma sqrt 2)))``: the shifts are constants
+    (biases) and the identity rule applies to the erf."""
+    owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    if type(owner).__name__ == "LaplaceActivation":
+        defaults = inspect.signature(type(owner).forward).parameters  # forward(self, input, mu=..., sigma=...)
+        u = (x - defaults["mu"].default) / (defaults["sigma"].default * 2**0.5)
+        return 0.5 * (1.0 + identity_rule(torch.erf, u))
+    if _zero_centred(fn):
+        return identity_rule(fn, x)
+    return fn(x)
+
+
+def gated_product(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` under AttnLRP: uniform rule (halved) with the activation's rule; a non-zero-centred
+    activation (a sigmoid GLU) is a gate, held constant: ``up`` takes all relevance."""
+    if _zero_centred(act) or type(act).__name__ == "LaplaceActivation":  # (laplace: identity on its erf)
+        return half(activation_rule(act, gate) * up)
+    return act(gate).detach() * up
+
+
 def _activation_forward(self, x):
-    """An activation module (``ACT2FN`` entries, ``nn.GELU``, ``nn.Tanh``, ...): identity rule."""
-    return identity_rule(self._lrp_orig, x)
+    """An activation module (``ACT2FN`` entries, ``nn.GELU``, ``nn.Tanh``, ...): :func:`activation_rule`."""
+    return activation_rule(self._lrp_orig, x)
 
 
 _ACTIVATIONS = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Mish,
@@ -109,12 +143,12 @@ def _gated_mlp_forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
     if self._lrp_cp:
         return self.down_proj(act(gate.detach()) * up)
-    return self.down_proj(half(identity_rule(act, gate) * up))
+    return self.down_proj(gated_product(act, gate, up))
 
 
 def _dense_act_forward(self, x):
     """Non-gated MLP input half (ViT/BERT ``Intermediate``): identity rule on the activation."""
-    return identity_rule(self.intermediate_act_fn, self.dense(x))
+    return activation_rule(self.intermediate_act_fn, self.dense(x))
 
 
 def _pooler_forward(self, hidden):
@@ -164,7 +198,7 @@ def _gamma_forward(self, x):
 
 def _mixtral_expert_forward(self, x):
     """Mixtral expert: ``w2(act(w1 x) * w3 x)``."""
-    return self.w2(half(identity_rule(self.act_fn, self.w1(x)) * self.w3(x)))
+    return self.w2(gated_product(self.act_fn, self.w1(x), self.w3(x)))
 
 
 def _gpt_oss_experts_forward(self, hidden, router_indices=None, routing_weights=None):
@@ -184,8 +218,9 @@ def _gpt_oss_experts_forward(self, hidden, router_indices=None, routing_weights=
 
 
 def _deepseek_router_forward(self, hidden):
-    """DeepSeek-V3 router: sigmoid scores (identity rule), grouped top-k (constant), renormalised top-k weights
-    ``w * (1 / sum w)`` (uniform rule, identity on the reciprocal), routed scaling factor."""
+    """DeepSeek-V3 router: sigmoid scores, grouped top-k, renormalised top-k weights, routed scaling factor. The
+    weights come from a non-zero-centred function (a sigmoid gate) and are held constant in the expert product
+    (:func:`_deepseek_moe`), so no relevance reaches this router."""
     scores = identity_rule(torch.sigmoid, F.linear(hidden.reshape(-1, self.config.hidden_size), self.weight))
     idx = self.get_topk_indices(scores)
     w = scores.gather(1, idx)
@@ -195,18 +230,18 @@ def _deepseek_router_forward(self, hidden):
 
 
 def _deepseek_moe(self, hidden, topk_indices, topk_weights):
-    """DeepSeek-V3 routed experts: expert output x routing weight halved (detached weight under CP-LRP)."""
+    """DeepSeek-V3 routed experts: expert output x routing weight, the sigmoid-router weight a gate held constant
+    (the expert output takes all relevance: the signal-take-all rule of Arras et al. 2017, as CP-LRP does)."""
     out = torch.zeros_like(hidden)
     for e, expert in enumerate(self.experts):
         we = (topk_weights * (topk_indices == e).to(topk_weights.dtype)).sum(-1, keepdim=True)
-        y = expert(hidden)
-        out = out + (y * we.detach() if self._lrp_cp else half(y * we))
+        out = out + expert(hidden) * we.detach()
     return out
 
 
 def _t5_gated_forward(self, x):
     """T5 v1.1 ``DenseGatedActDense``: ``wo(act(wi_0 x) * wi_1 x)``."""
-    return self.wo(half(identity_rule(self.act, self.wi_0(x)) * self.wi_1(x)))
+    return self.wo(gated_product(self.act, self.wi_0(x), self.wi_1(x)))
 
 
 class _InlineRules(TorchFunctionMode):

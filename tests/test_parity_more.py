@@ -16,6 +16,7 @@ from onnx_lrp.rules import Gradient
 
 from _graphs import f32, model, node
 from _support import FAMILIES, lxt_relevance, rel_err, tiny_model
+from _torch_reference import torch_relevance
 
 TOL = 1e-3
 
@@ -198,7 +199,8 @@ def _rest_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 SOFTCAP = "gemma3-softcap"
-PARITY = [n for n in CASES if n != SOFTCAP]
+LAPLACE = "bert-laplace"
+PARITY = [n for n in CASES if n not in (SOFTCAP, LAPLACE)]
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -226,6 +228,20 @@ def test_final_logit_softcap_differs_from_lxt_by_its_unpatched_tanh():
     assert err <= TOL and info["rest_err"] <= TOL
 
 
+def test_laplace_activation_is_not_given_the_unsound_identity_rule():
+    """transformers' Laplace activation ``0.5 (1 + erf((x - mu) / (sigma sqrt 2)))`` has f(0) != 0: LXT applies the
+    identity rule to the whole module, whose gradient form ``f(x) / x`` explodes near 0. Here the shifts are
+    constants and the identity rule applies to the erf alone (as for every graph spelling of it): the result
+    differs from LXT, and equals the torch reference of that rule."""
+    err, info = compare(LAPLACE)
+    assert err > 10 * TOL
+    case = CASES[LAPLACE]
+    pt_dir, _ = tiny_model(case.family, config=case.config, attn=case.attn, opset=case.opset)
+    ids, mask, _ = _inputs(case)
+    ref = torch_relevance(FAMILIES[case.family][1], pt_dir, ids, mask, targets=info["ref"]["targets"].astype(np.int64))
+    assert rel_err(info["ours"], ref["relevance"]) <= TOL
+
+
 @pytest.mark.parametrize("act", ["clip", "prelu", "relu_squared", "selu", "celu", "thresholded_relu"])
 def test_piecewise_activations(act):
     """Clip, PRelu, Selu, Celu, ThresholdedRelu and relu(x)^2 (Mul of one tensor by itself): AttnLRP's identity
@@ -249,24 +265,39 @@ def test_piecewise_activations(act):
     np.testing.assert_allclose(grad.relevance["x"], w * expect_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_constant_shifts_join_the_activation_region():
-    """An activation written ``c1 * (erf((x - c2) / c3) + c4)`` as its own module scope is one unary region
-    (R_x = R_y over the whole); a run-time additive mask after it is not part of it."""
+@pytest.mark.parametrize("named", [True, False])
+def test_constant_shifts_join_a_region_only_to_make_it_zero_centred(named):
+    """``2 * sigmoid(x) - 1`` (= tanh(x / 2)) is zero-centred only with its shift and scale: they join the region
+    (R_x = R_y over the whole); a run-time additive mask after it does not. Node names play no part."""
     x = f32(2, 6, seed=7)
     mask = np.where(np.arange(6) % 3 == 0, -1e4, 0).astype(np.float32)[None].repeat(2, 0)
-    nodes = [node("Sub", ["x", "mu"], ["a"], name="/m/act/Sub"), node("Div", ["a", "sd"], ["b"], name="/m/act/Div"),
-             node("Erf", ["b"], ["e"], name="/m/act/Erf"), node("Add", ["e", "one"], ["f"], name="/m/act/Add"),
-             node("Mul", ["f", "half"], ["y"], name="/m/act/Mul"),
-             node("Add", ["y", "mask"], ["z"], name="/m/Add")]
-    consts = {"mu": np.float32(0.3), "sd": np.float32(0.8), "one": np.float32(1.0), "half": np.float32(0.5)}
-    m = model(nodes, {"x": (2, 6), "mask": (2, 6)}, {"z": (2, 6)}, consts)
+    nm = (lambda s: s) if named else (lambda s: "")
+    nodes = [node("Sigmoid", ["x"], ["s"], name=nm("/m/act/Sigmoid")), node("Mul", ["s", "two"], ["t"], name=nm("/a")),
+             node("Sub", ["t", "one"], ["y"], name=nm("/m/act/Sub")), node("Add", ["y", "mask"], ["z"], name=nm("/m/Add"))]
+    m = model(nodes, {"x": (2, 6), "mask": (2, 6)}, {"z": (2, 6)}, {"two": np.float32(2.0), "one": np.float32(1.0)})
     w = f32(2, 6, seed=8)
     ex = Explainer(m, sources=["x"])
     res = ex.explain({"x": x, "mask": mask}, output_relevance=w)
-    y = 0.5 * (1 + np.vectorize(__import__("math").erf)((x - 0.3) / 0.8))
-    np.testing.assert_allclose(res.relevance["x"], w * y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.relevance["x"], w * np.tanh(x / 2), rtol=1e-5, atol=1e-6)
     (region,) = ex.analysis.regions.values()
     assert (region.x, region.y) == ("x", "y")
+
+
+def test_non_zero_centred_activation_keeps_its_ops_rules():
+    """The Laplace activation ``0.5 * (erf((x - mu) / sd) + 1)`` has f(0) != 0: no identity rule over the whole
+    (its gradient form f(x)/x explodes at 0); the identity rule applies to erf of the shifted input, the shifts are
+    biases: G_x = w * 0.5 * erf(b) / b / sd with b = (x - mu) / sd."""
+    x = f32(2, 6, seed=7)
+    nodes = [node("Sub", ["x", "mu"], ["a"]), node("Div", ["a", "sd"], ["b"]), node("Erf", ["b"], ["e"]),
+             node("Add", ["e", "one"], ["f"]), node("Mul", ["f", "half"], ["y"])]
+    consts = {"mu": np.float32(0.3), "sd": np.float32(0.8), "one": np.float32(1.0), "half": np.float32(0.5)}
+    ex = Explainer(model(nodes, {"x": (2, 6)}, {"y": (2, 6)}, consts))
+    w = f32(2, 6, seed=8)
+    res = ex.explain({"x": x}, output_relevance=w)
+    b = (x - 0.3) / 0.8
+    erf = np.vectorize(__import__("math").erf)
+    np.testing.assert_allclose(res.relevance["x"], x * w * 0.5 * erf(b) / b / 0.8, rtol=1e-5, atol=1e-6)
+    assert all(len(r.nodes) == 1 for r in ex.analysis.regions.values())
 
 
 def test_shift_inside_a_larger_module_stays_out_of_the_region():

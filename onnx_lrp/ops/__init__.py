@@ -1,30 +1,35 @@
-"""AttnLRP rules, one module per op family, registered by ONNX op type.
+"""AttnLRP rules, one module per op family; each op type is declared once, keyed by (domain, op type), with its kind,
+its builder and what the analysis needs (:class:`~onnx_lrp.ops._base.OpSpec`, :func:`register`).
 
 =====================  =========================================================================
 module                 op types
 =====================  =========================================================================
-``linear``             MatMul, Gemm, Conv
+``linear``             MatMul, Gemm, Conv, Einsum
 ``elementwise``        Add, Sub, Sum, Mul, Div, Where, Max, Min
 ``activation``         Erf, Tanh, Sigmoid, Relu, Gelu, FastGelu, BiasGelu, QuickGelu, Pow, ... and
                        unary regions (non-linearities written out as several ops)
 ``softmax``            Softmax, LogSoftmax
 ``normalization``      LayerNormalization, SimplifiedLayerNormalization, RMSNormalization, Skip* forms,
                        InstanceNormalization, GroupNormalization, BatchNormalization (inference)
-``reduction``          ReduceSum, ReduceMean, GlobalAveragePool, ReduceL2, ReduceSumSquare
+``reduction``          ReduceSum, ReduceMean, GlobalAveragePool, ReduceL2, ReduceSumSquare, ReduceMax/Min
 ``pooling``            AveragePool, MaxPool
 ``resize``             Resize (the kernel's own interpolation matrices)
-``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...
+``movement``           Reshape, Transpose, Slice, Gather, Concat, Split, Expand, Tile, Pad, Scatter*, TopK, ...;
+                       ops whose outputs never carry relevance (Shape, Equal, ArgMax, ...)
 ``fused``              com.microsoft Attention, RotaryEmbedding; EmbedLayerNormalization (expanded)
 ``contrib_attention``  com.microsoft GroupQueryAttention, MultiHeadAttention
 ``quantized``          com.microsoft MatMulNBits (weights dequantised once)
 =====================  =========================================================================
 
-Add a rule for a new op type with :func:`register` (see :mod:`onnx_lrp.ops._base` for the contract).
+Add a rule for a new op type with :func:`register` in the module of its family (see :mod:`onnx_lrp.ops._base`
+for the contract).
 """
-from ._base import REGISTRY, OpContext, register
+from ._base import REGISTRY, NodeView, OpContext, OpSpec, declare, known_op_types, register, spec_of
 from . import (  # noqa: F401
     activation, contrib_attention, elementwise, fused, linear, movement, normalization, pooling, quantized, reduction,
     resize, softmax,
 )
+from .activation import region_backward
 
-__all__ = ["REGISTRY", "OpContext", "register"]
+__all__ = ["REGISTRY", "NodeView", "OpContext", "OpSpec", "declare", "known_op_types", "register", "region_backward",
+           "spec_of"]

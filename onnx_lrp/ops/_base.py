@@ -1,8 +1,9 @@
 """The contract between the engine and the op rules.
 
-An op rule is a *builder* registered for one or more ONNX op types::
+Each op type is declared once, in its family's module, keyed by ``(domain, op_type)``: its *kind* (which rules
+fit it, :data:`onnx_lrp.composites.KINDS`), its builder, and what else the analysis needs (:class:`OpSpec`)::
 
-    @register("Softmax")
+    @register("Softmax", kind=softmax_kind)
     def softmax(ctx: OpContext) -> Backward | None: ...
 
 The builder runs once per node when a plan is compiled. It reads the node, the chosen rule (``ctx.rule``),
@@ -21,6 +22,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from .._graph import Graph, Node
+from .._registry import MS, ONNX, REGISTRY, NodeView, OpSpec, declare, known_op_types, register, spec_of  # noqa: F401
+from ..errors import OnnxLrpError
 from ..rules import Rule
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -41,20 +44,6 @@ class Env(Protocol):
 
 Backward = Callable[[Env, list], list]
 Builder = Callable[["OpContext"], "Backward | None"]
-REGISTRY: dict[str, Builder] = {}
-
-
-def register(*op_types: str) -> Callable[[Builder], Builder]:
-    """Register a rule builder for ONNX op types (domain-agnostic: ``Gelu`` covers ai.onnx and com.microsoft)."""
-
-    def deco(fn: Builder) -> Builder:
-        for op in op_types:
-            REGISTRY[op] = fn
-        return fn
-
-    return deco
-
-
 class OpContext:
     """What a builder knows about one node at compile time."""
 
@@ -69,7 +58,7 @@ class OpContext:
         dtype: Any,
         needs_value: set[str],
         needs_shape: set[str],
-        is_gate: Callable[[str], bool],
+        gates: frozenset[int] = frozenset(),
         composite: Any = None,
     ):
         self.graph, self.node, self.rule, self.kind = graph, node, rule, kind
@@ -77,7 +66,7 @@ class OpContext:
         self.xp, self.dtype = xp, dtype
         self._carrying = carrying
         self._needs_value, self._needs_shape = needs_value, needs_shape
-        self.is_gate = is_gate
+        self.gates = gates  # inputs the analysis found to be gating factors (held constant under ConstantGate)
 
     def rule_of(self, kind: str, op_type: str) -> Rule:
         """The composite's rule for an op of ``kind``/``op_type`` inside this (fused) node, e.g. the linear
@@ -124,8 +113,6 @@ class OpContext:
         return name
 
     def fail(self, message: str) -> Exception:
-        from ..errors import OnnxLrpError
-
         n = self.node
         return OnnxLrpError(f"node {n.name!r} ({n.op_type}): {message}")
 
@@ -144,11 +131,6 @@ def unbroadcast(xp: Any, g: Array, shape: Sequence[int], out_ndim: int) -> Array
         if extra:
             g = g.reshape(g.shape[:lead] + g.shape[lead + extra :])
     return g
-
-
-def stabilise(xp: Any, z: Array, eps: float) -> Array:
-    """The eps-LRP denominator ``stab(z) = z + eps * sign(z)`` with ``sign(0) = 1``."""
-    return z + eps * xp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
 
 
 def ints(value: Any) -> list[int]:

@@ -28,8 +28,8 @@ import numpy as np
 
 from .._graph import Graph
 from ..rules import Gradient, Identity
-from ._base import OpContext, register
-from .fused import (attention_vjp, attention_weights, check_domain, heads_first, key_mask, linear_epsilon, rotate,
+from ._base import MS, OpContext, register
+from .fused import (attention_vjp, attention_weights, heads_first, key_mask, linear_epsilon, rotate,
                     softmax_rows)
 
 
@@ -51,9 +51,8 @@ def _past_is_empty(ctx: OpContext, env, shapes: list[str]) -> None:
             raise ctx.fail(f"input {s!r} holds a non-empty cache ({env.shape(s)}); explain with an empty past")
 
 
-@register("GroupQueryAttention")
+@register("GroupQueryAttention", kind="product", domain=MS)
 def group_query_attention(ctx: OpContext):
-    check_domain(ctx)
     xp = ctx.xp
     if ctx.input(11) is not None:
         raise ctx.fail("input 'head_sink' is not supported")
@@ -154,9 +153,8 @@ def group_query_attention(ctx: OpContext):
     return back
 
 
-@register("MultiHeadAttention")
+@register("MultiHeadAttention", kind="product", domain=MS)
 def multi_head_attention(ctx: OpContext):
-    check_domain(ctx)
     xp = ctx.xp
     for k, what in ((8, "past_sequence_length"), (9, "cache_indirection")):
         if ctx.input(k) is not None:

@@ -8,9 +8,40 @@ Broadcast operands receive the sum over their broadcast axes.
 """
 from __future__ import annotations
 
-from ._base import OpContext, register, unbroadcast
+import functools
+
+import numpy as np
+
+from .._patterns import function_of_node, nan_guard
+from ..rules import Gradient, Identity
+from ._base import NodeView, OpContext, register, unbroadcast
 from .linear import product_weights
-from .softmax import nan_guard
+
+
+def _sum_kind(view: NodeView) -> str:
+    return "add" if view.n_carrying >= 2 else "linear"
+
+
+def _product_kind(view: NodeView) -> str:
+    return "product" if view.n_carrying >= 2 else "linear"
+
+
+def _div_kind(view: NodeView) -> str:
+    """``x / c`` linear, ``a / b`` a product, ``c / x`` a function of ``x`` (never zero-centred)."""
+    if not view.carrying[1]:
+        return "linear"
+    return "product" if view.carrying[0] else "nonlinear"
+
+
+def _maxmin_kind(view: NodeView) -> str:
+    """A selection between carrying tensors; with constants, a function of one tensor (``Max(x, 0)`` is ReLU)."""
+    if view.n_carrying != 1 or not view.carrying[0] and len(view.node.inputs) != 2:
+        return "movement"
+    node = view.node
+    if not view.carrying[0]:  # Max(c, x): the same function of x
+        node = type(node)(node.index, node.op_type, node.name, node.domain, node.inputs[::-1], node.outputs,
+                          node.attrs)
+    return "unary" if function_of_node(view.graph, node, view.live) else "nonlinear"
 
 
 def _shapes(ctx: OpContext) -> list[str | None]:
@@ -18,7 +49,9 @@ def _shapes(ctx: OpContext) -> list[str | None]:
     return [ctx.shape(i) if i else None for i in ctx.node.inputs]
 
 
-@register("Add", "Sub", "Sum")
+@register("Add", kind=_sum_kind, layer="sum", forward=lambda ins, at: ins[0] + ins[1])
+@register("Sub", kind=_sum_kind, layer="sum", forward=lambda ins, at: ins[0] - ins[1])
+@register("Sum", kind=_sum_kind, layer="sum", forward=lambda ins, at: sum(ins[1:], ins[0]))
 def add(ctx: OpContext):
     sign = [1.0, -1.0] if ctx.node.op_type == "Sub" else [1.0] * len(ctx.node.inputs)
     shapes = _shapes(ctx)
@@ -37,7 +70,7 @@ def add(ctx: OpContext):
     return back
 
 
-@register("Mul")
+@register("Mul", kind=_product_kind, forward=lambda ins, at: ins[0] * ins[1])
 def mul(ctx: OpContext):
     xp = ctx.xp
     shapes = _shapes(ctx)
@@ -72,7 +105,7 @@ def mul(ctx: OpContext):
     return back_scale
 
 
-@register("Div")
+@register("Div", kind=_div_kind, forward=lambda ins, at: ins[0] / ins[1])
 def div(ctx: OpContext):
     xp = ctx.xp
     shapes = _shapes(ctx)
@@ -89,8 +122,6 @@ def div(ctx: OpContext):
             return [unbroadcast(xp, gy[0] / cv, sx, max(len(sx), cv.ndim)), None]
 
         return back_scale
-    from ..rules import Gradient, Identity
-
     vb = ctx.value(b)
     va = ctx.value(a)
     if not ca:  # c / x: a unary non-linearity of x
@@ -126,7 +157,7 @@ def div(ctx: OpContext):
     return back_product
 
 
-@register("Where")
+@register("Where", kind="movement")
 def where(ctx: OpContext):
     """``Where(cond, x, y)``: relevance follows the selected branch."""
     xp = ctx.xp
@@ -154,7 +185,8 @@ def where(ctx: OpContext):
     return back
 
 
-@register("Max", "Min")
+@register("Max", kind=_maxmin_kind, forward=lambda ins, at: functools.reduce(np.maximum, ins))
+@register("Min", kind=_maxmin_kind, forward=lambda ins, at: functools.reduce(np.minimum, ins))
 def maxmin(ctx: OpContext):
     """Element-wise max/min: the gradient goes to the selected operand (ties: the first)."""
     xp = ctx.xp

@@ -12,10 +12,8 @@
 - ``RotaryEmbedding``: linear in its input with the cos/sin caches as constants: the VJP is the rotation by
   the opposite angle, ``G_x1 = G_y1 cos + G_y2 sin``, ``G_x2 = G_y2 cos - G_y1 sin``.
 - ``EmbedLayerNormalization``: a relevance *source* (token embeddings are looked up inside it), so it is
-  explained through its definition: :func:`expand_embed_layer_norm` adds ``Gather`` lookups, ``Add`` and
-  ``LayerNormalization`` next to the fused node and moves its ``output`` (and ``embedding_sum``) there, while
-  the fused node still computes ``mask_index``. Relevance then follows the ordinary rules (lookups are the
-  sources, the LayerNorm statistic is constant, position embeddings absorb their share).
+  explained through its definition, written out next to it before the analysis
+  (:func:`onnx_lrp._canonize.expand_embed_layer_norm`).
 
 ``SkipLayerNormalization``, ``SkipSimplifiedLayerNormalization`` and ``SimplifiedLayerNormalization`` are in
 :mod:`~onnx_lrp.ops.normalization`; ``FastGelu``, ``BiasGelu``, ``QuickGelu`` in :mod:`~onnx_lrp.ops.activation`.
@@ -23,19 +21,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import helper
 
-from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform
-from ._base import OpContext, register, stabilise
-
-MS_DOMAIN = "com.microsoft"
-
-
-def check_domain(ctx: OpContext) -> None:
-    if ctx.node.domain != MS_DOMAIN:
-        raise ctx.fail(f"only the {MS_DOMAIN} op is supported here, got domain {ctx.node.domain or 'ai.onnx'!r}")
-
+from ..rules import ConstantGate, Epsilon, Gamma, Gradient, Uniform, stabilise
+from ._base import MS, OpContext, register
 
 def attention_weights(ctx: OpContext) -> tuple[float, float, float]:
     """(wP, wV, wQK): weights of the A·V factors and of each Q K^T factor under the node's product rule."""
@@ -129,9 +117,8 @@ def key_mask(ctx: OpContext, mask, B: int, S: int, T: int):
     raise ctx.fail(f"a key mask of shape {tuple(m.shape)} is not supported (batch {B}, {T} keys)")
 
 
-@register("Attention")
+@register("Attention", kind="product", domain=MS)
 def attention(ctx: OpContext):
-    check_domain(ctx)
     node, xp = ctx.node, ctx.xp
     for k, what in ((4, "past"), (6, "past_sequence_length")):
         if ctx.input(k) is not None:
@@ -209,9 +196,8 @@ def attention(ctx: OpContext):
     return back
 
 
-@register("RotaryEmbedding")
+@register("RotaryEmbedding", kind="linear", domain=MS)
 def rotary_embedding(ctx: OpContext):
-    check_domain(ctx)
     xp = ctx.xp
     for k in (1, 2, 3):
         if ctx.carrying(k):
@@ -254,60 +240,3 @@ def rotary_embedding(ctx: OpContext):
         return [out.reshape(g.shape), None, None, None]
 
     return back
-
-
-def expand_embed_layer_norm(model: onnx.ModelProto) -> bool:
-    """Add the definition of every ``EmbedLayerNormalization`` next to it (in place); True if any was found.
-
-    ``output = LayerNorm(word[input_ids] + position[position_ids or arange(S)] + segment[segment_ids])``.
-    The fused node keeps computing ``mask_index``; its ``output`` and ``embedding_sum`` are renamed and the
-    new nodes produce the original names, so every consumer reads the expanded computation.
-    """
-    g = model.graph
-    found = False
-    new_nodes: list[onnx.NodeProto] = []
-    for node in g.node:
-        if node.op_type != "EmbedLayerNormalization" or node.domain != MS_DOMAIN:
-            new_nodes.append(node)
-            continue
-        found = True
-        ins = list(node.input) + [""] * (9 - len(node.input))
-        ids, seg, word, pos_t, seg_t, gamma, beta, _, pos_ids = ins[:9]
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
-        p = f"{node.name or 'EmbedLayerNormalization'}::"
-        out, sum_out = node.output[0], (node.output[2] if len(node.output) > 2 else "")
-        extra = [helper.make_node("Gather", [word, ids], [p + "word"], name=p + "word")]
-        terms = [p + "word"]
-        if pos_ids:
-            extra.append(helper.make_node("Gather", [pos_t, pos_ids], [p + "position"], name=p + "position"))
-        else:
-            extra += [
-                helper.make_node("Shape", [ids], [p + "shape"], name=p + "shape", start=1, end=2),
-                helper.make_node("Squeeze", [p + "shape"], [p + "seq"], name=p + "seq"),
-                helper.make_node("Constant", [], [p + "zero"], name=p + "zero", value=helper.make_tensor("z", 7, [], [0])),
-                helper.make_node("Constant", [], [p + "one"], name=p + "one", value=helper.make_tensor("o", 7, [], [1])),
-                helper.make_node("Range", [p + "zero", p + "seq", p + "one"], [p + "arange"], name=p + "arange"),
-                helper.make_node("Gather", [pos_t, p + "arange"], [p + "position"], name=p + "position"),
-            ]
-        terms.append(p + "position")
-        if seg and seg_t:
-            extra.append(helper.make_node("Gather", [seg_t, seg], [p + "segment"], name=p + "segment"))
-            terms.append(p + "segment")
-        acc = terms[0]
-        for k, t in enumerate(terms[1:]):
-            name = sum_out if (k == len(terms) - 2 and sum_out) else p + f"sum{k}"
-            extra.append(helper.make_node("Add", [acc, t], [name], name=p + f"add{k}"))
-            acc = name
-        extra.append(helper.make_node("LayerNormalization", [acc, gamma, beta], [out], name=p + "layernorm",
-                                      axis=-1, epsilon=eps))
-        fused = onnx.NodeProto()
-        fused.CopyFrom(node)
-        fused.output[0] = p + "fused_output"
-        if sum_out:
-            fused.output[2] = p + "fused_embedding_sum"
-        new_nodes.append(fused)
-        new_nodes.extend(extra)
-    if found:
-        del g.node[:]
-        g.node.extend(new_nodes)
-    return found

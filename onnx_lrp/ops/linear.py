@@ -3,8 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..rules import ConstantGate, Gamma, Gradient, Uniform
-from ._base import OpContext, register, stabilise, unbroadcast
+from .._patterns import following_bias
+from ..rules import Constant, ConstantGate, Epsilon, Gamma, Gradient, Uniform
+from ._base import NodeView, OpContext, register, unbroadcast
+
+
+def _two_operand_kind(view: NodeView) -> str:
+    """``linear`` with one carrying operand (a layer), ``product`` with two (``Q K^T``, ``A V``)."""
+    return "product" if sum(view.carrying[:2]) >= 2 else "linear"
+
+
+def _einsum_kind(view: NodeView) -> str:
+    return "product" if view.n_carrying >= 2 else "linear"
 
 
 def _swap(a):
@@ -36,51 +46,54 @@ def matmul_const(xp, g, Wt):
 def product_weights(ctx: OpContext, operands: list[int]) -> list[float]:
     """Per-operand factor for a product of carrying tensors under the node's rule.
 
-    Uniform: 1/N each (Prop. 3.2/3.3). Gradient: 1. ConstantGate: 0 for factors computed by a non-linearity
-    (softmax, activation, routing), 1 for the others; if that does not single out a factor, Uniform.
+    Uniform: 1/N each (Prop. 3.2/3.3). Gradient: 1. ConstantGate: 0 for the gating factors the analysis found
+    (``ctx.gates``: a sigmoid gate; under CP-LRP any factor computed by a non-linearity), 1 for the others; if that
+    does not single out a factor, Uniform.
     """
     n = len(operands)
     rule = ctx.rule
     if isinstance(rule, Gradient):
         return [1.0] * n
     if isinstance(rule, ConstantGate):
-        gates = [ctx.is_gate(ctx.input(k)) for k in operands]
+        gates = [k in ctx.gates for k in operands]
         if 0 < sum(gates) < n:
             return [0.0 if g else 1.0 for g in gates]
-        return [1.0 / n] * n
+        return [Uniform.share(n)] * n
     if isinstance(rule, Uniform):
-        return [1.0 / n] * n
+        return [rule.share(n)] * n
     raise ctx.fail(f"rule {rule.name} does not apply to a product of {n} carrying tensors")
 
 
 def const_weight_backward(ctx: OpContext, W, bias=None):
     """Backward of ``z = x W`` (``x`` = input 0, ``z`` = output 0, constant ``W``): ``G_x = G_z W^T`` (eps rule,
-    gradient form); under Gamma ``G_z`` is first scaled by ``z / stab(z + gamma z+)`` (``bias``: the constant
-    added to ``z`` after the node, included in ``z`` and ``z+``). Other inputs get None."""
-    xp, a, n_in = ctx.xp, ctx.input(0), len(ctx.node.inputs)
-    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
-    Wp = ctx.array(np.maximum(W, 0)) if gamma else None
-    Wm = W + gamma * np.maximum(W, 0) if gamma else W
+    gradient form); under :class:`~onnx_lrp.rules.Gamma` ``G_x = (W + gamma W+)^T (G_z * z / stab(z + gamma z+))``
+    (``bias``: the constant added to ``z`` after the node, included in ``z`` and ``z+``). Other inputs get None."""
+    xp, a, n_in, rule = ctx.xp, ctx.input(0), len(ctx.node.inputs), ctx.rule
+    gamma = isinstance(rule, Gamma)
+    Wp = ctx.array(rule.positive(W)) if gamma else None
+    Wm = rule.weight(W) if gamma else W
     Wt = ctx.array(Wm) if W.ndim == 1 else _swap(ctx.array(Wm))  # a view: no copy of the weight
     sa = ctx.shape(a)
-    bias = ctx.array(bias) if bias is not None else None
+    bias_c = ctx.array(bias) if (gamma and bias is not None) else None
+    bias_p = ctx.array(rule.positive(bias)) if bias_c is not None else None
+    vx, vz = (ctx.value(a), ctx.value(ctx.node.outputs[0])) if gamma else (None, None)
 
     def back_const(env, gy):
         g = gy[0]
         if gamma:
-            g = _gamma_modify(env, g, a, ctx.node.outputs[0], Wp, gamma, ctx.rule.epsilon, bias)
+            z, zplus = env[vz], env[vx] @ Wp
+            if bias_c is not None:
+                z, zplus = z + bias_c, zplus + bias_p
+            g = g * rule.output_scale(xp, z, zplus)
         if Wt.ndim == 1:
             return [g[..., None] * Wt] + [None] * (n_in - 1)
         in_shape = env.shape(sa)
         return [unbroadcast(xp, matmul_const(xp, g, Wt), in_shape, max(len(in_shape), Wt.ndim))] + [None] * (n_in - 1)
 
-    if gamma:
-        ctx.value(a)
-        ctx.value(ctx.node.outputs[0])
     return back_const
 
 
-@register("MatMul")
+@register("MatMul", kind=_two_operand_kind, layer="map")
 def matmul(ctx: OpContext):
     a, b = ctx.input(0), ctx.input(1)
     ca, cb = ctx.carrying(0), ctx.carrying(1)
@@ -100,11 +113,11 @@ def matmul(ctx: OpContext):
             return [ga, gb]
 
         return back_product
-    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
+    gamma = isinstance(ctx.rule, Gamma)
     if ca:
         W = ctx.const(1)
         if W is not None:
-            return const_weight_backward(ctx, W, following_bias(ctx) if gamma else None)
+            return const_weight_backward(ctx, W, following_bias(ctx.graph, ctx.node) if gamma else None)
         if gamma and b in ctx.graph.static:  # a weight computed from constants (e.g. DequantizeLinear)
             raise ctx.fail(f"the gamma rule needs the weight {b!r} as an initializer; it is computed in the graph")
         # a run-time "weight" (a detached attention or dynamic-convolution kernel under CP-LRP) is no layer: the
@@ -132,47 +145,7 @@ def matmul(ctx: OpContext):
     return back_right
 
 
-# consumers that add a linear layer's bias: op type -> index of the bias input (the MatMul output is input 0)
-_BIAS_CONSUMERS = {"BiasGelu": 1, "FastGelu": 1, "SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3}
-
-
-def following_bias(ctx: OpContext):
-    """The constant bias ``b`` added to ``x W`` by the MatMul's only consumer: ``Add(MatMul(x, W), b)`` (how
-    exporters write a linear layer) or a fused op holding it (``BiasGelu``, ``FastGelu``, ``Skip*Normalization``
-    from onnxruntime's optimizer); else None. The eps and gamma rules' ``z`` (and ``z+``) include the bias, as they
-    do for ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
-    out = ctx.node.outputs[0]
-    cons = ctx.graph.consumers.get(out, [])
-    if len(cons) != 1 or out in ctx.graph.output_names:
-        return None
-    c = cons[0]
-    if c.op_type == "Add":
-        other = [i for i in c.inputs if i != out]
-        name = other[0] if len(other) == 1 else None
-    elif c.op_type in _BIAS_CONSUMERS and c.inputs[0] == out and out not in c.inputs[1:]:
-        k = _BIAS_CONSUMERS[c.op_type]
-        name = c.inputs[k] if len(c.inputs) > k and c.inputs[k] else None
-    else:
-        return None
-    b = ctx.graph.constant(name) if name else None
-    return b if b is not None and b.ndim <= 1 else None
-
-
-def _gamma_modify(env, g, x_name, z_name, Wp, gamma, eps, bias=None):
-    """Gradient-form gamma rule: scale ``G_z`` by ``z / stab(z + gamma * z+)`` with ``z = x W (+ b)`` and
-    ``z+ = x W+ (+ b+)``; the caller then applies ``(W + gamma W+)^T``."""
-    xp = env.xp
-    x, z = env[x_name], env[z_name]
-    zplus = x @ Wp
-    if bias is not None:
-        z = z + bias
-        zplus = zplus + xp.maximum(bias, 0)
-    zp = z + gamma * zplus
-    den = stabilise(xp, zp, eps)
-    return g * (z / den)
-
-
-@register("Gemm")
+@register("Gemm", kind=_two_operand_kind, layer="output")
 def gemm(ctx: OpContext):
     """``Y = alpha * A' B' + beta * C`` with ``A' = A^T`` if transA, ``B' = B^T`` if transB."""
     xp = ctx.xp
@@ -183,20 +156,21 @@ def gemm(ctx: OpContext):
     a, b, c = ctx.input(0), ctx.input(1), ctx.input(2)
     sc = ctx.shape(c) if cc else None
     weights = product_weights(ctx, [0, 1]) if (ca and cb) else [1.0, 1.0]
-    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) and not (ca and cb) else 0.0
+    rule = ctx.rule
+    gamma = isinstance(rule, Gamma) and not (ca and cb)
     if gamma and not (ca and ctx.const(1) is not None):
         raise ctx.fail("the gamma rule needs a constant weight B")
     Bc = ctx.const(1) if (ca and not cb) else None
-    Bp = None
+    Bp = bias_p = None
     if Bc is not None:
         Bprime = Bc.T if tb else Bc
         BpT = ctx.array(Bc) if tb else _swap(ctx.array(Bc))  # (N, K), a view: no copy of the weight
         if gamma:
-            Bp = ctx.array(np.maximum(Bprime, 0))
+            Bp = ctx.array(rule.positive(Bprime))
             Cc = ctx.const(2)
-            bias_p = ctx.array(np.maximum(Cc, 0) * beta) if Cc is not None else None
+            bias_p = ctx.array(rule.positive(Cc) * beta) if Cc is not None else None
             ctx.value(a), ctx.value(ctx.node.outputs[0])
-            BpT = _swap(ctx.array(Bprime + gamma * np.maximum(Bprime, 0)))
+            BpT = _swap(ctx.array(rule.weight(Bprime)))
     va = ctx.value(a) if cb else None
     vb = ctx.value(b) if (ca and Bc is None) else None
 
@@ -205,14 +179,10 @@ def gemm(ctx: OpContext):
         out = [None, None, None]
         if gamma:
             A = env[a]
-            Ap = _swap(A) if ta else A
-            z = env[ctx.node.outputs[0]]
-            zp = alpha * (Ap @ Bp)
+            zplus = alpha * ((_swap(A) if ta else A) @ Bp)
             if bias_p is not None:
-                zp = zp + bias_p
-            zp = z + gamma * zp
-            den = stabilise(xp, zp, ctx.rule.epsilon)
-            g = g * (z / den)
+                zplus = zplus + bias_p
+            g = g * rule.output_scale(xp, env[ctx.node.outputs[0]], zplus)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
             ga = matmul_const(xp, g, Bt) if Bc is not None else g @ Bt
@@ -231,7 +201,7 @@ def gemm(ctx: OpContext):
     return back
 
 
-@register("Conv")
+@register("Conv", kind="linear", layer="output")
 def conv(ctx: OpContext):
     """Conv with a constant kernel (ViT patch embedding and others): the transposed convolution of ``G``.
 
@@ -253,22 +223,22 @@ def conv(ctx: OpContext):
     pads = list(ctx.attr("pads", [0] * (2 * nd)))
     if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         raise ctx.fail("Conv with auto_pad SAME_* is not supported")
-    gamma = ctx.rule.gamma if isinstance(ctx.rule, Gamma) else 0.0
+    rule = ctx.rule
+    gamma = isinstance(rule, Gamma)
     Bc = ctx.const(2)
     if gamma and Bc is None and ctx.input(2) is not None:
         raise ctx.fail("the gamma rule needs the Conv bias as an initializer")
-    bias_p = ctx.array(np.maximum(Bc, 0)) if (gamma and Bc is not None) else None
+    bias_p = ctx.array(rule.positive(Bc)) if (gamma and Bc is not None) else None
     fixed = None
     if W is not None:
-        fixed = (ctx.array(W + gamma * np.maximum(W, 0)) if gamma else ctx.array(W),
-                 ctx.array(np.maximum(W, 0)) if gamma else None)
+        fixed = (ctx.array(rule.weight(W)) if gamma else ctx.array(W), ctx.array(rule.positive(W)) if gamma else None)
 
     def kernels(env):
         """(W + gamma W+, W+)."""
         if fixed is not None:
             return fixed
         Wr = env[vw]
-        return (Wr + gamma * xp.maximum(Wr, 0) if gamma else Wr), (xp.maximum(Wr, 0) if gamma else None)
+        return (rule.weight(Wr), rule.positive(Wr)) if gamma else (Wr, None)
 
     x_name, z_name = ctx.input(0), ctx.node.outputs[0]
     sx = ctx.shape(x_name)
@@ -280,13 +250,10 @@ def conv(ctx: OpContext):
         x_shape = env.shape(sx)
         Wc, Wpos = kernels(env)
         if gamma:
-            z = env[z_name]
-            zp = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
+            zplus = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
             if bias_p is not None:
-                zp = zp + bias_p.reshape((-1,) + (1,) * (zp.ndim - 2))
-            zp = z + gamma * zp
-            den = stabilise(xp, zp, ctx.rule.epsilon)
-            g = g * (z / den)
+                zplus = zplus + bias_p.reshape((-1,) + (1,) * (zplus.ndim - 2))
+            g = g * rule.output_scale(xp, env[z_name], zplus)
         return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
 
     return back
@@ -344,7 +311,7 @@ def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
 
 
 
-@register("Einsum")
+@register("Einsum", kind=_einsum_kind, layer="map", rules=(Epsilon, Gradient, Uniform, ConstantGate, Constant))
 def einsum(ctx: OpContext):
     """Einsum: linear in each operand. One carrying operand: plain VJP (eps-LRP, eps=0); several: the uniform
     rule (each gets its gradient / N). Leading target axes ride along as an extra index of ``G``; an ellipsis

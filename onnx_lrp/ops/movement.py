@@ -1,4 +1,5 @@
-"""Data movement: relevance is routed exactly backwards (inverse indexing; a broadcast sums).
+"""Data movement: relevance is routed exactly backwards (inverse indexing; a broadcast sums); and the ops whose
+outputs never carry relevance (kind ``constant``: shapes, comparisons, integer results).
 
 Reshape, Flatten, Squeeze, Unsqueeze, Identity, Cast, Dropout, Neg, Transpose, Expand, Slice, Gather,
 GatherElements, GatherND, Concat, Split, Tile, Pad, ScatterND, ScatterElements, TopK (values).
@@ -8,14 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import OpContext, ints, register, scatter_add, unbroadcast
+from onnx import helper
+
+from .._graph import FLOAT_TYPES, Node
+from ._base import OpContext, declare, ints, register, scatter_add, unbroadcast
+
+# ops whose outputs never carry relevance: shapes, comparisons, integer or piecewise-constant results
+declare("Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
+        "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero", "ConstantOfShape", "EyeLike", "Range", "Sign", "Floor",
+        "Ceil", "Round", "OneHot", "BitShift", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
+        "NonMaxSuppression", "Constant", "RandomNormal", "RandomUniform", kind="constant")
 
 
 def _none_tail(ctx: OpContext, first):
     return [first] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze", kind="movement")
 def reshape(ctx: OpContext):
     sx = ctx.shape(ctx.input(0))
 
@@ -26,17 +36,28 @@ def reshape(ctx: OpContext):
     return back
 
 
-@register("Identity", "Cast", "Dropout", "CastLike")
+def _cast(ins, at):
+    return np.asarray(ins[0]).astype(helper.tensor_dtype_to_np_dtype(at["to"]))
+
+
+def _is_float_cast(node: Node, k: int) -> bool:
+    return node.attr("to") in FLOAT_TYPES
+
+
+@register("Identity", kind="movement", forward=lambda ins, at: ins[0])
+@register("Dropout", kind="movement", forward=lambda ins, at: ins[0], carries=lambda node, k: k == 0)
+@register("Cast", kind="movement", forward=_cast, carries=_is_float_cast)
+@register("CastLike", kind="movement", forward=lambda ins, at: np.asarray(ins[0]).astype(np.asarray(ins[1]).dtype))
 def identity(ctx: OpContext):
     return lambda env, gy: _none_tail(ctx, gy[0])
 
 
-@register("Neg")
+@register("Neg", kind="movement", forward=lambda ins, at: -ins[0])
 def neg(ctx: OpContext):
     return lambda env, gy: [-gy[0]]
 
 
-@register("Transpose")
+@register("Transpose", kind="movement")
 def transpose(ctx: OpContext):
     perm = ctx.attr("perm")
 
@@ -50,7 +71,7 @@ def transpose(ctx: OpContext):
     return back
 
 
-@register("Expand")
+@register("Expand", kind="movement")
 def expand(ctx: OpContext):
     sx, xp = ctx.shape(ctx.input(0)), ctx.xp
 
@@ -65,7 +86,7 @@ def _zeros(env, g, shape):
     return env.xp.zeros(g.shape[: env.lead] + tuple(shape), dtype=g.dtype)
 
 
-@register("Slice")
+@register("Slice", kind="movement")
 def slice_(ctx: OpContext):
     sx = ctx.shape(ctx.input(0))
     names = [ctx.value(ctx.input(k)) if ctx.input(k) else None for k in range(1, 5)]
@@ -87,7 +108,7 @@ def slice_(ctx: OpContext):
     return back
 
 
-@register("Gather")
+@register("Gather", kind="movement")
 def gather(ctx: OpContext):
     """Selection by indices: ``G_data[.., idx, ..] += G_y`` (repeated indices accumulate).
 
@@ -121,7 +142,7 @@ def gather(ctx: OpContext):
     return back
 
 
-@register("GatherND")
+@register("GatherND", kind="movement")
 def gather_nd(ctx: OpContext):
     """``y[b.., i..] = data[b.., indices[b.., i.., :]]`` (``batch_dims`` leading axes shared): the gradient is
     scattered back to the addressed entries (repeated addresses accumulate)."""
@@ -146,7 +167,7 @@ def gather_nd(ctx: OpContext):
     return back
 
 
-@register("GatherElements")
+@register("GatherElements", kind="movement")
 def gather_elements(ctx: OpContext):
     sx, vi = ctx.shape(ctx.input(0)), ctx.value(ctx.input(1))
     axis = int(ctx.attr("axis", 0))
@@ -172,7 +193,7 @@ def gather_elements(ctx: OpContext):
     return back
 
 
-@register("Concat")
+@register("Concat", kind="movement")
 def concat(ctx: OpContext):
     shapes = [ctx.shape(i) for i in ctx.node.inputs]
     axis = int(ctx.attr("axis"))
@@ -197,7 +218,7 @@ def concat(ctx: OpContext):
     return back
 
 
-@register("Split")
+@register("Split", kind="movement")
 def split(ctx: OpContext):
     outs = [ctx.shape(o) for o in ctx.node.outputs]
     axis = int(ctx.attr("axis", 0))
@@ -213,7 +234,7 @@ def split(ctx: OpContext):
     return back
 
 
-@register("Tile")
+@register("Tile", kind="movement")
 def tile(ctx: OpContext):
     sx, vr = ctx.shape(ctx.input(0)), ctx.value(ctx.input(1))
 
@@ -230,7 +251,7 @@ def tile(ctx: OpContext):
     return back
 
 
-@register("Pad")
+@register("Pad", kind="movement")
 def pad(ctx: OpContext):
     mode = ctx.attr("mode", b"constant")
     if mode not in (b"constant", "constant"):
@@ -263,7 +284,7 @@ def pad(ctx: OpContext):
     return back
 
 
-@register("ScatterND")
+@register("ScatterND", kind="movement")
 def scatter_nd(ctx: OpContext):
     """``out = data; out[indices] = updates``: overwritten entries of ``data`` get nothing."""
     if ctx.attr("reduction", b"none") not in (b"none", "none", b"add", "add"):
@@ -289,7 +310,7 @@ def scatter_nd(ctx: OpContext):
     return back
 
 
-@register("ScatterElements")
+@register("ScatterElements", kind="movement")
 def scatter_elements(ctx: OpContext):
     if ctx.attr("reduction", b"none") not in (b"none", "none", b"add", "add"):
         raise ctx.fail("ScatterElements reductions other than none/add are not supported")
@@ -317,7 +338,7 @@ def scatter_elements(ctx: OpContext):
     return back
 
 
-@register("TopK")
+@register("TopK", kind="movement", carries=lambda node, k: k == 0)
 def topk(ctx: OpContext):
     """Values of TopK: ``G_x`` holds ``G_values`` at the selected positions."""
     sx, vi = ctx.shape(ctx.input(0)), ctx.value(ctx.node.outputs[1])

@@ -10,8 +10,8 @@ Statistics are recomputed from the captured input, in the compute dtype.
 """
 from __future__ import annotations
 
-from ..rules import ConstantStatistic, Epsilon, Gradient
-from ._base import OpContext, register, stabilise, unbroadcast
+from ..rules import Constant, ConstantStatistic, Epsilon, Gradient, stabilise
+from ._base import MS, ONNX, OpContext, register, unbroadcast
 
 
 def _stats(xp, x, axes, eps, rms):
@@ -98,29 +98,30 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
     return back
 
 
-@register("LayerNormalization")
+@register("LayerNormalization", kind="norm")
 def layer_norm(ctx: OpContext):
     return _build(ctx, [0], 1, None, rms=False, skip=False)
 
 
-@register("SimplifiedLayerNormalization", "RMSNormalization")
+@register("SimplifiedLayerNormalization", kind="norm", domain=(ONNX, MS))
+@register("RMSNormalization", kind="norm")
 def rms_norm(ctx: OpContext):
     return _build(ctx, [0], 1, None, rms=True, skip=False)
 
 
-@register("SkipLayerNormalization")
+@register("SkipLayerNormalization", kind="norm", domain=MS)
 def skip_layer_norm(ctx: OpContext):
     # inputs: input, skip, gamma, beta, bias
     return _build(ctx, [0, 1], 2, 4, rms=False, skip=True)
 
 
-@register("SkipSimplifiedLayerNormalization")
+@register("SkipSimplifiedLayerNormalization", kind="norm", domain=MS)
 def skip_rms_norm(ctx: OpContext):
     # inputs: input, skip, gamma, bias
     return _build(ctx, [0, 1], 2, 3, rms=True, skip=True)
 
 
-@register("InstanceNormalization", "GroupNormalization")
+@register("InstanceNormalization", "GroupNormalization", kind="norm")
 def group_norm(ctx: OpContext):
     """``y = scale_c * (x - mean) / sigma + bias_c`` with statistics per sample over the spatial axes
     (InstanceNormalization) or per group of channels (GroupNormalization, ``num_groups``); channel axis 1.
@@ -156,7 +157,7 @@ def group_norm(ctx: OpContext):
     return back
 
 
-@register("BatchNormalization")
+@register("BatchNormalization", kind="linear", layer="output", rules=(Epsilon, Gradient, Constant))
 def batch_norm(ctx: OpContext):
     """Inference BatchNormalization ``y = scale * (x - mean) / sqrt(var + eps) + B`` with the running statistics:
     an affine map per channel (axis 1), so ``G_x = G_y * scale / sqrt(var + eps)`` under every rule."""

@@ -52,7 +52,7 @@ def _padded_extent(spatial, k, s, d, begin, out):
     return [max(sp + b, (n - 1) * st + (kk - 1) * di + 1) for sp, b, kk, st, di, n in zip(spatial, begin, k, s, d, out)]
 
 
-@register("AveragePool")
+@register("AveragePool", kind="reduce", layer="pool")
 def average_pool(ctx: OpContext):
     xp = ctx.xp
     sx = ctx.shape(ctx.input(0))
@@ -79,7 +79,7 @@ def average_pool(ctx: OpContext):
     return back
 
 
-@register("MaxPool")
+@register("MaxPool", kind="movement", carries=lambda node, k: k == 0)
 def max_pool(ctx: OpContext):
     xp = ctx.xp
     vx, vy = ctx.value(ctx.input(0)), ctx.value(ctx.node.outputs[0])

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import Gamma
-from ._base import OpContext, register
-from .fused import check_domain
-from .linear import following_bias, const_weight_backward
+from .._patterns import following_bias
+from ._base import MS, OpContext, register
+from .linear import const_weight_backward
 
 
 def _unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -46,9 +46,8 @@ def dequantize_nbits(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     return q.reshape(N, blocks * block_size)[:, :K]
 
 
-@register("MatMulNBits")
+@register("MatMulNBits", kind="linear", domain=MS, layer="map")
 def matmul_nbits(ctx: OpContext):
-    check_domain(ctx)
     for k in range(1, len(ctx.node.inputs)):
         if ctx.carrying(k):
             raise ctx.fail(f"input {k} ({ctx.input(k)!r}) carries relevance; only A may")
@@ -66,4 +65,4 @@ def matmul_nbits(ctx: OpContext):
     gamma = isinstance(ctx.rule, Gamma)
     if gamma and ctx.input(5):
         raise ctx.fail("the gamma rule with MatMulNBits' own bias input is not supported")
-    return const_weight_backward(ctx, W.T, following_bias(ctx) if gamma else None)  # (K, N) view
+    return const_weight_backward(ctx, W.T, following_bias(ctx.graph, ctx.node) if gamma else None)  # (K, N) view

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..rules import Gradient
+from ..rules import Constant, Gradient
 from ._base import OpContext, ints, register
 
 
@@ -26,7 +26,7 @@ def _axes_of(ctx: OpContext, env, ndim: int) -> list[int]:
     return sorted(a if a >= 0 else a + ndim for a in axes)
 
 
-@register("ReduceSum", "ReduceMean", "GlobalAveragePool")
+@register("ReduceSum", "ReduceMean", "GlobalAveragePool", kind="reduce", layer="pool")
 def reduce_sum(ctx: OpContext):
     node = ctx.node
     sx = ctx.shape(ctx.input(0))
@@ -65,7 +65,7 @@ def _reduce_values(ctx: OpContext) -> tuple[str, str, bool]:
     return vx, vy, bool(int(ctx.node.attr("keepdims", 1)))
 
 
-@register("ReduceL2", "ReduceSumSquare")
+@register("ReduceL2", "ReduceSumSquare", kind="nonlinear", rules=(Gradient, Constant))
 def reduce_l2(ctx: OpContext):
     """Norm statistics (kind ``norm``: constants under AttnLRP), differentiated under the Gradient rule:
     ``||x||_2``: ``G_x = G_y * x / y`` (0 where ``y = 0``); ``sum x^2``: ``G_x = 2 x G_y``."""
@@ -88,7 +88,7 @@ def reduce_l2(ctx: OpContext):
     return back
 
 
-@register("ReduceMax", "ReduceMin")
+@register("ReduceMax", "ReduceMin", kind="movement")
 def reduce_max(ctx: OpContext):
     """Max/min pooling: the gradient goes to the selected entries (ties share it)."""
     node, xp = ctx.node, ctx.xp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from ..rules import Constant, Epsilon, Gradient
 from ._base import OpContext, register
 
 _SKIP_ATTRS = {"axes", "keep_aspect_ratio_policy"}
@@ -41,7 +42,7 @@ def _basis_response(attrs: dict, opset: int, n_in: int, n_out: int, scale: float
     return y
 
 
-@register("Resize")
+@register("Resize", kind="linear", rules=(Epsilon, Gradient, Constant))
 def resize(ctx: OpContext):
     xp = ctx.xp
     if ctx.opset < 11:

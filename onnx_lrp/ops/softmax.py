@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import Gradient
-from ._base import OpContext, register
+from .._patterns import nan_guard, weights_values
+from ._base import NodeView, OpContext, register
 
 
 def _axes(ctx: OpContext, ndim: int) -> tuple[int, ...]:
@@ -29,24 +30,13 @@ def _finite(xp, S):
     return xp.where(bad, 0.0, S).astype(S.dtype) if bad.any() else S
 
 
-def nan_guard(graph, s: str):
-    """The ``Where(IsNaN(s), 0, s)`` node exporters put after a softmax ``s`` (fully masked rows), or None.
-
-    Its output is exactly the NaN-free softmax: the rule reads it instead of ``s`` (one captured tensor less),
-    and the ``Where`` passes the gradient through unmasked (the softmax rule multiplies it by ``s = 0`` there).
-    """
-    for node in graph.consumers.get(s, []):
-        if node.op_type != "IsNaN":
-            continue
-        for where in graph.consumers.get(node.outputs[0], []):
-            zero = graph.constant(where.inputs[1]) if where.op_type == "Where" else None
-            if (where.inputs[0] == node.outputs[0] and where.inputs[2] == s and zero is not None
-                    and zero.size == 1 and float(zero.reshape(-1)[0]) == 0.0):
-                return where
-    return None
+def softmax_kind(view: NodeView) -> str:
+    """``attention`` when the probabilities weight other carrying values (``P V``, routing weights times expert
+    outputs), else ``softmax`` (e.g. the model's own output distribution, never held constant by CP-LRP)."""
+    return "attention" if weights_values(view.graph, view.node.outputs[0], view.live) else "softmax"
 
 
-@register("Softmax")
+@register("Softmax", kind=softmax_kind)
 def softmax(ctx: OpContext):
     if not isinstance(ctx.rule, Gradient):
         raise ctx.fail(f"rule {ctx.rule.name} does not apply to Softmax (use Gradient or Constant)")
@@ -67,7 +57,7 @@ def softmax(ctx: OpContext):
     return back
 
 
-@register("LogSoftmax")
+@register("LogSoftmax", kind="softmax")
 def log_softmax(ctx: OpContext):
     if not isinstance(ctx.rule, Gradient):
         raise ctx.fail(f"rule {ctx.rule.name} does not apply to LogSoftmax (use Gradient or Constant)")
