@@ -35,7 +35,8 @@ def one(config: str, model: str, data: Path, batch_size: int, out: Path) -> dict
     """Run one configuration in this process (results to ``out``); returns its timings."""
     import numpy as np
 
-    from onnx_lrp.dataset import ExplainJob, read_rows, run
+    from onnx_lrp.dataset import read_rows, run
+    from onnx_lrp.jobs import ExplainJob
 
     t0 = time.perf_counter()
     rows = [r.fields["text"] for r in read_rows(data)]

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 import faithfulness_common as common  # noqa: E402
 import numpy as np  # noqa: E402
 
-from onnx_lrp.dataset import TextJob, read_results, run  # noqa: E402
+from onnx_lrp.dataset import read_results, run  # noqa: E402
+from onnx_lrp.jobs import TextJob  # noqa: E402
 from onnx_lrp.evaluate import METHODS, Evaluator  # noqa: E402
 
 MODEL = Path(os.environ.get("ONNX_LRP_CACHE", Path.home() / ".cache" / "onnx-lrp")) / "models" / \

@@ -321,7 +321,7 @@ def _run_dataset(job, args) -> int:
 
 
 def cmd_explain_dataset(args: argparse.Namespace) -> int:
-    from .dataset import ExplainJob
+    from .jobs import ExplainJob
 
     job = ExplainJob(_model_path(args.model, args.cache), args.composite, target=_int_or_str(args.target),
                      latent=args.latent or (), top_k=args.top_k, batch_size=args.batch_size,

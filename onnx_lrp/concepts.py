@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .dataset import TextJob, shard_path
+from .dataset import shard_path
+from .jobs import TextJob
 from .errors import DatasetError
 
 KINDS = ("act", "rel")  # ActMax, RelMax

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from onnx_lrp import TargetError
-from onnx_lrp.dataset import DatasetError, ExplainJob, read_results, read_rows, run
+from onnx_lrp.dataset import DatasetError, read_results, read_rows, run
+from onnx_lrp.jobs import ExplainJob
 from onnx_lrp.text import TextExplainer
 
 from _corpus import texts
