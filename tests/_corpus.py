@@ -34,10 +34,13 @@ def text_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with 2 CPUs; its workers import the tests folder too (jobs defined in test modules)."""
+    """A local Ray with 2 CPUs, started by :func:`onnx_lrp.scale.start`; its workers import the tests folder too
+    (jobs defined in test modules)."""
     import ray
 
+    from onnx_lrp.scale import start
+
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024)
+    start(num_cpus=2)  # as `onnx-lrp explain-dataset` starts it
     yield
     ray.shutdown()

@@ -108,6 +108,16 @@ def test_two_ray_actors_equal_text_explainer_exactly(ray_session, text_model, co
     _assert_same(read_results(tmp_path / "ray"), reference)
 
 
+def test_local_ray_workers_run_at_our_priority(ray_session):
+    """Ray would start its workers at nice 15: beside other jobs they would get a fraction of the CPU."""
+    import ray
+
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(ray.remote(num_cpus=1)(niceness).remote()) == os.nice(0)
+
+
 class DiesOnce(ExplainJob):
     """Kills its own worker process (SIGKILL) the first time it is given row 9."""
 
