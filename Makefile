@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.onnx-lrp-installed
 
-.PHONY: venv demo test bench clean-cache
+.PHONY: venv venvs demo test bench clean-cache
 
 venv: $(STAMP)
 
@@ -16,10 +16,16 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# export venvs of other frameworks (TensorFlow, JAX: requirements-tf.txt / requirements-jax.txt), built once and
+# cached in ~/.cache/onnx-lrp/venvs (tests/frameworks/venvs.py; ~1 min each)
+venvs: venv
+	$(PY) tests/frameworks/venvs.py tf jax
+
 demo: venv
 	$(VENV)/bin/onnx-lrp demo
 
 test: venv
+	-$(PY) tests/frameworks/venvs.py tf jax  # one that cannot be built fails its own tests, with pip's message
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean-cache:

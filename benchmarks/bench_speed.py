@@ -160,10 +160,10 @@ def _torch_model(spec, device, lxt: bool):
 
     torch.set_grad_enabled(True)
     if lxt:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from _lxt_worker import _import_lxt
+        sys.path.insert(0, str(ROOT))
+        from onnx_lrp.reference.lxt import import_lxt
 
-        monkey_patch = _import_lxt()
+        monkey_patch = import_lxt()
         mod = importlib.import_module(f"transformers.models.{spec['family']}.modeling_{spec['family']}")
         monkey_patch(mod)
         cls = getattr(mod, spec["cls"])

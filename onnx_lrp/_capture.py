@@ -10,6 +10,7 @@ numpy arrays on the CPU, as CuPy arrays on CUDA (the same code path on both devi
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +27,8 @@ from onnx import helper, numpy_helper
 from ._device import CPU, Device, check_session
 from ._graph import Graph
 from ._stream import copy_without_initializers, is_weight
-from .errors import InputError, ModelLoadError
+from ._inputs import ort_failure, quiet_run
+from .errors import ModelLoadError
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
 # com.microsoft ops that pre-pack their constant inputs when the session is created
@@ -47,9 +49,11 @@ def default_session_options() -> ort.SessionOptions:
     - idle pool threads sleep instead of spinning: the relevance pass runs right after the forward and would
       otherwise compete with them for the cores (measured 20% faster on 2 cores);
     - priority-based execution order: with the default order the ``Shape`` nodes added for the rules run
-      late and keep their tensors alive to the end of the run (SmolLM2, 512 tokens: +2.2 GB vs +0.85 GB).
+      late and keep their tensors alive to the end of the run (SmolLM2, 512 tokens: +2.2 GB vs +0.85 GB);
+    - onnxruntime logs errors only (its warnings about the graph are not for the user; failures are raised).
     """
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return opts
@@ -76,6 +80,7 @@ class ForwardCapture:
         self._weights = {n: device.to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
         device.synchronize()  # uploads finish before onnxruntime's stream reads them
         self._float_outputs: set[str] = set()
+        self._lock = threading.Lock()
 
     @property
     def weights(self) -> dict[str, Any]:
@@ -83,17 +88,20 @@ class ForwardCapture:
         return self._weights
 
     def prepare(self, values: set[str], shapes: set[str]) -> None:
-        """Make sure the session returns ``values`` and the shapes of ``shapes``."""
+        """Make sure the session returns ``values`` and the shapes of ``shapes`` (thread-safe: the new session
+        and what it exposes are swapped in together)."""
         values = {v for v in values if self._needs_output(v)}
         shapes = {s for s in shapes if self._needs_output(s)}  # also for returned tensors: run() asks Shape nodes
-        if self.session is not None and values <= self.exposed and shapes <= self.shape_exposed:
-            return
-        self.exposed |= values
-        self.shape_exposed |= shapes
-        self.session = self._session(self._session_model())
+        with self._lock:
+            if self.session is not None and values <= self.exposed and shapes <= self.shape_exposed:
+                return
+            exposed, shape_exposed = self.exposed | values, self.shape_exposed | shapes
+            session = self._session(self._session_model(exposed, shape_exposed))
+            self.session, self.exposed, self.shape_exposed = session, exposed, shape_exposed
 
-    def _session_model(self) -> onnx.ModelProto:
-        """The model with weights as graph inputs and the exposed tensors (and shapes) as extra outputs."""
+    def _session_model(self, exposed: set[str], shape_exposed: set[str]) -> onnx.ModelProto:
+        """The model with weights as graph inputs and the ``exposed`` tensors (and the shapes of
+        ``shape_exposed``) as extra outputs."""
         src = self.graph.model
         model = copy_without_initializers(src)
         weights = set(self.weight_names)
@@ -104,17 +112,17 @@ class ForwardCapture:
             if t.name in weights:
                 model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         existing = set(self.graph.output_names)
-        for name in sorted(self.exposed - existing):
+        for name in sorted(exposed - existing):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
         # each Shape node right after the producer of its tensor (see default_session_options)
         del model.graph.node[:]
         for node in src.graph.node:
             model.graph.node.append(node)
             for o in node.output:
-                if o in self.shape_exposed:
+                if o in shape_exposed:
                     out = SHAPE_PREFIX + o
                     model.graph.node.append(helper.make_node("Shape", [o], [out], name=out))
-        for name in sorted(self.shape_exposed):
+        for name in sorted(shape_exposed):
             model.graph.output.append(onnx.ValueInfoProto(name=SHAPE_PREFIX + name))
         return model
 
@@ -133,9 +141,10 @@ class ForwardCapture:
 
     def run(self, feeds: dict[str, np.ndarray], values: Sequence[str], shapes: Sequence[str]) -> tuple[dict, dict]:
         """Run once; returns (tensor values by name, shapes by name). Values live on the capture's device."""
-        assert self.session is not None
+        session = self.session  # one session throughout: prepare() may swap in a new one meanwhile
+        assert session is not None
         names = list(dict.fromkeys(list(values) + [SHAPE_PREFIX + s for s in shapes]))
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
         for name, arr in self._weights.items():
@@ -144,9 +153,9 @@ class ForwardCapture:
             on_host = n.startswith(SHAPE_PREFIX) or self.device.name == "cpu"
             binding.bind_output(n, "cpu" if on_host else self.device.name, 0 if on_host else self.device.index)
         try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise InputError(f"{self.graph.source}: onnxruntime failed on these inputs: {exc}") from exc
+            session.run_with_iobinding(binding, quiet_run())
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ort_failure(self.graph, feeds, exc) from exc
         out_values, out_shapes = {}, {}
         for n, ov in zip(names, binding.get_outputs()):
             if n.startswith(SHAPE_PREFIX):

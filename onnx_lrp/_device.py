@@ -7,6 +7,7 @@ the reason. ``resolve_device("cuda")`` raises :class:`DeviceError` naming what i
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,7 @@ def resolve_device(device: str, providers: list | None = None) -> Device:
     name = str(device).lower()
     if name not in ("cpu", "cuda", "auto") and not name.startswith("cuda:"):
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    providers = usable_providers(providers) if providers else None
     if name == "cpu":
         return Device("cpu", np, list(providers or ["CPUExecutionProvider"]), "requested")
     problem = cuda_problem()
@@ -116,6 +118,33 @@ def resolve_device(device: str, providers: list | None = None) -> Device:
     if name == "auto":
         log.info("onnx-lrp: device='auto' runs on CUDA device %d", index)
     return Device("cuda", cupy, provs, reason, index)
+
+
+def usable_providers(providers: list) -> list:
+    """The requested onnxruntime execution providers (names or ``(name, options)``) that this onnxruntime build
+    has. A name onnxruntime does not know raises :class:`DeviceError`; known ones missing from this build are
+    dropped with a warning (onnxruntime would print its own notice and fall back silently), and
+    :class:`DeviceError` is raised when none is left."""
+    import onnxruntime as ort
+
+    names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+    if not all(isinstance(n, str) for n in names):
+        raise DeviceError(f"providers must be names or (name, options) pairs, got {providers!r}")
+    unknown = [n for n in names if n not in ort.get_all_providers()]
+    if unknown:
+        raise DeviceError(f"unknown onnxruntime execution provider(s) {unknown}; onnxruntime's providers are "
+                          f"{ort.get_all_providers()}")
+    available = ort.get_available_providers()
+    missing = [n for n in names if n not in available]
+    kept = [p for p, n in zip(providers, names) if n in available]
+    if missing and not kept:
+        raise DeviceError(f"none of the requested providers {names} is available in this onnxruntime "
+                          f"{ort.__version__} build (available: {available})")
+    if missing:
+        warnings.warn(f"onnx-lrp: execution provider(s) {missing} are not available in this onnxruntime "
+                      f"{ort.__version__} build (available: {available}); using {[n for n in names if n in available]}",
+                      stacklevel=4)
+    return kept
 
 
 def check_session(session: Any, device: str, source: str) -> None:

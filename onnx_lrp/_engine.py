@@ -205,7 +205,7 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any],
             z = env[step.outputs[0]]
             if step.eps_bias is not None:
                 z = z + step.eps_bias
-            gy[0] = gy[0] * step.rule.output_scale(xp, z)
+            gy[0] = gy[0] * step.rule.output_scale(z)
         try:
             gx = step.backward(env, gy)
         except OnnxLrpError:

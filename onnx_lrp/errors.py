@@ -35,6 +35,10 @@ _HINTS = {
     "(optimum: --no-post-process / no_post_process=True)",
     "Loop": " - control flow: tensors inside subgraphs cannot be explained",
     "Scan": " - control flow: tensors inside subgraphs cannot be explained",
+    **{op: " - an int8 element-wise op of the QOperator format (or of onnxruntime's optimizer run on a QDQ file): "
+           "explain the QDQ file (quantize_static(..., quant_format=QuantFormat.QDQ)) before that optimizer runs"
+       for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearSoftmax", "QLinearConcat", "QLinearLeakyRelu",
+                  "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearReduceMean", "QLinearWhere")},
 }
 
 

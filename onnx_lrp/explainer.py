@@ -2,21 +2,22 @@
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-import warnings
-
 from ._analysis import Analysis, analyse, graph_output_is_float
-from ._canonize import expand_embed_layer_norm
+from ._canonize import canonize, needs_canonizing
 from ._capture import ForwardCapture
 from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, conditionable, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
+from ._inputs import InputChecks, past_length
 from .composites import Composite, get_composite
 from ._patterns import output_layout, right_padding_only
 from .errors import InputError, RelevanceWarning, TargetError
@@ -34,7 +35,8 @@ class Explanation:
     ``embedding_relevance[input]``: the un-summed ``(batch, seq, hidden)`` relevance of token inputs.
     ``outputs``: the forward outputs. ``score``: the explained quantity ``sum(w * y)`` per batch element
     (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors;
-    ``activations[name]``: their forward values.
+    ``activations[name]``: their forward values; ``latent_gradient[name]``: the modified gradient ``G`` there
+    (``latent = tensor * G``).
     """
 
     relevance: dict[str, np.ndarray]
@@ -46,6 +48,7 @@ class Explanation:
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     embedding_relevance: dict[str, np.ndarray] = field(default_factory=dict)
     output: str = ""
+    latent_gradient: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Explainer:
@@ -53,26 +56,43 @@ class Explainer:
 
     Parameters
     ----------
-    model: path to an ``.onnx`` file (external data next to it is read), a folder holding one, or a
-        ``onnx.ModelProto`` (left unchanged).
-    composite: ``"attnlrp"`` (default), ``"cp-lrp"``, ``"gradient-x-input"``, ``"gradient"``, ``"vit-lrp"``
+    model
+        path to an ``.onnx`` file (external data next to it is read), a folder holding one, or a
+        ``onnx.ModelProto`` (left unchanged; tensors it keeps in external files are read from ``base_dir``).
+    composite
+        ``"attnlrp"`` (default), ``"cp-lrp"``, ``"gradient-x-input"``, ``"gradient"``, ``"vit-lrp"``
         or a :class:`~onnx_lrp.composites.Composite`.
-    overrides: extra rules by op type or node-name pattern, e.g. ``{"/model/layers.0/*": Gradient()}``.
-    providers: onnxruntime execution providers (default CPU).
-    dtype: compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
+    overrides
+        extra rules by op type or node-name pattern, e.g. ``{"/model/layers.0/*": Gradient()}``.
+    providers
+        onnxruntime execution providers (default CPU).
+    dtype
+        compute dtype of the relevance pass, ``"float32"`` (default) or ``"float64"``; fp16/bf16 models
         are explained in this dtype.
-    sources: graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
+    sources
+        graph inputs to explain (default: float inputs except ``past_*``, and integer inputs whose embedding
         lookups enter the model as a term: token, segment, learned position ids, not RoPE position ids; see
         :func:`onnx_lrp._analysis.is_additive_lookup`).
-    allow_unsupported: treat ops without a rule as constants instead of failing.
-    session_options: ``onnxruntime.SessionOptions`` for the forward session (default:
+    allow_unsupported
+        treat ops without a rule as constants instead of failing.
+    session_options
+        ``onnxruntime.SessionOptions`` for the forward session (default:
         :func:`onnx_lrp._capture.default_session_options`: priority-based execution order, no thread spinning;
         start from it when tuning threads).
-    device: ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
+    device
+        ``"cpu"`` (default), ``"cuda"`` (onnxruntime-gpu forward, captured tensors kept on the GPU, CuPy
         relevance pass; raises :class:`~onnx_lrp._device.DeviceError` naming what is missing) or ``"auto"``
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
-    blas_threads: numpy BLAS threads during the relevance pass (default 1, fastest measured on few cores;
+    blas_threads
+        numpy BLAS threads during the relevance pass (default 1, fastest measured on few cores;
         needs ``threadpoolctl``); ``None`` leaves BLAS as configured.
+    base_dir
+        the folder holding the external data files of a ``ModelProto`` ``model`` (never the working
+        directory); not needed for paths.
+
+    Notes
+    -----
+    One Explainer may be used from several threads: plans and sessions are built under a lock.
     """
 
     def __init__(
@@ -88,9 +108,10 @@ class Explainer:
         session_options: Any = None,
         device: str = "cpu",
         blas_threads: int | None = 1,
+        base_dir: str | os.PathLike | None = None,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
-        self.graph = load_graph(model)
+        self.graph = load_graph(model, base_dir)
         self.composite = get_composite(composite, overrides)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -100,7 +121,9 @@ class Explainer:
         self.analysis: Analysis = analyse(
             self.graph, self.composite, list(sources) if sources is not None else None, allow_unsupported
         )
+        self._checks = InputChecks(self.graph, set(self.analysis.sources.values()) | self.analysis.token_inputs)
         self._plans: dict[tuple, Plan] = {}
+        self._lock = threading.Lock()
         self._warned = False  # the conservation guard warns once per Explainer
         self._right_padded = right_padding_only(self.graph)
         self._static: dict[str, Any] = {}
@@ -155,12 +178,15 @@ class Explainer:
             or ``(batch, k)`` with k targets. Default: the last non-padding token (from ``attention_mask``).
         output_relevance: start weights ``w`` replacing the one-hot: ``R_out = w * y`` (e.g. ``+1``/``-1``
             for a contrastive explanation); the output's shape, or ``(k,) + shape`` for k explanations.
+
         collect: intermediate tensor names whose relevance is returned in ``latent``.
         conditions: tensor name -> mask (an array, or a function of the gradient): only the relevance flowing
             through the tensor's unmasked entries reaches the inputs (conditional relevance). The mask multiplies
             the tensor's modified gradient, of shape ``(k,) + tensor shape`` with k targets. See
             :mod:`onnx_lrp.latent`.
+
         as_numpy: return numpy arrays (default); ``False`` keeps CuPy arrays on ``device="cuda"``.
+
         batch_axis, position_axis: the output's batch and sequence axes (default: read from the graph, which names
             the output's batch dimension after the inputs' batch, e.g. ``(T, N, C)`` of a CTC recogniser; else from the
             sizes; else ``(batch, seq, classes)``); classes are the last axis.
@@ -218,17 +244,20 @@ class Explainer:
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
         if check_conservation and not conditions and self.composite.conserving and not self._warned:
             self._check_conservation(relevance, score, lead, inputs, output, w, y)
-        latent, activations = {}, {}
+        latent, activations, latent_grad = {}, {}, {}
         for name in collect:
-            g = grads.get(name)
             t = env[name]
-            latent[name] = _batch_first(t * g if g is not None else xp.zeros_like(t), lead)
+            g = grads.get(name)
+            g = xp.zeros((1,) * lead + t.shape, dtype=dtype) if g is None else g
+            latent[name] = _batch_first(t * g, lead)
+            latent_grad[name] = _batch_first(g, lead)
             activations[name] = t
         host = to_numpy if as_numpy else (lambda a: a)
         relevance = {k: host(v) for k, v in relevance.items()}
         emb_rel = {k: host(v) for k, v in emb_rel.items()}
         latent = {k: host(v) for k, v in latent.items()}
         activations = {k: host(v) for k, v in activations.items()}
+        latent_grad = {k: host(v) for k, v in latent_grad.items()}
         outputs = {k: host(v) for k, v in outputs.items()}
         score = host(_batch_first(score, lead))
         return Explanation(
@@ -241,55 +270,38 @@ class Explainer:
             activations=activations,
             embedding_relevance=emb_rel,
             output=output,
+            latent_gradient=latent_grad,
         )
 
     def forward(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """A plain forward pass (no relevance), inputs validated and filled as in :meth:`explain`;
-        returns the graph outputs ``outputs`` (default: all) by name."""
+        returns ``outputs`` (default: all graph outputs; intermediate tensors computed from the inputs too) by
+        name."""
         names = list(outputs) if outputs is not None else self.output_names
-        bad = [n for n in names if n not in self.graph.output_names]
+        inner = [n for n in names if n not in self.graph.output_names]
+        bad = [n for n in inner if n not in self.graph.producer or n in self.graph.static]
         if bad:
-            raise TargetError(f"{self.graph.source}: no graph output(s) {bad}; outputs: {self.graph.output_names}")
+            raise TargetError(f"{self.graph.source}: no graph output(s) or computed tensor(s) {bad}; "
+                              f"outputs: {self.graph.output_names}")
+        if inner:
+            self._capture.prepare(set(inner), set())
         values, _ = self._capture.run(self.prepare_inputs(inputs), names, [])
         return {k: np.array(to_numpy(v)) for k, v in values.items()}  # copies: values may view ORT's memory
 
     def prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The feeds :meth:`explain` and :meth:`forward` run the model on: ``inputs`` checked against the
-        model's inputs (names, integer/float kind, rank, fixed sizes; cast to the declared dtype) and the
-        inputs transformers fills itself added (``attention_mask``, ``position_ids``, ``token_type_ids``,
-        empty ``past_*`` caches). Raises :class:`~onnx_lrp.errors.InputError` naming what is wrong."""
-        if not isinstance(inputs, Mapping):
-            raise InputError(f"inputs must be a dict of input name -> array, got {type(inputs).__name__}")
-        src = self.graph.source
+        model (:mod:`onnx_lrp._inputs`: names, kind, rank, fixed and named sizes, finite values, masks, ids and
+        positions inside the model's tables; cast to the declared dtypes) and the inputs transformers fills
+        itself added (``attention_mask``, ``position_ids``, ``token_type_ids``, empty ``past_*`` caches).
+        Raises :class:`~onnx_lrp.errors.InputError` naming the input, what the model expects and what was given."""
+        feeds = self._checks.convert(inputs)
         expected = {i.name: i for i in self.graph.inputs}
-        unknown = [k for k in inputs if k not in expected]
-        if unknown:
-            raise InputError(f"{src}: unknown input name(s) {unknown}; the model's inputs are {list(expected)}")
-        feeds: dict[str, np.ndarray] = {}
-        for name, spec in expected.items():
-            if name not in inputs:
-                continue
-            arr = np.asarray(inputs[name])
-            want = spec.numpy_dtype
-            if spec.is_int and arr.dtype.kind not in "iu":
-                raise InputError(f"{src}: input {name!r} must hold integers ({want}), got {arr.dtype}")
-            if spec.is_float and arr.dtype.kind != "f":
-                raise InputError(f"{src}: input {name!r} must hold floats ({want}), got {arr.dtype}")
-            if spec.elem_type and arr.dtype != want and arr.dtype.kind in "iuf":
-                arr = arr.astype(want)
-            if spec.shape and arr.ndim != len(spec.shape):
-                raise InputError(
-                    f"{src}: input {name!r} must have rank {len(spec.shape)} {tuple(spec.shape)}, "
-                    f"got shape {arr.shape}"
-                )
-            for k, (d, a) in enumerate(zip(spec.shape, arr.shape)):
-                if isinstance(d, int) and d > 0 and d != a:
-                    raise InputError(f"{src}: input {name!r} axis {k} must be {d}, got shape {arr.shape}")
-            feeds[name] = arr
         self._fill_defaults(feeds, expected)
         missing = [n for n in expected if n not in feeds]
         if missing:
-            raise InputError(f"{src}: missing input(s) {missing}; the model's inputs are {list(expected)}")
+            raise InputError(f"{self.graph.source}: missing input(s) {missing}; the model's inputs are "
+                             f"{list(expected)}")
+        self._checks.check(feeds, given=inputs)
         return feeds
 
     # ------------------------------------------------------------------ internals
@@ -304,6 +316,14 @@ class Explainer:
 
     def _plan(self, output: str, collect: tuple[str, ...]) -> Plan:
         key = (output, collect)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        with self._lock:  # one thread compiles a plan and extends the capture session at a time
+            return self._compile(key)
+
+    def _compile(self, key: tuple[str, tuple[str, ...]]) -> Plan:
+        output, collect = key
         plan = self._plans.get(key)
         if plan is None:
             if output not in self.analysis.carrying:
@@ -336,7 +356,7 @@ class Explainer:
             if name in feeds:
                 continue
             if name == "attention_mask":
-                past = self._past_length(feeds)
+                past = past_length(feeds)
                 feeds[name] = np.ones(lead + (s + past,), dtype=spec.numpy_dtype)
             elif name in ("token_type_ids", "global_attention_mask"):
                 feeds[name] = np.zeros(lead + (s,), dtype=spec.numpy_dtype)
@@ -345,7 +365,7 @@ class Explainer:
                 if len(dims) == 4 and not dims[3]:  # head size left symbolic (onnxruntime-genai graphs)
                     dims[3] = cache_head_size(self.graph, name) or 0
                 feeds[name] = np.zeros(dims, dtype=spec.numpy_dtype)
-        past = self._past_length(feeds)
+        past = past_length(feeds)
         mask = feeds.get("attention_mask")
         if "seqlens_k" in expected and "seqlens_k" not in feeds:  # GroupQueryAttention: valid length - 1
             lengths = mask.sum(-1) if mask is not None else np.full(b, s + past)
@@ -360,23 +380,22 @@ class Explainer:
                 pos = np.broadcast_to(np.arange(s), lead + (s,))
             feeds["position_ids"] = np.ascontiguousarray(pos).astype(expected["position_ids"].numpy_dtype)
 
-    @staticmethod
-    def _past_length(feeds: dict[str, np.ndarray]) -> int:
-        past = [v for k, v in feeds.items() if k.startswith("past") and v.ndim == 4]
-        return int(past[0].shape[2]) if past else 0
-
     def _start(self, y, target, position, output_relevance, feeds, output, batch_axis, position_axis):
         """Start weights ``w`` (one-hot by default, in the output's own layout), the number of leading target axes,
         targets, positions, and the output's batch axis."""
         src = self.graph.source
+        if not np.isfinite(y).all():
+            raise InputError(f"{src}: the model's output {y.shape} is not finite (NaN/inf) for inputs "
+                             f"{ {k: v.shape for k, v in feeds.items()} }: there is nothing to explain; check the "
+                             "inputs' scale (overflow in the model?)")
         if output_relevance is not None:
-            w = np.asarray(output_relevance, dtype=self.dtype)
+            w = _integers_or_floats(output_relevance, "output_relevance", src, floats=True).astype(self.dtype)
             b = 0 if batch_axis is None else output_layout(self.graph, output, y.shape, feeds, {}, batch_axis)[0]
             if not np.all(np.isfinite(w)):
-                raise TargetError(f"{src}: output_relevance holds NaN or infinite values")
+                raise TargetError(f"{src}: output_relevance holds NaN/inf values: start weights must be finite")
             if w.shape == y.shape:
                 return w, 0, None, None, b
-            if w.shape[1:] == y.shape:
+            if w.ndim == y.ndim + 1 and w.shape[1:] == y.shape and w.shape[0] > 0:
                 return w, 1, None, None, b
             raise TargetError(f"{src}: output_relevance has shape {w.shape}; expected {y.shape} or (k,) + {y.shape}")
         b, p = output_layout(self.graph, output, y.shape, feeds, self.analysis.sources, batch_axis, position_axis)
@@ -399,38 +418,39 @@ class Explainer:
         has_seq = y.ndim == 3
         if position is not None and not has_seq:
             raise TargetError(f"{src}: position given, but the output {y.shape} has no sequence axis")
-        multi = target is not None and np.ndim(target) == 2 or (position is not None and np.ndim(position) == 2)
-        k = 1
-        if target is not None and np.ndim(target) == 2:
-            k = np.shape(target)[1]
-        elif position is not None and np.ndim(position) == 2:
-            k = np.shape(position)[1]
-        pos = None
+        tgt = None if target is None else _integers_or_floats(target, "target", src)
+        pos = None if position is None else _integers_or_floats(position, "position", src)
+        for what, a in (("target", tgt), ("position", pos)):
+            if a is None:
+                continue
+            if a.ndim > 2 or (a.ndim >= 1 and a.shape[0] != B):
+                count = f"{a.shape[0]} {what}s for a batch of {B}" if a.ndim else ""
+                raise TargetError(f"{src}: {what} has shape {a.shape} ({count}); expected an int, one per batch "
+                                  f"element ({B},), or ({B}, k) for k per element")
+            if a.size == 0:
+                raise TargetError(f"{src}: {what} of shape {a.shape} is empty: give at least one {what} per "
+                                  "batch element")
+        ks = {a.shape[1] for a in (tgt, pos) if a is not None and a.ndim == 2}
+        if len(ks) > 1:
+            raise TargetError(f"{src}: target {tgt.shape} and position {pos.shape} give different numbers of "
+                              "explanations per batch element")
+        multi = bool(ks)
+        k = ks.pop() if ks else 1
         if has_seq:
             S = y.shape[1]
-            if position is None:
+            if pos is None:
                 pos = last_token(feeds, B, S)
             else:
-                pos = np.asarray(position, dtype=np.int64)
-                if pos.ndim == 0:
-                    pos = np.full((B,), int(pos))
-                if pos.shape[0] != B:
-                    raise TargetError(f"{src}: {pos.shape[0]} positions for a batch of {B}")
+                pos = np.broadcast_to(pos, (B,)) if pos.ndim == 0 else pos
                 if np.any(pos >= S) or np.any(pos < -S):
                     raise TargetError(f"{src}: position {pos.tolist()} out of range for sequence length {S}")
                 pos = np.where(pos < 0, pos + S, pos)
             pos = np.broadcast_to(pos.reshape(B, -1), (B, k))
-        if target is None:
+        if tgt is None:
             rows = y[np.arange(B)[:, None], pos] if has_seq else np.broadcast_to(y[:, None, :], (B, k, C))
             tgt = rows.argmax(-1)
         else:
-            tgt = np.asarray(target)
-            if tgt.dtype.kind not in "iu":
-                raise TargetError(f"{src}: target must be integer class/token ids, got {tgt.dtype}")
-            if tgt.ndim == 0:
-                tgt = np.full((B,), int(tgt))
-            if tgt.shape[0] != B:
-                raise TargetError(f"{src}: {tgt.shape[0]} targets for a batch of {B}")
+            tgt = np.broadcast_to(tgt, (B,)) if tgt.ndim == 0 else tgt
             tgt = np.broadcast_to(tgt.reshape(B, -1), (B, k)).astype(np.int64)
             if np.any(tgt < 0) or np.any(tgt >= C):
                 raise TargetError(f"{src}: target {tgt.tolist()} out of range: the output has {C} classes")
@@ -549,16 +569,17 @@ class Explainer:
         return rel, emb
 
 
-def load_graph(model: str | os.PathLike | onnx.ModelProto) -> Graph:
+def load_graph(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> Graph:
     """The :class:`~onnx_lrp._graph.Graph` onnx-lrp explains: from a file each weight held once, as an array
-    (:func:`~onnx_lrp._graph.load_split`); fused ops that hide a relevance source (``EmbedLayerNormalization``)
-    expanded next to themselves. A ``ModelProto`` is never changed (copied when it must be)."""
-    proto, weights, desc = load_split(model)
-    if any(n.op_type == "EmbedLayerNormalization" for n in proto.graph.node):
+    (:func:`~onnx_lrp._graph.load_split`; a ``ModelProto``'s external data read from ``base_dir``); rewritten by the
+    canonizers it needs (:mod:`onnx_lrp._canonize`: fused ops that hide a relevance source expanded next to
+    themselves, duplicated ``DequantizeLinear`` merged). A ``ModelProto`` is never changed (copied when it must be)."""
+    proto, weights, desc = load_split(model, base_dir)
+    if needs_canonizing(proto):
         if proto is model:  # never change the user's ModelProto
             proto = onnx.ModelProto()
             proto.CopyFrom(model)
-        expand_embed_layer_norm(proto)
+        canonize(proto)
     return Graph(proto, desc, weights)
 
 
@@ -579,6 +600,19 @@ def _as_condition(xp: Any, dtype: Any, mask: Any) -> Callable[[Any], Any]:
         return mask
     m = xp.asarray(mask, dtype=dtype)
     return lambda g: g * m
+
+
+def _integers_or_floats(value: Any, what: str, src: str, floats: bool = False) -> np.ndarray:
+    """``value`` as an array of integers (ids, positions) or, with ``floats``, of numbers; else a TargetError."""
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise TargetError(f"{src}: {what} is not a rectangular array: {exc}") from None
+    kinds = "iuf" if floats else "iu"
+    if a.dtype.kind not in kinds:
+        raise TargetError(f"{src}: {what} must hold {'numbers' if floats else 'integer ids/indices'}, got "
+                          f"{a.dtype} {a.shape}" + (" (round or cast them yourself)" if a.dtype.kind == "f" else ""))
+    return a
 
 
 def _token_axis(shape: tuple[int, ...], ids_shape: tuple[int, ...], axis: int | None) -> int | None:

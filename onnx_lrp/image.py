@@ -12,7 +12,6 @@ bilinear resize (half-pixel centres).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import read_json
 from .errors import InputError, TargetError
 from .explainer import Explainer
 from .visualize import heatmap_rgb, write_png
@@ -86,26 +86,39 @@ class Preprocessor:
 def load_image(image: Any) -> np.ndarray:
     """An ``(H, W, 3)`` uint8 RGB array from a path (Pillow; ``.npy`` without it), a PIL image or an array."""
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
+        path = Path(image).expanduser()
         if not path.is_file():
-            raise InputError(f"{path}: no such image file")
+            raise InputError(f"{path}: " + ("not a regular file" if path.exists() else "no such image file"))
         if path.suffix == ".npy":
-            image = np.load(path)
+            try:
+                image = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise InputError(f"{path}: not a readable .npy array ({exc})") from None
         else:
             try:
                 from PIL import Image
             except ImportError as err:
                 raise InputError(f"{path}: reading image files needs Pillow (`pip install pillow`); "
                                  "or pass an (H, W, 3) uint8 array / .npy file") from err
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
+            try:
+                with Image.open(path) as im:
+                    image = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError, truncated
+                raise InputError(f"{path}: not a readable image ({exc})") from None
     elif hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
+    try:
+        arr = np.asarray(image)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"image must be an (H, W, 3) RGB array, got {type(image).__name__} ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"image must hold numbers, got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise InputError(f"image must be (H, W, 3) RGB, got shape {arr.shape}")
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or not arr.shape[0] or not arr.shape[1]:
+        raise InputError(f"image must be (H, W, 3) RGB with H, W > 0, got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError("image holds NaN/inf values")
     arr = arr[..., :3]
     if arr.dtype != np.uint8:
         if arr.dtype.kind == "f" and arr.max() <= 1.0:
@@ -193,17 +206,14 @@ class ImageExplainer:
         if not inputs:
             raise InputError(f"{path}: no float image input (expected pixel_values of shape (batch, 3, H, W))")
         self.input_name = "pixel_values" if "pixel_values" in self.explainer.input_names else inputs[0].name
-        cfg_path = self.folder / "preprocessor_config.json"
         if preprocessor is None:
-            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+            cfg = read_json(self.folder / "preprocessor_config.json")
             preprocessor = Preprocessor.from_config(cfg)
             spec = next(i for i in inputs if i.name == self.input_name)
             if not cfg and len(spec.shape) == 4 and all(isinstance(d, int) and d > 0 for d in spec.shape[2:]):
                 preprocessor.size = (spec.shape[2], spec.shape[3])
         self.preprocessor = preprocessor
-        cfg = self.folder / "config.json"
-        self.labels = {int(k): v for k, v in json.loads(cfg.read_text()).get("id2label", {}).items()} \
-            if cfg.is_file() else {}
+        self.labels = {int(k): v for k, v in read_json(self.folder / "config.json").get("id2label", {}).items()}
 
     def _target(self, target: int | str | None) -> int | None:
         if target is None or isinstance(target, (int, np.integer)):

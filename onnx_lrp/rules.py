@@ -17,9 +17,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 
-def stabilise(xp: Any, z: Any, eps: float) -> Any:
-    """The eps-LRP denominator ``stab(z) = z + eps * sign(z)`` with ``sign(0) = 1``."""
-    return z + eps * xp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+def stabilise(z: Any, eps: float) -> Any:
+    """The eps-LRP denominator ``stab(z) = z + eps * sign(z)`` with ``sign(0) = 1`` (numpy or CuPy)."""
+    return z + (eps * (2 * (z >= 0) - 1)).astype(z.dtype)
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ class Epsilon(Rule):
 
     epsilon: float = 0.0
 
-    def output_scale(self, xp: Any, z: Any) -> Any:
+    def output_scale(self, z: Any) -> Any:
         """``z / stab(z)``: what ``G_z`` is multiplied by before the linear map's transpose."""
-        return z / stabilise(xp, z, self.epsilon)
+        return z / stabilise(z, self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,9 @@ class Gamma(Rule):
         """``W+`` (also for a bias: ``b+``)."""
         return W.clip(0, None)
 
-    def output_scale(self, xp: Any, z: Any, zplus: Any) -> Any:
+    def output_scale(self, z: Any, zplus: Any) -> Any:
         """``z / stab(z + gamma * z+)``."""
-        return z / stabilise(xp, z + self.gamma * zplus, self.epsilon)
+        return z / stabilise(z + self.gamma * zplus, self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ class Uniform(Rule):
 class Identity(Rule):
     """Identity rule for an element-wise non-linearity ``y = f(x)`` (AttnLRP Eq. 9): ``R_x = R_y``.
 
-    Gradient form: ``G_x = G_y * f(x) / (x + epsilon)`` (LXT uses a plain ``+1e-10``). Sound only where
+    Gradient form: ``G_x = G_y * f(x) / stab(x)`` with the sign-aware ``stab(x) = x + epsilon * sign(x)`` (never 0;
+    LXT adds a plain ``+1e-10``, the same but at ``x = -1e-10``, where it divides by zero). Sound only where
     ``f(0) = 0`` and ``f(x)/x`` stays bounded (GELU, SiLU, tanh, ReLU, ...): the analysis gives it to such
     functions only (kind ``unary``), also when written out as several element-wise ops (Erf-GELU, tanh-GELU,
     ``x * sigmoid(x)``: one region).
@@ -115,8 +116,8 @@ class Identity(Rule):
     epsilon: float = 1e-10
 
     def ratio(self, x: Any, y: Any) -> Any:
-        """``f(x) / (x + eps)``: what ``G_y`` is multiplied by."""
-        return y / (x + self.epsilon)
+        """``f(x) / stab(x)``: what ``G_y`` is multiplied by."""
+        return y / stabilise(x, self.epsilon)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ similarity of mean-pooled embeddings with :meth:`TextExplainer.similarity`).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .errors import InputError, TargetError
+from ._files import read_json
+from .errors import InputError, ModelLoadError, TargetError
 from .explainer import Explainer
 from .progress import bar
 
 Chat = Sequence[Mapping[str, str]]
+_MIN_VOCAB_SHARE = 0.9  # a tokenizer covers at least this share of the embedding table's rows
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -45,7 +46,7 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "Tokenizer":
         folder = Path(folder)
-        config = _read_json(folder / "tokenizer_config.json")
+        config = read_json(folder / "tokenizer_config.json")
         template = folder / "chat_template.jinja"
         if template.is_file() and "chat_template" not in config:
             config["chat_template"] = template.read_text()
@@ -53,21 +54,30 @@ class Tokenizer:
             try:
                 from tokenizers import Tokenizer as _Tok
             except ImportError as err:  # pragma: no cover
-                raise ImportError("reading tokenizer.json needs the `tokenizers` package") from err
-            tok = _Tok.from_file(str(folder / "tokenizer.json"))
+                raise ImportError("reading tokenizer.json needs the `tokenizers` package: "
+                                  "pip install 'onnx-lrp[text]'") from err
+            try:
+                tok = _Tok.from_file(str(folder / "tokenizer.json"))
+            except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+                raise ModelLoadError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
             tok.no_padding()  # some tokenizer.json files pad every text to a fixed length (all-MiniLM: 128)
             tok.no_truncation()  # never drop text silently
             return cls(tok, config)
         hint = ("export the model with `onnx-lrp export` to save its tokenizer next to it, or name a folder "
                 "holding one (TextExplainer(tokenizer=Tokenizer.from_folder(dir)), CLI --tokenizer DIR)")
         if not config:
-            raise InputError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json); {hint}")
+            raise ModelLoadError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json); {hint}")
         try:
             from transformers import AutoTokenizer
-        except ImportError as err:  # pragma: no cover
-            raise InputError(f"{folder}: no tokenizer.json, and transformers is not installed to read the "
-                             f"tokenizer there; {hint}") from err
-        return cls(AutoTokenizer.from_pretrained(str(folder)), config)
+        except ImportError:  # pragma: no cover
+            raise ModelLoadError(f"{folder}: no tokenizer.json, and transformers is not installed to read the "
+                                 f"tokenizer there; {hint}") from None
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(folder)), config)
+        except Exception as exc:  # transformers raises OSError, ValueError, ... for incomplete folders
+            raise ModelLoadError(f"{folder}: no tokenizer.json, and transformers cannot load a tokenizer from "
+                                 f"tokenizer_config.json alone ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                                 f"{hint}") from None
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         if self._fast:
@@ -81,6 +91,10 @@ class Tokenizer:
         if self._fast:
             return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
         return set(self.backend.all_special_ids)
+
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce (added tokens included)."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True) if self._fast else len(self.backend))
 
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token) if self._fast else self.backend.convert_tokens_to_ids(token)
@@ -109,25 +123,25 @@ class Tokenizer:
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The text each token adds to the decoded string (spaces included, ``##`` joined), so that
-        ``"".join(pieces)`` reads as the text; tokens that decode to nothing alone show their own form."""
+        ``"".join(pieces)`` reads as the text. A character split over several tokens (emoji, CJK in byte-level
+        BPE) belongs to the token that completes it; the tokens before add ``""``. Where the decoder rewrites
+        earlier text (clean-up), the token's own form is shown."""
         out: list[str] = []
-        prev = ""
+        shown = ""  # the decoded text so far, up to the last complete character
+        cur = ""
         for k in range(len(ids)):
             cur = self.decode(ids[: k + 1])
-            if cur.startswith(prev) and "\ufffd" not in cur[len(prev):]:
-                out.append(cur[len(prev):])
-                prev = cur
-            else:  # clean-up or an unfinished multi-byte character: fall back to the token alone
+            if not cur.startswith(shown):  # clean-up changed earlier text: the token alone
                 out.append(self.decode([ids[k]]))
-                prev = cur
+                shown = cur
+            elif "\ufffd" in cur[len(shown):]:  # an unfinished multi-byte character: its token comes later
+                out.append("")
+            else:
+                out.append(cur[len(shown):])
+                shown = cur
+        if out and cur.startswith(shown) and cur != shown:  # bytes that never formed a character
+            out[-1] += cur[len(shown):]
         return out
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -239,9 +253,23 @@ class TextExplainer:
         elif not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer(tokenizer)
         self.tokenizer = tokenizer
-        self.config = _read_json(folder / "config.json")
+        self.config = read_json(folder / "config.json")
         self.output = output or self.explainer.default_output
         self.kind = self._kind()
+        self._check_vocabulary()
+
+    def _check_vocabulary(self) -> None:
+        """The tokenizer's ids fit the model's embedding table: none beyond it, and most of its rows used (a
+        tokenizer of another model produces ids that are all valid rows, and the explanation would be nonsense;
+        tables are padded by a few percent at most)."""
+        rows = self.explainer._checks.table_rows("input_ids")
+        n = self.tokenizer.vocab_size()
+        if rows is None or (n <= rows and n >= _MIN_VOCAB_SHARE * rows):
+            return
+        raise ModelLoadError(
+            f"{self.explainer.graph.source}: the tokenizer has {n} tokens, but the model's embedding table has "
+            f"{rows} rows: it is not this model's tokenizer (pass the one it was trained with: tokenizer.json next "
+            "to the model, TextExplainer(tokenizer=...), CLI --tokenizer DIR)")
 
     # ------------------------------------------------------------------ model kind, labels, targets
     def _kind(self) -> str:
@@ -383,6 +411,12 @@ class TextExplainer:
         pooling: ``"mean"`` (mask-weighted mean over tokens, sentence-transformers' default), ``"cls"``, or
         ``"none"`` when the chosen output already is a pooled ``(batch, hidden)`` embedding.
         """
+        if self.kind != "encoder" and pooling != "none":
+            holds = "next-token logits (a causal LM)" if self.kind == "causal" else "class scores"
+            raise TargetError(
+                f"{self.explainer.graph.source}: similarity() compares sentence embeddings of an encoder, but output "
+                f"{self.output!r} holds {holds}; use explain(), or TextExplainer(..., output=<hidden-state output>) "
+                "for a model that has one")
         ex = self.explainer
         feeds = [self._feeds(self.tokenizer.encode(s)) for s in (a, b)]
         ys = [ex.forward(f, [self.output])[self.output] for f in feeds]
@@ -404,7 +438,7 @@ class TextExplainer:
 
     def _stop_ids(self) -> set[int]:
         stop = set()
-        for cfg in (self.config, _read_json(self.folder / "generation_config.json")):
+        for cfg in (self.config, read_json(self.folder / "generation_config.json")):
             e = cfg.get("eos_token_id")
             stop.update(e if isinstance(e, list) else ([e] if e is not None else []))
         return stop | self.tokenizer.special_ids()

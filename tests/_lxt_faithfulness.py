@@ -13,10 +13,8 @@ import importlib
 import json
 import math
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _lxt_worker import _import_lxt  # noqa: E402
+from onnx_lrp.reference.lxt import import_lxt
 
 
 def main() -> None:
@@ -24,7 +22,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(req.get("threads", 1)))
-    monkey_patch = _import_lxt()
+    monkey_patch = import_lxt()
     family = req["family"]
     mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     patch_map = None

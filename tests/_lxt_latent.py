@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import sys
 
-from _lxt_worker import _import_lxt, _MONKEY_PATCH, _patched_module
+from onnx_lrp.reference._lxt_worker import _patched_module
+from onnx_lrp.reference.lxt import import_lxt
 
 
-def _answer(req: dict) -> dict:
+def _answer(req: dict, monkey_patch) -> dict:
     import torch
 
-    mod = _patched_module(req["family"], "attnlrp")
+    mod = _patched_module(req["family"], "attnlrp", monkey_patch)
     model = getattr(mod, req["model_cls"]).from_pretrained(req["pt_dir"], torch_dtype=torch.float32).eval()
     ids = torch.tensor(req["input_ids"])
     layers = model.model.layers
@@ -59,10 +60,10 @@ def _answer(req: dict) -> dict:
 def main() -> None:
     import traceback
 
-    _MONKEY_PATCH.append(_import_lxt())
+    monkey_patch = import_lxt()
     req = json.loads(sys.stdin.readline())
     try:
-        out = _answer(req)
+        out = _answer(req, monkey_patch)
     except Exception:
         out = {"error": traceback.format_exc()}
     print("@@RESULT " + json.dumps(out), flush=True)

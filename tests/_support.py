@@ -1,22 +1,22 @@
 """Test support: tiny random-weight transformers built from configs, exported with optimum (cached), and an
-independent reference (LXT 2.1's efficient engine on the same PyTorch weights, run in a subprocess because
-LXT's patches are process-global).
+independent reference (LXT 2.1's efficient engine on the same PyTorch weights: :mod:`onnx_lrp.reference.lxt`, run
+in a subprocess because LXT's patches are process-global).
 
 Exports are cached in ``$ONNX_LRP_TEST_CACHE`` (default ``~/.cache/onnx-lrp/tests``), keyed by family, config and
 export options, so one test run exports each model once.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from onnx_lrp.reference import lxt
 
 HERE = Path(__file__).parent
 CACHE = Path(os.environ.get("ONNX_LRP_TEST_CACHE", Path.home() / ".cache" / "onnx-lrp" / "tests"))
@@ -362,75 +362,11 @@ def tiny_model(family: str, *, config: dict | None = None, opset: int | None = N
 def lxt_relevance(family: str, pt_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                   position_ids: np.ndarray | None = None, positions: np.ndarray | None = None,
                   targets: np.ndarray | None = None, composite: str = "attnlrp", *, model_cls: str | None = None,
-                  pair_similarity: bool = False, token_type_ids: np.ndarray | None = None,
-                  output: str | None = None, via_ids: bool = False, weights: np.ndarray | None = None) -> dict:
-    """LXT (efficient engine) token relevance on the same weights: ``(inputs_embeds * grad).sum(-1)``.
-
-    ``family`` names the transformers module (``llama``, ``bert``, ...); ``model_cls`` the class in it (default:
-    the class of :data:`FAMILIES`). ``pair_similarity`` (batch of 2 sentences): explain ``e(a) . e(b)`` for a
-    with ``e(b)`` held fixed and vice versa, ``e`` = mask-weighted mean of ``last_hidden_state``; the result then
-    has ``score`` (2,) and ``pooled`` instead of ``logits``. ``output``: the model output explained (default
-    ``logits``; e.g. ``start_logits``, ``last_hidden_state``). ``via_ids``: feed ``input_ids`` (not
-    ``inputs_embeds``) and read the relevance at the embedding output (sequence classifiers pool at the last
-    non-pad token only when they see the ids). ``weights``: explain ``sum(weights * output)`` per batch element
-    instead of one logit (the result has ``score``, no ``logits``).
-    """
-    model_cls = model_cls or FAMILIES[family][1]
-    req = {
-        "family": family, "model_cls": model_cls, "pt_dir": str(pt_dir), "composite": composite,
-        "pair_similarity": pair_similarity,
-        "input_ids": np.asarray(input_ids).tolist(),
-        "attention_mask": None if attention_mask is None else np.asarray(attention_mask).tolist(),
-        "position_ids": None if position_ids is None else np.asarray(position_ids).tolist(),
-        "positions": None if positions is None else np.asarray(positions).tolist(),
-        "targets": None if targets is None else np.asarray(targets).tolist(),
-        "token_type_ids": None if token_type_ids is None else np.asarray(token_type_ids).tolist(),
-        "output": output, "via_ids": via_ids, "weights": None if weights is None else np.asarray(weights).tolist(),
-    }
-    out = _lxt_worker(family, composite).ask(req)
-    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
-
-
-class _Worker:
-    """A long-lived LXT worker process (LXT's patches are process-global: one per family and composite)."""
-
-    def __init__(self):
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "_lxt_worker.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-
-    def ask(self, req: dict) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith("@@RESULT "):
-                out = json.loads(line[len("@@RESULT "):])
-                if "error" in out:
-                    raise RuntimeError(f"LXT worker failed:\n{out['error'][-4000:]}")
-                return out
-        self.log.seek(0)
-        raise RuntimeError(f"LXT worker died:\n{self.log.read()[-4000:]}")
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-_WORKERS: dict[tuple[str, str], _Worker] = {}
-
-
-def _lxt_worker(family: str, composite: str) -> _Worker:
-    key = (family, composite)
-    if key not in _WORKERS or _WORKERS[key].proc.poll() is not None:
-        _WORKERS[key] = _Worker()
-    return _WORKERS[key]
-
-
-@atexit.register
-def _close_workers() -> None:
-    for w in _WORKERS.values():
-        if w.proc.poll() is None:
-            w.close()
+                  **kw) -> dict:
+    """LXT (efficient engine) token relevance on the same weights (:func:`onnx_lrp.reference.lxt.relevance`, in a
+    worker process kept for the test session); ``model_cls`` defaults to the class of :data:`FAMILIES`."""
+    return lxt.relevance(family, model_cls or FAMILIES[family][1], pt_dir, input_ids, attention_mask, position_ids,
+                         positions, targets, composite, **kw)
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
@@ -475,3 +411,25 @@ def genai_model(family: str, precision: str = "fp32", *, config: dict | None = N
     if done.returncode != 0 or not onnx_path.exists():
         raise RuntimeError(f"onnxruntime-genai's builder failed on {stage}:\n{done.stderr[-4000:]}")
     return pt_dir, onnx_path
+
+
+def word_level_folder(family: str, name: str, specials: list[str], words: list[str], size: int = 128
+                      ) -> tuple[Path, dict[str, int]]:
+    """A cached folder ``name`` with the tiny ``family`` model as ``model.onnx`` and a word-level tokenizer
+    (whitespace split; ``specials`` then ``words``, padded to ``size`` ids with ``w<i>``; the second special is
+    the unknown token). Returns (model.onnx path, vocabulary)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, onnx_path = tiny_model(family)
+    folder = CACHE / name
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(onnx_path, folder / "model.onnx")
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    vocab.update({f"w{i}": i for i in range(len(vocab), size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "model.onnx", vocab

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def variant(family: str, shape: str) -> Path:
         import onnx
 
         names = [i.name for i in onnx.load(str(base), load_external_data=False).graph.input]
-        _dynamo_export(family, pt_dir, path, names)
+        torch_export(family, pt_dir, path, names)
     return path
 
 
@@ -70,8 +71,10 @@ def _load(family: str, pt_dir: Path, **kw):
     return getattr(transformers, FAMILIES[family][1]).from_pretrained(str(pt_dir), dtype=torch.float32, **kw).eval()
 
 
-def _dynamo_export(family: str, pt_dir: Path, path: Path, names: list[str]) -> None:
-    """``torch.onnx.export(dynamo=True)`` of the logits, with the inputs ``names`` of the default export."""
+def torch_export(family: str, pt_dir: Path, path: Path, names: list[str], *, dynamo: bool = True,
+                 constant_folding: bool = True) -> None:
+    """``torch.onnx.export`` of the logits (no optimum), with the inputs ``names`` of the default export: the
+    dynamo exporter (torch.export + onnxscript) or, ``dynamo=False``, the TorchScript one."""
     import torch
 
     model = _load(family, pt_dir)
@@ -88,10 +91,37 @@ def _dynamo_export(family: str, pt_dir: Path, path: Path, names: list[str]) -> N
     ids = torch.randint(3, 100, (2, 9))
     make = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(9).repeat(2, 1),
             "token_type_ids": torch.zeros_like(ids)}
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    torch.onnx.export(Logits(model), tuple(make[n] for n in names), str(path), dynamo=True, input_names=names,
-                      output_names=["logits"], dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),),
-                      external_data=False)
+    args = tuple(make[n] for n in names)
+    if dynamo:
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        torch.onnx.export(Logits(model), args, str(path), dynamo=True, input_names=names, output_names=["logits"],
+                          dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),), external_data=False,
+                          do_constant_folding=constant_folding)
+    else:
+        with _traceable_masks():
+            torch.onnx.export(Logits(model), args, str(path), dynamo=False, input_names=names,
+                              output_names=["logits"], dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
+                              opset_version=17, do_constant_folding=constant_folding)
+
+
+@contextlib.contextmanager
+def _traceable_masks():
+    """transformers >= 4.53 builds attention masks with ``torch.vmap`` (and packed-sequence ids with
+    ``torch.diff``), which TorchScript cannot trace ("unordered_map::at"): swap in optimum's vectorised mask
+    functions for the export, as optimum's own patcher does."""
+    import transformers.masking_utils as mu
+    from optimum.exporters.onnx import model_patcher as mp
+
+    saved = mu.find_packed_sequence_indices
+    mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", mp.sdpa_mask_without_vmap)
+    mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", mp.eager_mask_without_vmap)
+    mu.find_packed_sequence_indices = mp.find_packed_sequence_indices_patched
+    try:
+        yield
+    finally:
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", mu.sdpa_mask)
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", mu.eager_mask)
+        mu.find_packed_sequence_indices = saved
 
 
 def seq2seq_model(family: str = "t5", seed: int = 0) -> tuple[Path, Path, Path]:

@@ -1,7 +1,7 @@
 """Coverage matrix: every family x graph shape explains, and agrees with an independent reference.
 
 - default export (optimum, opset 18, sdpa attention): LXT 2.1 where it supports the family (Mistral through
-  Llama's patch map), else the torch-autograd reference of tests/_torch_reference.py; token relevance
+  Llama's patch map), else the torch-autograd reference of onnx_lrp/reference/torch.py; token relevance
   max |ours - ref| <= 1e-3 * max |ref|. The reference itself is checked against LXT, and against Gradient x Input
   (it must differ, else the check would have no teeth).
 - other graph shapes of the same weights (opset 14/20, eager attention, onnxruntime-optimized, ...): the same
@@ -59,7 +59,7 @@ def reference(family: str, composite: str = "attnlrp", use_lxt: bool | None = No
     args = (pt_dir, feeds["input_ids"], feeds["attention_mask"], feeds.get("position_ids"), res.position, res.target)
     if use_lxt if use_lxt is not None else family in LXT_FAMILIES:
         return lxt_relevance(family, *args, composite=composite)
-    from _torch_reference import torch_relevance
+    from onnx_lrp.reference.torch import torch_relevance
 
     return torch_relevance(FAMILIES[family][1], *args, composite=composite)
 
@@ -154,10 +154,10 @@ def test_epsilon_is_graph_shape_independent(family, shape, composite):
 
 def test_epsilon_matches_torch_reference():
     """Independent reference: eps-LRP per layer written with torch autograd on BERT's PyTorch model
-    (tests/_torch_reference.py: every ``nn.Linear`` with its bias, residual sums, embeddings sum), eps = 0.1;
+    (onnx_lrp/reference/torch.py: every ``nn.Linear`` with its bias, residual sums, embeddings sum), eps = 0.1;
     the plain export and the onnxruntime-optimized graph both match it (measured 2e-7 / 3e-7)."""
     from onnx_lrp import attnlrp
-    from _torch_reference import torch_relevance
+    from onnx_lrp.reference.torch import torch_relevance
 
     pt_dir, path, feeds, res = base("bert")
     feeds = dict(feeds, token_type_ids=np.zeros_like(feeds["input_ids"]))  # the reference's segment ids
@@ -203,7 +203,7 @@ def test_fp16_model_explained_in_fp32(family):
 @pytest.mark.parametrize("composite", ["attnlrp", "vit-lrp", "cp-lrp"])
 def test_vit_matches_torch_reference(composite):
     """ViT (Conv patch embedding) under AttnLRP, LXT's ViT recipe (gamma on Conv/linear, CP-LRP attention), CP-LRP."""
-    from _torch_reference import torch_image_relevance
+    from onnx_lrp.reference.torch import torch_image_relevance
 
     pt_dir, path = tiny_model("vit")
     x = np.random.RandomState(0).randn(2, 3, 16, 16).astype(np.float32)
@@ -218,7 +218,7 @@ def test_vit_matches_torch_reference(composite):
 def test_t5_encoder_decoder_chained():
     """A T5 decoder logit explained over encoder AND decoder tokens (decoder -> encoder chaining) equals the
     torch-autograd reference on the whole PyTorch model."""
-    from _torch_reference import torch_seq2seq_relevance
+    from onnx_lrp.reference.torch import torch_seq2seq_relevance
     from _variants import seq2seq_model
     from onnx_lrp.seq2seq import explain_seq2seq
 
@@ -248,7 +248,7 @@ def test_mixtral_exporter_and_reference(seq):
     reference (all-experts routing: top-k weights renormalised, uniform rule on weight * expert output)."""
     import torch
     import transformers
-    from _torch_reference import torch_relevance
+    from onnx_lrp.reference.torch import torch_relevance
     from _variants import mixtral_model
 
     pt_dir, path = mixtral_model()

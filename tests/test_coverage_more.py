@@ -2,7 +2,7 @@
 torch-autograd references on the same PyTorch weights:
 
 - Gradient x Input: plain autograd on the unpatched model (exact; graph and rules plumbing, sources);
-- AttnLRP: tests/_torch_reference.py (module patches plus rules on torch functions for inline attention);
+- AttnLRP: onnx_lrp/reference/torch.py (module patches plus rules on torch functions for inline attention);
   Gradient x Input must be far from it, so the check has teeth.
 Token relevance max |ours - ref| <= 1e-3 * max |ref|; relevance at padding exactly 0.
 Also: encoder-decoder families chained with onnx_lrp.seq2seq, BART as a classifier (moved decoder ids), the other
@@ -19,7 +19,7 @@ import pytest
 from onnx_lrp import Explainer
 
 from _support import FAMILIES, rel_err, tiny_model
-from _torch_reference import torch_output_relevance
+from onnx_lrp.reference.torch import torch_output_relevance
 
 TOL = 1e-3
 ENCODERS = ["roberta", "xlm_roberta", "camembert", "distilbert", "albert", "electra", "mpnet", "deberta_v2",
@@ -124,7 +124,7 @@ SEQ2SEQ = ["bart", "marian", "mbart", "pegasus", "m2m_100", "blenderbot", "mt5",
 def test_encoder_decoder(family):
     """A decoder logit over encoder and decoder inputs (onnx_lrp.seq2seq) equals the torch reference on the whole
     model; Whisper's encoder input is the float ``input_features`` (relevance per feature)."""
-    from _torch_reference import torch_seq2seq_relevance
+    from onnx_lrp.reference.torch import torch_seq2seq_relevance
     from _variants import seq2seq_model
     from onnx_lrp.seq2seq import explain_seq2seq
 
@@ -254,7 +254,7 @@ def test_instance_norm_as_group_norm(composite):
     normalisation with its standard deviation constant (mean kept), written with torch autograd."""
     import torch
     from _graphs import f32, node
-    from _torch_reference import _group_norm_detached
+    from onnx_lrp.reference.torch import _group_norm_detached
 
     x = f32(2, 3, 10, seed=5, scale=2.0) + 0.5  # (batch, groups, channels per group x positions)
     scale, bias = f32(3, seed=6) + 1, f32(3, seed=7)
@@ -327,7 +327,7 @@ def test_classifier_routes_shifted_decoder_ids(family, composite):
 
     import torch
     import transformers
-    from _torch_reference import lrp_patched
+    from onnx_lrp.reference.torch import lrp_patched
 
     pt_dir, path = tiny_model(family)
     ids = np.random.RandomState(0).randint(5, 120, (2, 9))
@@ -399,7 +399,8 @@ def test_unsupported_variants_are_refused():
                {"s": c, "b": c, "m": c, "v": c}, opset=7)
     with pytest.raises(OnnxLrpError, match="spatial=0"):
         Explainer(bn).explain({"x": f32(2, 3)}, output_relevance=np.ones((2, 3), np.float32))
-    dq = model([node("DequantizeLinear", ["q", "sc"], ["W"]), node("MatMul", ["x", "W"], ["y"])], {"x": (2, 3)},
-               {"y": (2, 4)}, {"q": np.ones((3, 4), np.int8), "sc": np.float32(0.1)})
+    # (a DequantizeLinear of constants is folded into a constant weight: tests/test_quantized.py)
+    computed = model([node("Neg", ["W0"], ["W"]), node("MatMul", ["x", "W"], ["y"])], {"x": (2, 3)},
+                     {"y": (2, 4)}, {"W0": np.ones((3, 4), np.float32)})
     with pytest.raises(OnnxLrpError, match="gamma rule needs the weight 'W' as an initializer"):
-        Explainer(dq, overrides={"MatMul": Gamma(0.25)}).explain({"x": f32(2, 3)})
+        Explainer(computed, overrides={"MatMul": Gamma(0.25)}).explain({"x": f32(2, 3)})

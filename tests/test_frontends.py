@@ -7,7 +7,6 @@ PyTorch autograd (image gradient x input), hand-computed preprocessing, a PNG de
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import zlib
 from html.parser import HTMLParser
@@ -21,7 +20,7 @@ from onnx_lrp.cli import main
 from onnx_lrp.errors import TargetError
 from onnx_lrp.visualize import colours, html_page, terminal, write_png
 
-from _support import CACHE, tiny_model
+from _support import CACHE, tiny_model, word_level_folder
 
 WORDS = ("the cat sat on mat dog ran to a big red house and then it was very happy sad . , ? "
          "hello world what is capital of france paris").split()
@@ -32,22 +31,12 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% e
 @pytest.fixture(scope="module")
 def text_model():
     """Tiny random Llama (vocab 128) with a word-level tokenizer and chat template next to model.onnx."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    _, onnx_path = tiny_model("llama")
-    folder = CACHE / "llama-text-frontend"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(onnx_path, folder / "model.onnx")
-    specials = ["<s>", "<unk>", "</s>", "<|user|>", "<|system|>", "<|assistant|>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    vocab.update({f"w{i}": i for i in range(len(vocab), 128)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    tok.save(str(folder / "tokenizer.json"))
+    path, vocab = word_level_folder("llama", "llama-text-frontend",
+                                    ["<s>", "<unk>", "</s>", "<|user|>", "<|system|>", "<|assistant|>"], WORDS)
+    folder = path.parent
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT, "eos_token": "</s>"}))
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "eos_token_id": 2}))
-    return folder / "model.onnx", vocab
+    return path, vocab
 
 
 def test_text_explain_targets_and_tokens(text_model):
@@ -140,7 +129,7 @@ def test_terminal_and_html():
 
     p = Collect()
     p.feed(page)
-    assert not p.links and "<script" not in page  # standalone: no external assets
+    assert all(link.startswith("data:") for link in p.links) and "<script" not in page  # no external assets
     assert "<s>Hello world <&>" in p.text  # sub-words joined back into the text, escaped safely
 
 

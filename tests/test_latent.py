@@ -202,5 +202,5 @@ def test_cli_latent_and_inspect(text_model, tmp_path, capsys):
     np.testing.assert_allclose(report["layers"]["mlp:1"]["relevance"], val[0], rtol=1e-6)
     cond = lat.conditional(feeds, "head:0", [0, 2]).relevance["input_ids"][0]
     np.testing.assert_allclose(report["conditional"]["2"], cond[1], rtol=1e-6, atol=1e-9)
-    assert main(["latent", str(text_model), "t5 t9", "--layers", "mlp:9"]) == 1  # a clear error, no traceback
+    assert main(["latent", str(text_model), "t5 t9", "--layers", "mlp:9"]) == 2  # a clear error, no traceback
     assert "this model offers" in capsys.readouterr().err

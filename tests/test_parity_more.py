@@ -16,7 +16,7 @@ from onnx_lrp.rules import Gradient
 
 from _graphs import f32, model, node
 from _support import FAMILIES, lxt_relevance, rel_err, tiny_model
-from _torch_reference import torch_relevance
+from onnx_lrp.reference.torch import torch_relevance
 
 TOL = 1e-3
 

@@ -4,7 +4,7 @@
   tokenizer / image processor saved next to it (optimum's ONNX exporter).
 * :func:`prepare` - fuse written-out RMSNorm / LayerNorm / GELU into single ops, attention kept explicit.
 * :mod:`onnx_lrp.exporters.assets` - offline real models: :func:`smollm2`, :func:`minilm`,
-  :func:`paraphrase_minilm`.
+  :func:`paraphrase_minilm`, :func:`minilm_sentiment` (built by ``benchmarks/finetune_minilm.py``).
 * :mod:`onnx_lrp.exporters.mixtral` - :func:`~onnx_lrp.exporters.mixtral.export_mixtral`: exporters for architectures that the standard ONNX
   exporters refuse or export wrongly; import it explicitly.
 
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .assets import minilm, paraphrase_minilm, smollm2
+from .assets import minilm, minilm_sentiment, paraphrase_minilm, smollm2
 from .prepare import prepare  # onnx only at import; onnxruntime's optimizer is imported when called
 
 
@@ -27,4 +27,4 @@ def export(source: Any, out_dir: str | os.PathLike, task: str = "auto", **kwargs
     return _export(source, out_dir, task=task, **kwargs)
 
 
-__all__ = ["export", "prepare", "smollm2", "minilm", "paraphrase_minilm"]
+__all__ = ["export", "prepare", "smollm2", "minilm", "minilm_sentiment", "paraphrase_minilm"]

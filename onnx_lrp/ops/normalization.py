@@ -10,7 +10,7 @@ Statistics are recomputed from the captured input, in the compute dtype.
 """
 from __future__ import annotations
 
-from ..rules import Constant, ConstantStatistic, Epsilon, Gradient, stabilise
+from ..rules import Constant, ConstantStatistic, Epsilon, Gradient
 from ._base import MS, ONNX, OpContext, register, unbroadcast
 
 
@@ -69,7 +69,7 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
     y_sum = ctx.node.outputs[3] if skip and len(ctx.node.outputs) > 3 and ctx.node.outputs[3] else None
     key = f"norm-stats:{ctx.node.name}"
     add_rule = ctx.rule_of("add", "Add") if skip and all(carry) else None
-    add_eps = add_rule.epsilon if isinstance(add_rule, Epsilon) else 0.0
+    sum_rule = add_rule if isinstance(add_rule, Epsilon) and add_rule.epsilon else None
 
     def back(env, gy):
         X = env[xs[0]]
@@ -87,8 +87,8 @@ def _build(ctx: OpContext, x_inputs: list[int], scale_k: int, bias_k: int | None
             g = _norm_grad(xp, gy[0], xc, inv, W, axes, rms, detach)
         if y_sum is not None and len(gy) > 3 and gy[3] is not None:
             g = gy[3] if g is None else g + gy[3]
-        if add_eps:  # eps-LRP on the residual sum s
-            g = g * (X / stabilise(xp, X, add_eps))
+        if sum_rule is not None:  # eps-LRP on the residual sum s
+            g = g * sum_rule.output_scale(X)
         out = [None] * n_in
         for k, c in zip(x_inputs, carry):
             if c:

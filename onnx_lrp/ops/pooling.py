@@ -3,7 +3,14 @@
 AveragePool ``y = sum_window(x) / count`` is linear: ``G_x = sum over windows of G_y / count``
 (``count`` = kernel size, or the non-padding entries of the window when ``count_include_pad=0``).
 MaxPool routes ``G_y`` to the window's maximum (the first one on ties, as onnxruntime and torch select it):
-winner-takes-all, so ``R_x = x * G_x`` conserves ``R_y = y * G_y``.
+winner-takes-all, so ``R_x = x * G_x`` conserves ``R_y = y * G_y``. GlobalMaxPool is MaxPool over the whole
+spatial extent.
+
+GlobalLpPool ``y = (sum |x|^p)^(1/p)`` is positively homogeneous of degree 1, so its plain gradient
+``G_x = G_y * sign(x) |x|^(p-1) / y^(p-1)`` conserves (Euler: ``sum x dy/dx = y``) and distributes
+``R_x = R_y * |x|^p / sum |x|^p``: the p-norm's own share of each entry, between sum pooling (``p = 1``, positive
+inputs) and winner-takes-all (``p -> inf``). AttnLRP (kind ``reduce``: eps-LRP of the pooling, ``z = y``) and
+Gradient both use it; a window of zeros passes nothing.
 """
 from __future__ import annotations
 
@@ -102,5 +109,39 @@ def max_pool(ctx: OpContext):
             free &= ~hit
             gx[(Ellipsis,) + w] += g * hit
         return [gx[inner]]
+
+    return back
+
+
+@register("GlobalMaxPool", kind="movement")
+def global_max_pool(ctx: OpContext):
+    """``G_y`` to the first maximum of each channel (as MaxPool)."""
+    xp = ctx.xp
+    vx = ctx.value(ctx.input(0))
+
+    def back(env, gy):
+        g, X = gy[0], env[vx]
+        flat = X.reshape(X.shape[:2] + (-1,))
+        hit = xp.arange(flat.shape[-1]) == flat.argmax(axis=-1)[..., None]
+        return [g * hit.reshape(X.shape).astype(g.dtype)]
+
+    return back
+
+
+@register("GlobalLpPool", kind="reduce", layer="pool")
+def global_lp_pool(ctx: OpContext):
+    """``G_x = G_y * sign(x) |x|^(p-1) / y^(p-1)`` (0 where ``y = 0``); see the module docstring."""
+    xp = ctx.xp
+    p = int(ctx.attr("p", 2))
+    if p < 1:
+        raise ctx.fail(f"p={p} is not supported (p >= 1)")
+    vx, vy = ctx.value(ctx.input(0)), ctx.value(ctx.node.outputs[0])
+
+    def back(env, gy):
+        g, X, Y = gy[0], env[vx], env[vy]
+        if p == 1:
+            return [g * xp.sign(X)]
+        ratio = xp.where(Y > 0, X / xp.where(Y > 0, Y, 1), 0)  # x / y, |x| <= y
+        return [g * xp.sign(ratio) * xp.abs(ratio) ** (p - 1)]
 
     return back

@@ -1,7 +1,13 @@
 """An independent AttnLRP reference: the modified-gradient rules written with torch autograd on the PyTorch model.
 
-Used for the families LXT 2.1 has no patches for (Phi3, Gemma 1/2, Qwen3-MoE, Mixtral, ...). It is checked
-against LXT itself on the families LXT does support (tests/test_coverage.py), so the two references agree.
+Optional (needs torch and transformers: ``pip install 'onnx-lrp[validate]'``); onnx-lrp itself never imports it.
+Used for the families LXT 2.1 has no patches for (Phi3, Gemma 1/2, Qwen3-MoE, Mixtral, ...) by the tests and by
+:mod:`onnx_lrp.validate`. It is checked against LXT itself on the families LXT does support
+(tests/test_coverage.py), so the two references agree; :data:`CHECKED_MODEL_TYPES` are the transformers model
+types it is tested on (tests/test_coverage*.py).
+
+Entry points: :func:`lrp_patched` (the rules on one loaded model, as a context manager) and :func:`explain`
+(relevance of one output entry per batch element, and at the hidden states).
 
 Rules, in gradient form (relevance ``R_t = t * grad_t``), applied by patching module forwards of ONE loaded model
 instance (the module-level attention function is swapped only inside :func:`lrp_patched`):
@@ -39,6 +45,20 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 IDENTITY_EPS = 1e-10
+
+# transformers model types the reference is checked on (tests/test_coverage.py, tests/test_coverage_more.py)
+CHECKED_MODEL_TYPES = frozenset({
+    "albert", "arcee", "audio-spectrogram-transformer", "bart", "beit", "bert", "big_bird", "blenderbot", "bloom",
+    "camembert", "clip", "clip_vision_model", "codegen", "cohere", "convbert", "convnext", "convnextv2",
+    "data2vec-text", "data2vec-vision", "deberta-v2", "deepseek_v3", "deit", "distilbert", "electra", "esm", "falcon",
+    "gemma", "gemma2", "gemma3_text", "glm", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gpt_oss", "gptj",
+    "granite", "helium", "hiera", "levit", "llama", "longformer", "longt5", "m2m_100", "marian", "mbart",
+    "megatron-bert", "mistral", "mixtral", "mobilebert", "mobilenet_v2", "mobilevit", "modernbert", "mpnet", "mpt",
+    "mt5", "nemotron", "olmo", "olmo2", "opt", "pegasus", "phi", "phi3", "poolformer", "qwen2", "qwen3", "qwen3_moe",
+    "regnet", "rembert", "resnet", "roberta", "roformer", "segformer", "sew", "siglip_vision_model", "smollm3",
+    "squeezebert", "stablelm", "swin", "swinv2", "t5", "vit", "vit_msn", "wav2vec2", "wavlm", "whisper",
+    "xlm-roberta", "yolos",
+})
 
 
 def forward_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -560,13 +580,29 @@ def torch_seq2seq_relevance(model_cls: str, pt_dir, input_ids, attention_mask, d
 
 def torch_output_relevance(model_cls: str, pt_dir, feeds: dict, output: str, positions=None, targets=None,
                            composite: str = "attnlrp", attn: str = "eager") -> dict:
-    """Relevance of ``output[b, (positions[b],) targets[b]]`` for any model and graph-style ``feeds``, per input:
-    ``input_ids``: ``(embedding output * grad).sum(-1)`` read at the input embedding module (hooked); float
-    inputs (pixels, audio): ``x * grad``. ``composite="gradient-x-input"``: plain autograd on the unpatched model."""
+    """:func:`explain` on the model of class ``model_cls`` loaded from ``pt_dir``."""
+    return explain(load(model_cls, pt_dir, attn), feeds, output, positions, targets, composite=composite)
+
+
+def load(model_cls: str, pt_dir, attn: str = "eager") -> torch.nn.Module:
+    """``transformers.<model_cls>`` from the folder ``pt_dir`` in float32 (eager attention: the rules patch it)."""
     import transformers
 
-    model = getattr(transformers, model_cls).from_pretrained(
+    return getattr(transformers, model_cls).from_pretrained(
         str(pt_dir), dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def explain(model: torch.nn.Module, feeds: dict, output: str = "logits", positions=None, targets=None, *,
+            weights=None, composite: str = "attnlrp", hidden_states: bool = False) -> dict:
+    """Relevance of ``score[b] = output[b, (positions[b],) targets[b]]`` (or of ``sum(weights[b] * output[b])``)
+    for any model and graph-style ``feeds``, per input: ``input_ids``: ``(embedding output * grad).sum(-1)`` read
+    at the input embedding module (hooked); float inputs (pixels, audio): ``x * grad``.
+    ``composite="gradient-x-input"``: plain autograd on the unpatched model.
+
+    Returns ``relevance`` (per input), ``score`` (b,), ``targets`` (when given or chosen: the argmax), ``output``
+    (the explained output, all of it); with ``hidden_states``, also ``hidden_states`` and ``hidden_relevance``
+    (``h * grad`` at each of ``output_hidden_states``: the residual stream after each block).
+    """
     kw = {k: torch.as_tensor(np.array(v)) for k, v in feeds.items()}
     for v in kw.values():
         if v.is_floating_point():
@@ -579,14 +615,25 @@ def torch_output_relevance(model_cls: str, pt_dir, feeds: dict, output: str, pos
 
     handle = None if "input_ids" not in kw else _input_embeddings(model).register_forward_hook(hook)
     patch = contextlib.nullcontext() if composite == "gradient-x-input" else lrp_patched(model, composite)
+    tgt = None
     try:
-        with patch:
-            extra = {"use_cache": False} if "CausalLM" in model_cls else {}
-            y = model(**kw, **extra)[output]
+        with patch, torch.enable_grad():
+            extra = {"use_cache": False} if "CausalLM" in type(model).__name__ else {}
+            if hidden_states:
+                extra["output_hidden_states"] = True
+            out = model(**kw, **extra)
+            y = out[output]
+            hidden = list(out.hidden_states) if hidden_states else []
+            for h in hidden:
+                if h.requires_grad and not h.is_leaf:
+                    h.retain_grad()
             B = y.shape[0]
-            tgt = torch.as_tensor(np.asarray(targets))
-            rows = y[torch.arange(B), torch.as_tensor(np.asarray(positions))] if y.ndim == 3 else y
-            sel = rows[torch.arange(B), tgt]
+            if weights is not None:
+                sel = (y * torch.as_tensor(np.asarray(weights), dtype=y.dtype)).reshape(B, -1).sum(-1)
+            else:
+                rows = y[torch.arange(B), torch.as_tensor(np.asarray(positions))] if y.ndim == 3 else y
+                tgt = torch.as_tensor(np.asarray(targets)) if targets is not None else rows.argmax(-1)
+                sel = rows[torch.arange(B), tgt]
             sel.sum().backward()
     finally:
         if handle is not None:
@@ -594,7 +641,14 @@ def torch_output_relevance(model_cls: str, pt_dir, feeds: dict, output: str, pos
     rel = {k: (v * v.grad).detach().double().numpy() for k, v in kw.items() if v.is_floating_point()}
     if "x" in held:
         rel["input_ids"] = (held["x"] * held["x"].grad).sum(-1).detach().double().numpy()
-    return {"relevance": rel, "score": sel.detach().double().numpy()}
+    res = {"relevance": rel, "score": sel.detach().double().numpy(), "output": y.detach().double().numpy()}
+    if tgt is not None:
+        res["targets"] = tgt.numpy()
+    if hidden_states:
+        res["hidden_states"] = [h.detach().float().numpy() for h in hidden]
+        res["hidden_relevance"] = [(h * h.grad).detach().float().numpy() if h.grad is not None
+                                   else np.zeros(h.shape, np.float32) for h in hidden]
+    return res
 
 
 def _input_embeddings(model):
