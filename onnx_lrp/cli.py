@@ -408,8 +408,8 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     return code
 
 
-def _add_corpus_commands(sub, fmt) -> None:
-    t = sub.add_parser("latent", help="most relevant neurons/heads of chosen layers; relevance through them",
+def _add_corpus_commands(sub, fmt, debug: argparse.ArgumentParser) -> None:
+    t = sub.add_parser("latent", parents=[debug], help="most relevant neurons/heads of chosen layers; relevance through them",
                        formatter_class=fmt, description="Explain TEXT's prediction and list, per chosen layer "
                        "(selectors such as mlp:12, head:12, resid:8; `onnx-lrp inspect` lists them), the units "
                        "(neurons, stream dimensions, heads) with the largest relevance, with signs. --through SEL "
@@ -428,7 +428,7 @@ def _add_corpus_commands(sub, fmt) -> None:
     t.add_argument("--no-color", action="store_true", help="plain text instead of colours")
     t.set_defaults(func=cmd_latent)
 
-    d = sub.add_parser("explain-dataset", help="explain every row of a corpus (Ray, resumable, Parquet)",
+    d = sub.add_parser("explain-dataset", parents=[debug], help="explain every row of a corpus (Ray, resumable, Parquet)",
                        formatter_class=fmt, description="Explain every row of DATA: token relevance of the "
                        "model's prediction (or --target) per row, optionally the top-k units of latent layers, "
                        "written to OUT/shard-*.parquet (columns: docs/datasets.md). Rows are processed in shards on "
@@ -441,7 +441,7 @@ def _add_corpus_commands(sub, fmt) -> None:
     d.add_argument("--top-k", type=int, default=10, help="units stored per selector (default %(default)s)")
     d.set_defaults(func=cmd_explain_dataset)
 
-    c = sub.add_parser("concepts", help="reference samples (ActMax / RelMax) of every neuron over a corpus; atlas",
+    c = sub.add_parser("concepts", parents=[debug], help="reference samples (ActMax / RelMax) of every neuron over a corpus; atlas",
                        formatter_class=fmt, description="For every unit of the --layers (mlp:12: MLP neurons, "
                        "resid:8: stream dimensions, head:12: heads), find the corpus samples where it is most "
                        "active (ActMax) and most relevant for the prediction (RelMax), with the token window around "
@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", metavar="FILE", help="also write tokens and scores as JSON")
     d.add_argument("--no-color", action="store_true", help="plain text instead of colours")
     d.set_defaults(func=cmd_demo)
-    _add_corpus_commands(sub, fmt)
+    _add_corpus_commands(sub, fmt, debug)
     return p
 
 

@@ -40,9 +40,10 @@ from ._patterns import SUM_OPS
 from ._registry import MS, spec_of
 from .errors import TargetError
 from .explainer import Explainer, Explanation, last_token
+from .validate._residual import SKIP_NORMS
 
-SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
-FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")  # com.microsoft
+# fused attention ops with a num_heads attribute (com.microsoft)
+FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 # single-input data movement a head output passes on its way to the output projection
 _MOVES = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Dropout"}
 _RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
