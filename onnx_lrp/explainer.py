@@ -180,6 +180,7 @@ class Explainer:
             for a contrastive explanation); the output's shape, or ``(k,) + shape`` for k explanations.
 
         collect: intermediate tensor names whose relevance is returned in ``latent``.
+
         conditions: tensor name -> mask (an array, or a function of the gradient): only the relevance flowing
             through the tensor's unmasked entries reaches the inputs (conditional relevance). The mask multiplies
             the tensor's modified gradient, of shape ``(k,) + tensor shape`` with k targets. See

@@ -190,7 +190,9 @@ def test_ctrl_c_on_the_cli_leaves_complete_shards_and_resumes(text_model, tmp_pa
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "onnx_lrp", "explain-dataset", str(text_model), str(data), "--out", str(out),
            "--workers", "0", "--shard-size", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal sends it, even when this test runs in a background job (which ignores SIGINT)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while len(list(out.glob("shard-*.parquet"))) < 3 and time.time() - t0 < 120:
         time.sleep(0.05)
