@@ -129,6 +129,13 @@ def merge(paths: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":  # python benchmarks/faithfulness_common.py results/A.json [results/B.json ...]
-    n = sum(len(next(iter(r.values()))["per_input"]["faithfulness"]) for r in
-            [json.loads(Path(p).read_text())["results"] for p in sys.argv[1:]])
-    print(f"{', '.join(sys.argv[1:])}: {n} inputs\n\n{table_markdown(summary(merge(sys.argv[1:])))}")
+    from statistics import NormalDist
+
+    merged = merge(sys.argv[1:])
+    n = len(next(iter(merged.values()))["per_input"]["faithfulness"])
+    pairs = len(merged) * (len(merged) - 1) // 2
+    z_all = NormalDist().inv_cdf(1 - 0.025 / pairs)  # Bonferroni: all pairs' intervals hold together at 95%
+    print(f"{', '.join(sys.argv[1:])}: {n} inputs\n\n{table_markdown(summary(merged))}\n\n"
+          f"paired differences of faithfulness (row - column), mean [95% confidence interval]:\n\n"
+          f"{pairwise_markdown(merged)}\n\nthe same, simultaneous 95% intervals over the {pairs} pairs "
+          f"(Bonferroni, z = {z_all:.3f}):\n\n{pairwise_markdown(merged, z=z_all)}")
