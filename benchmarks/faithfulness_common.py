@@ -92,6 +92,26 @@ def table_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def pairwise_markdown(results: dict, z: float = 1.96) -> str:
+    """Paired differences of per-input faithfulness between every two methods: mean and the normal-approximation
+    confidence interval ``mean ± z * se`` (95% for z = 1.96); a row method is ahead of a column method where the
+    interval lies above 0. Methods sorted by mean faithfulness."""
+    f = {m: np.asarray(r["per_input"]["faithfulness"], dtype=float) for m, r in results.items()}
+    order = sorted(f, key=lambda m: -f[m].mean())
+    lines = ["| | " + " | ".join(order) + " |", "|" + "---|" * (len(order) + 1)]
+    for a in order:
+        cells = []
+        for b in order:
+            if a == b:
+                cells.append("")
+                continue
+            d = f[a] - f[b]
+            se = d.std(ddof=1) / np.sqrt(d.size)
+            cells.append(f"{d.mean():+.3f} [{d.mean() - z * se:+.3f}, {d.mean() + z * se:+.3f}]")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, machine={"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -109,6 +129,13 @@ def merge(paths: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":  # python benchmarks/faithfulness_common.py results/A.json [results/B.json ...]
-    n = sum(len(next(iter(r.values()))["per_input"]["faithfulness"]) for r in
-            [json.loads(Path(p).read_text())["results"] for p in sys.argv[1:]])
-    print(f"{', '.join(sys.argv[1:])}: {n} inputs\n\n{table_markdown(summary(merge(sys.argv[1:])))}")
+    from statistics import NormalDist
+
+    merged = merge(sys.argv[1:])
+    n = len(next(iter(merged.values()))["per_input"]["faithfulness"])
+    pairs = len(merged) * (len(merged) - 1) // 2
+    z_all = NormalDist().inv_cdf(1 - 0.025 / pairs)  # Bonferroni: all pairs' intervals hold together at 95%
+    print(f"{', '.join(sys.argv[1:])}: {n} inputs\n\n{table_markdown(summary(merged))}\n\n"
+          f"paired differences of faithfulness (row - column), mean [95% confidence interval]:\n\n"
+          f"{pairwise_markdown(merged)}\n\nthe same, simultaneous 95% intervals over the {pairs} pairs "
+          f"(Bonferroni, z = {z_all:.3f}):\n\n{pairwise_markdown(merged, z=z_all)}")

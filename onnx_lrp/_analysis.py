@@ -223,9 +223,10 @@ def find_routed_ids(graph: Graph, sources: dict[str, str], names: list[str] | No
         if n.op_type in ID_ROUTE_OPS and (n.domain or ONNX) == ONNX and n.outputs:
             if any(t in reach for t in _route_inputs(n)):  # other operands (a start token) are constants
                 reach.add(n.outputs[0])
-    lookups = {n.outputs[0]: n.inputs[1] for n in graph.nodes
+    lookups = {_dequantized(graph, n.outputs[0]): n.inputs[1] for n in graph.nodes  # int8 tables: their float rows
                if n.op_type == "Gather" and (n.domain or ONNX) == ONNX and n.inputs[0] in graph.static
-               and n.outputs[0] not in sources and n.inputs[1] in reach and int(n.attr("axis", 0)) == 0
+               and _dequantized(graph, n.outputs[0]) not in sources and n.inputs[1] in reach
+               and int(n.attr("axis", 0)) == 0
                and getattr(graph.constant(n.inputs[0]), "ndim", 0) == 2}  # an embedding table
     if lookups and names is None:  # as for sources: only lookups that enter the model as a term (no RoPE tables)
         candidates = set(sources) | set(lookups)

@@ -299,14 +299,43 @@ def _last_reads(reads: list[set[str]], keep: set[str]) -> list[tuple[str, ...]]:
     return [tuple(sorted(x)) for x in out]
 
 
-def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
-    """Propagate the start gradients through the plan; returns the gradients at ``plan.keep``."""
+def conditionable(plan: Plan) -> set[str]:
+    """Tensors whose gradient :func:`run_plan` can condition: outputs of the plan's steps, and its sources."""
+    return {o for s in plan.steps for o in s.outputs} | plan.keep
+
+
+def run_plan(plan: Plan, env: Env, start: dict[str, Any],
+             conditions: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+    """Propagate the start gradients through the plan; returns the gradients at ``plan.keep``.
+
+    ``conditions``: tensor -> function of its gradient (a mask keeping some neurons). When the gradient of a
+    conditioned tensor is complete (the step producing it runs, or at the end for a source), the function is
+    applied and the gradients that reached tensors not processed yet by paths around it are dropped: only the
+    relevance flowing through the conditioned tensors reaches the inputs (conditional relevance, "relevance through
+    a concept": CRP, Achtibat et al. 2023). Gradients have the leading target axes (``env.lead``).
+    """
     xp = env.xp
     grads: dict[str, Any] = dict(start)
     owned: set[str] = set()
     keep = plan.keep
+    conditions = conditions or {}
+    done: set[str] = set()  # outputs of the steps run so far (their gradients are complete)
+
+    def only_through(names: set[str]) -> None:
+        for other in [n for n in grads if n not in done and n not in names]:
+            del grads[other]
+            owned.discard(other)
+
     for step, release in zip(plan.steps, plan.release):
         gy = [(grads.get(o) if o in keep else grads.pop(o, None)) for o in step.outputs]
+        if conditions and any(o in conditions for o in step.outputs):
+            only_through(set(step.outputs))
+            gy = [(conditions[o](g) if g is not None else None) if o in conditions else None
+                  for o, g in zip(step.outputs, gy)]
+            for o, g in zip(step.outputs, gy):
+                if o in keep:
+                    grads[o] = g
+        done.update(step.outputs)
         if all(g is None for g in gy):
             env.end_step(release)
             continue
@@ -334,6 +363,11 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any]) -> dict[str, Any]:
             else:
                 grads[name] = prev + g
                 owned.add(name)
+    at_end = conditions.keys() - done  # conditioned sources: no step produces them, their gradient is complete now
+    if at_end:
+        only_through(at_end)
+        for k in at_end & grads.keys():
+            grads[k] = conditions[k](grads[k])
     return {k: grads[k] for k in keep if k in grads}
 
 

@@ -30,6 +30,9 @@ commands:
   explain   explain a model's output for a text, a chat prompt, a generated span, or an image
   validate  do two models (PyTorch original, ONNX fp32/fp16/int8/optimised) explain the same inputs alike?
   demo      download-free demo: SmolLM2-135M-Instruct explains "The capital of France is ..."
+  latent    the most relevant neurons and heads of chosen layers; heatmaps of the relevance through them
+  explain-dataset  explain every row of a corpus (Ray actors, resumable Parquet shards)
+  concepts  reference samples (ActMax / RelMax) of every neuron over a corpus, and a concept atlas page
 
 examples:
   onnx-lrp demo
@@ -159,6 +162,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("rules: " + ", ".join(f"{k}: {v}" for k, v in by_rule.most_common()))
     if an.statistics:
         print(f"normalisations found by their maths: {len(an.statistics)} product(s), statistic held constant")
+    _inspect_selectors(graph, an)
     if an.unsupported:
         print("\nUNSUPPORTED op types on the relevance path (no LRP rule):")
         for op, names in sorted(an.unsupported.items()):
@@ -166,6 +170,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 1
     print("all relevance-carrying ops have rules")
     return 0
+
+
+def _inspect_selectors(graph, analysis) -> None:
+    from .latent import describe, find_layers
+
+    print(describe(find_layers(graph, analysis)))
 
 
 # ---------------------------------------------------------------------------------------------- explain
@@ -301,6 +311,151 @@ def cmd_demo(args: argparse.Namespace) -> int:
     heading = f"{args.prompt!r} -> {res.target_text!r} (logit {res.score:.4g}): which tokens made the model say it?"
     _show_text(res, args, heading, True)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- latent, corpora
+def cmd_latent(args: argparse.Namespace) -> int:
+    from .latent import LatentExplainer
+    from .text import TextExplainer
+    from .visualize import terminal
+
+    path = _model_path(args.model, args.cache)
+    with step(f"loading {path}"):
+        tx = TextExplainer(path, args.composite)
+        lat = LatentExplainer(tx.explainer)
+    ids = tx.encode(args.text)
+    feeds = tx._feeds(ids)
+    tid = tx.resolve_target(_int_or_str(args.target))
+    selectors = args.layers or [s for s in lat.selectors() if s.startswith("head:")][:1]
+    with step("explaining"):
+        res = lat.explain(feeds, selectors, tid, output=tx.output)
+    tgt = int(res.explanation.target[0])
+    print(f"explained: {tx._label(tgt)!r} (logit {float(res.explanation.score[0]):.4g})")
+    report = {"target": tgt, "target_text": tx._label(tgt), "layers": {}}
+    for sel in selectors:
+        top, val = res.top(sel, args.top_k)
+        unit = "head" if sel.startswith(("head", "cross")) else "neuron"
+        print(f"{sel}: most relevant {unit}s: " + ", ".join(f"{u} ({v:+.3g})" for u, v in zip(top[0], val[0])))
+        report["layers"][sel] = {"units": top[0].tolist(), "relevance": val[0].tolist(),
+                                 "all": res.unit_relevance(sel)[0].tolist()}
+    if args.through:
+        sel, units = args.through, [int(u) for u in (args.units or "").split(",") if u.strip()]
+        with step(f"conditional heatmaps through {sel} {units or ''}"):
+            cond = lat.conditional(feeds, sel, units or None, tid, output=tx.output)
+        pieces = tx.tokenizer.pieces(ids)
+        report["conditional"] = {}
+        for j, u in enumerate(cond.units):
+            r = cond.relevance["input_ids"][0, j]
+            print(terminal(pieces, r, title=f"relevance through {sel.split('.')[0]} unit {u}",
+                           color=False if args.no_color else None))
+            report["conditional"][str(u)] = r.tolist()
+    if args.json:
+        _write(args.json, json.dumps(report, indent=1))
+    return 0
+
+
+def _dataset_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX file or folder (tokenizer next to it), or smollm2 / minilm")
+    p.add_argument("data", help="text (one row per line), .jsonl, .csv, .parquet, or a datasets folder")
+    p.add_argument("--out", required=True, help="output folder (Parquet shards + manifest.json; rerun to resume)")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, one model each (default 1; 0 = no Ray, "
+                   "in this process)")
+    p.add_argument("--address", help="a Ray cluster, e.g. ray://head:10001 (default: a local Ray in this process)")
+    p.add_argument("--shard-size", type=int, default=32, help="rows per shard (default %(default)s)")
+    p.add_argument("--text-column", default="text", help="column/field holding the text (default %(default)s)")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="a row that cannot be read or "
+                   "explained: store it with its error and go on (skip, default) or stop the run (fail)")
+    p.add_argument("--max-tokens", type=int, help="cut longer rows to this many tokens")
+    p.add_argument("--target", help="explain this token / label / id for every row (default: the prediction)")
+    p.add_argument("--composite", default="attnlrp", help="rule set (default attnlrp)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_dataset(job, args) -> int:
+    from .dataset import run
+
+    try:
+        summary = run(job, args.data, args.out, shard_size=args.shard_size, workers=args.workers,
+                      address=args.address, text_column=args.text_column, progress=not args.quiet)
+    except KeyboardInterrupt:
+        n = len(list(Path(args.out).glob("shard-*.parquet")))
+        print(f"onnx-lrp: interrupted: {n} complete shard(s) in {args.out}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    message(f"{summary.out}: {summary.rows} rows in {summary.shards} shard(s) ({summary.written} written, "
+            f"{summary.skipped} already complete); {summary.errors} row(s) stored with an error in this run")
+    return 0
+
+
+def cmd_explain_dataset(args: argparse.Namespace) -> int:
+    from .jobs import ExplainJob
+
+    job = ExplainJob(_model_path(args.model, args.cache), args.composite, target=_int_or_str(args.target),
+                     latent=args.latent or (), top_k=args.top_k, batch_size=args.batch_size,
+                     on_error=args.on_error, max_tokens=args.max_tokens)
+    return _run_dataset(job, args)
+
+
+def cmd_concepts(args: argparse.Namespace) -> int:
+    from .concepts import ConceptsJob
+
+    job = ConceptsJob(_model_path(args.model, args.cache), args.layers, args.composite,
+                      target=_int_or_str(args.target), top_k=args.top_k, window=args.window,
+                      atlas_units=args.atlas_units, on_error=args.on_error, max_tokens=args.max_tokens)
+    code = _run_dataset(job, args)
+    if code == 0:
+        message(f"wrote {Path(args.out) / 'concepts.parquet'} and {Path(args.out) / 'atlas.html'}")
+    return code
+
+
+def _add_corpus_commands(sub, fmt, debug: argparse.ArgumentParser) -> None:
+    t = sub.add_parser("latent", parents=[debug], help="most relevant neurons/heads of chosen layers; relevance through them",
+                       formatter_class=fmt, description="Explain TEXT's prediction and list, per chosen layer "
+                       "(selectors such as mlp:12, head:12, resid:8; `onnx-lrp inspect` lists them), the units "
+                       "(neurons, stream dimensions, heads) with the largest relevance, with signs. --through SEL "
+                       "--units a,b,c: token heatmaps of only the part that flows through those units.",
+                       epilog="example:\n  onnx-lrp latent smollm2 \"The capital of France is\" --layers mlp:20 "
+                       "head:20 --through mlp:20 --units 5,77")
+    t.add_argument("model", help="ONNX file or folder, or smollm2 / minilm")
+    t.add_argument("text", help="the input text")
+    t.add_argument("--layers", nargs="+", metavar="SEL", help="selectors (default: the first layer's heads)")
+    t.add_argument("--top-k", type=int, default=10, help="units listed per layer (default %(default)s)")
+    t.add_argument("--through", metavar="SEL", help="conditional heatmaps through units of this selector")
+    t.add_argument("--units", help="comma-separated unit indices for --through (a head selector names its own)")
+    t.add_argument("--target", help="what to explain (default: the prediction)")
+    t.add_argument("--composite", default="attnlrp", help="rule set (default attnlrp)")
+    t.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    t.add_argument("--no-color", action="store_true", help="plain text instead of colours")
+    t.set_defaults(func=cmd_latent)
+
+    d = sub.add_parser("explain-dataset", parents=[debug], help="explain every row of a corpus (Ray, resumable, Parquet)",
+                       formatter_class=fmt, description="Explain every row of DATA: token relevance of the "
+                       "model's prediction (or --target) per row, optionally the top-k units of latent layers, "
+                       "written to OUT/shard-*.parquet (columns: docs/datasets.md). Rows are processed in shards on "
+                       "Ray actors (--workers, one model each); a rerun skips the shards that are complete.",
+                       epilog="example:\n  onnx-lrp explain-dataset smollm2 sentences.txt --out results/ --workers 2")
+    _dataset_job_args(d)
+    d.add_argument("--batch-size", type=int, default=1, help="rows per relevance pass (default 1: exactly the "
+                   "numbers of `onnx-lrp explain`; larger batches are faster and differ in the last bits)")
+    d.add_argument("--latent", nargs="+", metavar="SEL", help="also store the top-k units of these selectors")
+    d.add_argument("--top-k", type=int, default=10, help="units stored per selector (default %(default)s)")
+    d.set_defaults(func=cmd_explain_dataset)
+
+    c = sub.add_parser("concepts", parents=[debug], help="reference samples (ActMax / RelMax) of every neuron over a corpus; atlas",
+                       formatter_class=fmt, description="For every unit of the --layers (mlp:12: MLP neurons, "
+                       "resid:8: stream dimensions, head:12: heads), find the corpus samples where it is most "
+                       "active (ActMax) and most relevant for the prediction (RelMax), with the token window around "
+                       "the position. Writes OUT/concepts.parquet (with per-unit corpus statistics) and a "
+                       "searchable OUT/atlas.html. Runs on Ray like explain-dataset, resumable.",
+                       epilog="example:\n  onnx-lrp concepts smollm2 wiki.txt --layers mlp:20 --out atlas/ "
+                       "--workers 2")
+    _dataset_job_args(c)
+    c.add_argument("--layers", nargs="+", required=True, metavar="SEL", help="selectors (onnx-lrp inspect lists them)")
+    c.add_argument("--top-k", type=int, default=10, help="reference samples per unit and score (default %(default)s)")
+    c.add_argument("--window", type=int, default=8, help="tokens kept each side of the position (default %(default)s)")
+    c.add_argument("--atlas-units", type=int, default=200, help="units per layer on the atlas page, by corpus "
+                   "relevance (default %(default)s)")
+    c.set_defaults(func=cmd_concepts)
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -447,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", metavar="FILE", help="also write tokens and scores as JSON")
     d.add_argument("--no-color", action="store_true", help="plain text instead of colours")
     d.set_defaults(func=cmd_demo)
+    _add_corpus_commands(sub, fmt, debug)
     return p
 
 

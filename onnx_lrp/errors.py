@@ -61,3 +61,8 @@ class RelevanceWarning(UserWarning):
 class ResourceError(OnnxLrpError, MemoryError):
     """The explanation needs more memory than is available (estimated before running, or onnxruntime failed to
     allocate). The message names the input size, the estimated need, the memory available and what helps."""
+
+
+class DatasetError(OnnxLrpError):
+    """A corpus run cannot go on: a bad row with ``on_error="fail"``, an output folder holding another run, a
+    worker that keeps failing."""

@@ -5,7 +5,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -14,7 +14,7 @@ from ._analysis import Analysis, analyse, graph_output_is_float
 from ._canonize import canonize, needs_canonizing
 from ._capture import ForwardCapture, default_session_options
 from ._device import Device, resolve_device
-from ._engine import Env, Plan, blas_threads, compile_plan, run_plan, to_compute
+from ._engine import Env, Plan, blas_threads, compile_plan, conditionable, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
 from ._inputs import InputChecks, past_length
@@ -42,7 +42,8 @@ class Explanation:
     ``embedding_relevance[input]``: the un-summed ``(batch, seq, hidden)`` relevance of token inputs.
     ``outputs``: the forward outputs. ``score``: the explained quantity ``sum(w * y)`` per batch element
     (the logit for a one-hot start). ``latent[name]``: relevance at collected intermediate tensors;
-    ``latent_gradient[name]``: the modified gradient ``G`` there (``latent = tensor * G``).
+    ``activations[name]``: their forward values; ``latent_gradient[name]``: the modified gradient ``G`` there
+    (``latent = tensor * G``).
     """
 
     relevance: dict[str, np.ndarray]
@@ -51,6 +52,7 @@ class Explanation:
     target: np.ndarray | None
     position: np.ndarray | None
     latent: dict[str, np.ndarray] = field(default_factory=dict)
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
     embedding_relevance: dict[str, np.ndarray] = field(default_factory=dict)
     output: str = ""
     latent_gradient: dict[str, np.ndarray] = field(default_factory=dict)
@@ -203,6 +205,7 @@ class Explainer:
         output: str | None = None,
         output_relevance: np.ndarray | None = None,
         collect: Sequence[str] = (),
+        conditions: Mapping[str, Any] | None = None,
         as_numpy: bool = True,
         batch_axis: int | None = None,
         position_axis: int | None = None,
@@ -219,6 +222,11 @@ class Explainer:
 
         collect: intermediate tensor names whose relevance is returned in ``latent``.
 
+        conditions: tensor name -> mask (an array, or a function of the gradient): only the relevance flowing
+            through the tensor's unmasked entries reaches the inputs (conditional relevance). The mask multiplies
+            the tensor's modified gradient, of shape ``(k,) + tensor shape`` with k targets. See
+            :mod:`onnx_lrp.latent`.
+
         as_numpy: return numpy arrays (default); ``False`` keeps CuPy arrays on ``device="cuda"``.
 
         batch_axis, position_axis: the output's batch and sequence axes (default: read from the graph, which names
@@ -226,7 +234,7 @@ class Explainer:
             sizes; else ``(batch, seq, classes)``); classes are the last axis.
         check_conservation: under a conserving composite, warn once (:class:`~onnx_lrp.errors.RelevanceWarning`)
             when the summed input relevance is more than 10x the explained score, naming the first tensor where it
-            blew up.
+            blew up (not with ``conditions``: the conditioned part need not conserve the score).
         """
         output = output or self.default_output
         if output not in self.graph.output_names:
@@ -240,6 +248,13 @@ class Explainer:
         feeds = self.prepare_inputs(inputs)
         self._check_padding(feeds)
         plan, capture, chunks = self._fitting_plan(output, collect, feeds)
+        conditions = dict(conditions or {})
+        if conditions:
+            reachable = conditionable(plan)
+            bad = [n for n in conditions if n not in reachable]
+            if bad:
+                raise TargetError(f"conditions: tensor(s) {bad} are not on the relevance path of output {output!r} "
+                                  "(not in the graph, constants for the rules, or inside a fused activation)")
         xp, dtype = self.xp, self.dtype
         dynamic = self._captured(plan, feeds)
         static_now = [v for v in dynamic if v in self.graph.static]
@@ -269,26 +284,28 @@ class Explainer:
         env = Env(xp, dtype, lead, run_values, shapes, self._static, recomputed, self._gemm)
         w = xp.asarray(w, dtype=dtype)
         with blas_threads(xp, self.blas_threads):
-            grads = run_plan(plan, env, {output: w})
+            grads = run_plan(plan, env, {output: w}, {k: _as_condition(xp, dtype, m) for k, m in conditions.items()})
         # score = sum(w * y) per batch element (and target), without a temporary of the output's size
         wb = xp.moveaxis(w, lead + b, lead)
         w2 = wb.reshape(wb.shape[: lead + 1] + (-1,))
         yb = xp.moveaxis(xp.asarray(y, dtype=dtype), b, 0)
         score = xp.einsum("...bn,bn->...b", w2, yb.reshape(w2.shape[lead], -1))
         relevance, emb_rel = self._source_relevance(grads, env, feeds, lead)
-        if check_conservation and self.composite.conserving and not self._warned:
+        if check_conservation and not conditions and self.composite.conserving and not self._warned:
             self._check_conservation(relevance, score, lead, inputs, output, w, y)
-        latent, latent_grad = {}, {}
+        latent, activations, latent_grad = {}, {}, {}
         for name in collect:
             t = env[name]
             g = grads.get(name)
             g = xp.zeros((1,) * lead + t.shape, dtype=dtype) if g is None else g
             latent[name] = _batch_first(t * g, lead)
             latent_grad[name] = _batch_first(g, lead)
+            activations[name] = t
         host = to_numpy if as_numpy else (lambda a: a)
         relevance = {k: host(v) for k, v in relevance.items()}
         emb_rel = {k: host(v) for k, v in emb_rel.items()}
         latent = {k: host(v) for k, v in latent.items()}
+        activations = {k: host(v) for k, v in activations.items()}
         latent_grad = {k: host(v) for k, v in latent_grad.items()}
         outputs = {k: host(v) for k, v in outputs.items()}
         score = host(_batch_first(score, lead))
@@ -299,6 +316,7 @@ class Explainer:
             target=tgt,
             position=pos,
             latent=latent,
+            activations=activations,
             embedding_relevance=emb_rel,
             output=output,
             latent_gradient=latent_grad,
@@ -681,6 +699,13 @@ def last_token(feeds: Mapping[str, np.ndarray], batch: int, seq: int) -> np.ndar
     idx = np.arange(seq)[None, :]
     last = np.where(m > 0, idx, -1).max(-1)
     return np.where(last < 0, seq - 1, last)
+
+
+def _as_condition(xp: Any, dtype: Any, mask: Any) -> Callable[[Any], Any]:
+    if callable(mask):
+        return mask
+    m = xp.asarray(mask, dtype=dtype)
+    return lambda g: g * m
 
 
 def _integers_or_floats(value: Any, what: str, src: str, floats: bool = False) -> np.ndarray:

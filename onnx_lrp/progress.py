@@ -43,3 +43,23 @@ def bar(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
     except ImportError:
         return items
     return tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def counter(total: int, desc: str, unit: str, *, initial: int = 0, enabled: bool = True):
+    """A tqdm counter with rate and ETA (``update(n)``, ``close()``), or one that shows nothing when tqdm is
+    missing, output is quiet or ``enabled`` is false."""
+    if not enabled or _quiet():
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, smoothing=0.1)

@@ -358,8 +358,8 @@ def test_if_on_the_relevance_path_is_named():
 
 
 @pytest.mark.parametrize("op", ["ConvTranspose", "GlobalMaxPool"])
-def test_op_without_rule_today(op):
-    """Ops of the shipped files that have no rule yet. ``x -> op -> (flatten) -> @ W``: ConvTranspose is linear
+def test_op_vs_central_differences(op):
+    """Ops of the shipped files that had no rule before issue 11. ``x -> op -> (flatten) -> @ W``: ConvTranspose is linear
     (eps-LRP with eps 0: R_x = x * grad, the gradient exact from central differences of onnxruntime's forward);
     GlobalMaxPool routes each channel's relevance to its max element (R_x = x * grad, the same check)."""
     from _graphs import OPSET

@@ -48,13 +48,31 @@ def third_party() -> None:
             built = f"{type(e).__name__}: {str(e).splitlines()[0].split(': ', 1)[-1][:90]}"
         ratios = []
         for comp in ("attnlrp", "gradient-x-input"):
-            if name not in ("ocr-cls", "ocr-rec"):
+            if built != "builds":
                 ratios.append("")
                 continue
-            ex, out = tp.explainer(name, comp, logits=True)
-            res = ex.explain(tp.FEEDS[name](), output=out)
-            ratios.append(f"{float(res.relevance['x'].sum() / res.score[0]):.3g}")
+            ratios.append(f"{_sum_ratio(tp, name, comp):.3g}")
         print(f"| {name} | {ops} | {built} | " + " | ".join(ratios) + " |", flush=True)
+
+
+def _sum_ratio(tp, name: str, composite: str) -> float:
+    """sum of input relevance / explained score: the OCR classifiers' logit before the softmax, ddddocr's time
+    step 3 (time-major), the detector's text pixels (probability > 0.5), magika's top probability."""
+    feeds = tp.FEEDS[name]()
+    kw = {}
+    if name in ("ocr-cls", "ocr-rec"):
+        ex, out = tp.explainer(name, composite, logits=True)
+        kw["output"] = out
+    else:
+        ex, out = tp.explainer(name, composite)
+    if name == "ddddocr":
+        kw["position"] = 3
+    if name == "ocr-det":
+        y = ex.forward(feeds, [out])[out]
+        kw["output_relevance"] = tp.start_weights(name, y)
+    res = ex.explain(feeds, **kw)
+    r = next(iter(res.relevance.values()))
+    return float(r.sum() / res.score[0])
 
 
 if __name__ == "__main__":
