@@ -588,7 +588,8 @@ class Explainer:
         expected = xp.asarray(score).sum(axis=-1)  # score: (k, batch) or (batch,)
         # biases absorb relevance, so a score near 0 may have a larger relevance sum: the scale is the larger of
         # the score and the explained output's magnitude
-        scale = xp.maximum(xp.abs(expected), float(xp.max(xp.abs(xp.asarray(y)))) if y.size else 0.0)
+        y = xp.asarray(y)  # max |y| without a temporary of the output's size (a LM's logits: T x vocab)
+        scale = xp.maximum(xp.abs(expected), max(float(y.max()), -float(y.min())) if y.size else 0.0)
         ratio = float(xp.max(xp.abs(total) / (scale + 1e-12)))
         if ratio <= 10.0 or not np.isfinite(ratio):
             if np.isfinite(ratio):
