@@ -438,7 +438,8 @@ class Explainer:
         ids = next((v for k, v in feeds.items() if "ids" in k), max(feeds.values(), key=lambda v: v.size))
         raise ResourceError(
             f"{self.graph.source}: explaining {ids.shape[-1]} tokens (batch {ids.shape[0]}) needs about "
-            f"{est.describe()}, but {human(limit)} is {what}; explain fewer tokens or a smaller batch")
+            f"{est.describe()}, but {human(limit)} is {what}; explain fewer tokens or a smaller batch"
+            + (", or raise memory_budget" if what == "the memory_budget" else ""))
 
     def _fill_defaults(self, feeds: dict[str, np.ndarray], expected: dict) -> None:
         """Fill the inputs transformers fills itself: attention_mask (ones), position_ids (from the mask),

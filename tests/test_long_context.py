@@ -117,7 +117,8 @@ def test_memory_budget_too_small_raises_before_running(monkeypatch):
     ran = []
     monkeypatch.setattr(ex._capture, "run", lambda *a, **k: ran.append(1))
     with pytest.raises(ResourceError, match=r"explaining 1500 tokens \(batch 2\) needs about .* MB .*"
-                                            r"2 MB is the memory_budget"):
+                                            r"2 MB is the memory_budget; explain fewer tokens or a smaller batch, "
+                                            r"or raise memory_budget"):
         ex.explain(_feeds(ex, 1500))
     assert not ran
     assert issubclass(ResourceError, OnnxLrpError) and issubclass(ResourceError, MemoryError)
