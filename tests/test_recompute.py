@@ -92,6 +92,23 @@ def test_recompute_equals_capture_other_composites(composite, monkeypatch):
     _compare(path, composite, _inputs(Explainer(path), 12, "left"), monkeypatch, blocks=2)
 
 
+def test_softmax_with_a_positive_keys_axis_is_an_attention_block(tmp_path, monkeypatch):
+    """jax2onnx and Keras write the keys axis of the attention softmax as a positive number (3 of (B, N, S, T)):
+    the same block, explained in blocks of rows like ``axis=-1``."""
+    import onnx
+
+    m = onnx.load(str(_path("llama-gqa")))
+    softmaxes = [n for n in m.graph.node if n.op_type == "Softmax"]
+    assert softmaxes
+    for n in softmaxes:
+        n.attribute.remove(next(a for a in n.attribute if a.name == "axis"))
+        n.attribute.append(helper.make_attribute("axis", 3))
+    path = tmp_path / "model.onnx"
+    onnx.save(m, str(path))
+    assert len(Explainer(path)._capture_long.attention) == len(softmaxes)
+    _compare(path, "attnlrp", _inputs(Explainer(path), 12, "both"), monkeypatch, blocks=2)
+
+
 def test_recompute_equals_capture_with_several_targets(monkeypatch):
     path = _path("llama-gqa")
     feeds = _inputs(Explainer(path), 10, "left")

@@ -77,8 +77,15 @@ def find_blocks(graph: Graph, carrying: set[str], region_of: dict[str, str], reg
     visible (graph outputs, collected tensors): a block holding one is not recognised."""
     blocks: dict[str, Block] = {}
     default_axis = -1 if graph.opset.get("ai.onnx", 0) >= 13 else 1
+    ranks: dict[str, int] | None = None
     for sm in graph.nodes:
-        if sm.op_type != "Softmax" or sm.domain not in ("", "ai.onnx") or int(sm.attr("axis", default_axis)) != -1:
+        if sm.op_type != "Softmax" or sm.domain not in ("", "ai.onnx"):
+            continue
+        axis = int(sm.attr("axis", default_axis))
+        if axis >= 0:  # jax2onnx and Keras write the keys axis as a positive number
+            ranks = _inferred_ranks(graph) if ranks is None else ranks
+            axis -= ranks.get(sm.inputs[0], axis + 2)
+        if axis != -1:  # also for opset < 13: Softmax(axis=k) normalises the axes k.. together
             continue
         b = _block_at(graph, carrying, sm, protect)
         if b is None or b.pv.name in blocks:
@@ -102,6 +109,17 @@ def find_blocks(graph: Graph, carrying: set[str], region_of: dict[str, str], reg
 def _single_use(graph: Graph, t: str, protect: set[str]) -> Node | None:
     cons = graph.consumers.get(t, [])
     return cons[0] if len(cons) == 1 and t not in protect and t not in graph.output_names else None
+
+
+def _inferred_ranks(graph: Graph) -> dict[str, int]:
+    """Ranks of the graph's tensors from onnx shape inference (empty where it refuses the graph)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(graph.model).graph.value_info
+    except Exception:  # contrib ops or stubs it cannot read: positive softmax axes stay unrecognised
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in inferred if v.type.tensor_type.HasField("shape")}
 
 
 def _block_at(graph: Graph, carrying: set[str], sm: Node, protect: set[str]) -> Block | None:
