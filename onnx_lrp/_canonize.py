@@ -42,12 +42,12 @@ def expand_embed_layer_norm(model: onnx.ModelProto) -> bool:
     g = model.graph
     found = False
     new_nodes: list[onnx.NodeProto] = []
-    for node in g.node:
+    for k, node in enumerate(g.node):
         if node.op_type not in EMBED_LAYER_NORMS or node.domain != MS:
             new_nodes.append(node)
             continue
         found = True
-        p = f"{node.name or node.op_type}::"
+        p = f"{node.name or f'{node.op_type}_{k}'}::"  # unnamed fused nodes get distinct tensors
         extra: list[onnx.NodeProto] = []
         if node.op_type == "QEmbedLayerNormalization":  # int8 tables, gamma and beta: dequantised first
             ins = list(node.input) + [""] * (18 - len(node.input))
@@ -73,10 +73,11 @@ def expand_embed_layer_norm(model: onnx.ModelProto) -> bool:
             extra.append(helper.make_node("Gather", [pos_t, pos_ids], [p + "position"], name=p + "position"))
         else:
             extra += [
-                helper.make_node("Shape", [ids], [p + "shape"], name=p + "shape", start=1, end=2),
-                helper.make_node("Squeeze", [p + "shape"], [p + "seq"], name=p + "seq"),
+                # Shape + Gather, not Shape(start=, end=) (opset >= 15): optimised BERTs are often opset 11-14
+                helper.make_node("Shape", [ids], [p + "shape"], name=p + "shape"),
                 helper.make_node("Constant", [], [p + "zero"], name=p + "zero", value=helper.make_tensor("z", 7, [], [0])),
                 helper.make_node("Constant", [], [p + "one"], name=p + "one", value=helper.make_tensor("o", 7, [], [1])),
+                helper.make_node("Gather", [p + "shape", p + "one"], [p + "seq"], name=p + "seq", axis=0),
                 helper.make_node("Range", [p + "zero", p + "seq", p + "one"], [p + "arange"], name=p + "arange"),
                 helper.make_node("Gather", [pos_t, p + "arange"], [p + "position"], name=p + "position"),
             ]

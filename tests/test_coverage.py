@@ -306,6 +306,22 @@ def test_fused_model_proto_left_unchanged():
     assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
 
 
+def test_fused_embed_layer_norm_below_opset_15():
+    """onnxruntime's optimizer on an opset-14 BERT: the expansion of ``EmbedLayerNormalization`` (no position ids:
+    a range over the sequence length) uses only ops of that opset, and explains as the unfused export does."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    _, path = tiny_model("bert", opset=14)
+    fused = optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32, opt_level=1).model
+    assert "EmbedLayerNormalization" in {n.op_type for n in fused.graph.node}
+    ids = np.random.RandomState(0).randint(3, 120, (2, 7))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    ref = Explainer(path).explain(feeds)
+    res = Explainer(fused).explain({k: v for k, v in feeds.items() if k in {i.name for i in fused.graph.input}},
+                                   target=ref.target)
+    assert rel_err(res.relevance["input_ids"], ref.relevance["input_ids"]) <= SHAPE_TOL
+
+
 def test_unsorted_graph_is_sorted():
     """Graphs whose nodes are not in topological order (onnxruntime runs them; fp16 converters write them)."""
     import onnx
