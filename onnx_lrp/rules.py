@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 
 def stabilise(z: Any, eps: float) -> Any:
@@ -26,6 +26,9 @@ def stabilise(z: Any, eps: float) -> Any:
 class Rule:
     """Base class of all rules. Parameters are validated when a rule is made (finite, in range)."""
 
+    # parameters that are a denominator's only guard: 0 would divide by zero where the input is 0
+    _POSITIVE: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
@@ -33,6 +36,9 @@ class Rule:
                 raise TypeError(f"{type(self).__name__}: {f.name} must be a number, got {v!r}")
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{type(self).__name__}: {f.name} must be a finite number >= 0, got {v!r}")
+            if v == 0 and f.name in self._POSITIVE:
+                raise ValueError(f"{type(self).__name__}: {f.name} must be > 0 (it keeps the denominator away "
+                                 f"from 0 where the input is 0), got {v!r}")
 
     @property
     def name(self) -> str:
@@ -74,6 +80,7 @@ class Gamma(Rule):
 
     gamma: float = 0.25
     epsilon: float = 1e-6
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     def weight(self, W: Any) -> Any:
         """``W + gamma * W+`` (numpy or CuPy)."""
@@ -114,6 +121,7 @@ class Identity(Rule):
     """
 
     epsilon: float = 1e-10
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     def ratio(self, x: Any, y: Any) -> Any:
         """``f(x) / stab(x)``: what ``G_y`` is multiplied by."""

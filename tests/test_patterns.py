@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lrp import ConfigError, Constant, Epsilon, Explainer, Gamma, Gradient, Identity, InputError
+from onnx_lrp import ConfigError, Constant, Epsilon, Explainer, Gamma, Gradient, Identity, InputError, attnlrp
 from onnx_lrp._graph import Graph
 from onnx_lrp._patterns import normalisation_statistic, probe_function, zero_centred
 from onnx_lrp.errors import RelevanceWarning, TargetError
@@ -390,6 +390,15 @@ def test_overrides_say_what_they_name():
 def test_rule_parameters_are_checked(bad):
     with pytest.raises((ValueError, TypeError)):
         bad()
+
+
+@pytest.mark.parametrize("bad", [lambda: Identity(0.0), lambda: Gamma(0.25, 0.0), lambda: attnlrp(identity_epsilon=0)])
+def test_a_denominator_guard_of_zero_is_refused(bad):
+    """Identity's ``f(x) / stab(x)`` and Gamma's ``z / stab(z + g z+)`` divide by 0 at a zero input without their
+    epsilon (``Epsilon(0)`` is the plain gradient and stays allowed)."""
+    with pytest.raises(ValueError, match="must be > 0"):
+        bad()
+    assert Epsilon(0.0).epsilon == 0.0
 
 
 def test_onnx_attention_is_not_taken_for_the_contrib_op():

@@ -126,12 +126,12 @@ def div(ctx: OpContext):
     va = ctx.value(a)
     if not ca:  # c / x: a unary non-linearity of x
         if isinstance(ctx.rule, Identity):
-            eps = ctx.rule.epsilon
+            rule = ctx.rule
             y = ctx.value(ctx.node.outputs[0])
 
             def back_identity(env, gy):
                 B = env[vb]
-                return [None, unbroadcast(xp, gy[0] * (env[y] / (B + eps)), B.shape, max(B.ndim, env[va].ndim))]
+                return [None, unbroadcast(xp, gy[0] * rule.ratio(B, env[y]), B.shape, max(B.ndim, env[va].ndim))]
 
             return back_identity
         if not isinstance(ctx.rule, Gradient):
