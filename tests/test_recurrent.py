@@ -148,7 +148,7 @@ CONFIGS = [
 ]
 
 
-def _reference(op, feeds, inits, attrs, rule, outs_w):
+def _reference(op, feeds, inits, attrs, rule, outs_w, epsilon=0.0):
     """Reference relevance of every float input for ``sum_k <w_k, output_k>`` under ``rule``."""
     t = {k: torch.tensor(v.astype(np.float64), requires_grad=k in ("x", "h0", "c0")) for k, v in feeds.items()
          if k != "lens"}
@@ -156,7 +156,7 @@ def _reference(op, feeds, inits, attrs, rule, outs_w):
     kw["direction"] = attrs.get("direction", "bidirectional")
     outs = onnx_rnn(op, t["x"], *(torch.tensor(inits[k]) for k in ("W", "R", "B")), t.get("h0"), t.get("c0"),
                     torch.tensor(inits["P"]) if "P" in inits else None,
-                    torch.tensor(feeds["lens"]) if "lens" in feeds else None, rule=rule, **kw)
+                    torch.tensor(feeds["lens"]) if "lens" in feeds else None, rule=rule, epsilon=epsilon, **kw)
     sum(((o * torch.tensor(w)).sum() for o, w in zip(outs, outs_w) if w is not None)).backward()
     return {k: (v * v.grad).detach().numpy() for k, v in t.items()}, [o.detach().numpy() for o in outs]
 
@@ -186,18 +186,20 @@ def test_single_node_configurations(op, attrs):
                 assert rel_err(res.relevance[name], r) <= TOL, (composite, out, name)
 
 
-@pytest.mark.parametrize("op,attrs", [("LSTM", dict(peepholes=True)), ("GRU", dict()),
-                                      ("GRU", dict(linear_before_reset=1))])
-def test_uniform_rule_on_the_gated_products(op, attrs):
+@pytest.mark.parametrize("op,attrs,eps", [("LSTM", dict(peepholes=True), 0.0), ("GRU", dict(), 0.0),
+                                          ("GRU", dict(linear_before_reset=1), 0.0),
+                                          ("LSTM", dict(peepholes=True), 0.5)])
+def test_uniform_rule_on_the_gated_products(op, attrs, eps):
     """A composite whose ``gate`` rule is Uniform, or that rule set on the op: inside the op each gated product gives
     half to the gate (through its sigmoid) and half to the signal, as the torch reference does with the products
-    halved."""
+    halved. With eps, each gate's pre-activation (its peephole term included) is one eps-LRP layer."""
     m, feeds, inits = _node_model(op, **attrs)
-    composite = attnlrp()
+    composite = attnlrp(epsilon=eps)
     composite.kinds["gate"] = Uniform()
     w = np.random.RandomState(5).randn(*_node_output_shape(m, feeds)).astype(np.float32)
-    ref, _ = _reference(op, feeds, inits, attrs, "uniform-gates", [w])
-    for ex in (Explainer(m, composite=composite), Explainer(m, overrides={f"op:{op}": Uniform()})):
+    ref, _ = _reference(op, feeds, inits, attrs, "uniform-gates", [w], epsilon=eps)
+    for ex in (Explainer(m, composite=composite), Explainer(m, composite=attnlrp(epsilon=eps),
+                                                            overrides={f"op:{op}": Uniform()})):
         res = ex.explain(feeds, output="Y", output_relevance=w)
         for name, r in ref.items():
             assert rel_err(res.relevance[name], r) <= TOL, name

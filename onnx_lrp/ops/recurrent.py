@@ -180,11 +180,12 @@ class _LSTMCell:
         gc = gc + rules.squash(gh * o * ws, s["c"], s["tc"], None)  # the signal tanh(C) of o * tanh(C)
         zero = xp.zeros_like(gc)
         ga_i = ga_o = ga_f = zero
+        # each gate's pre-activation (peepholes included) is one linear map: eps-LRP at it, before its terms
         if wg:
-            ga_o = gh * s["tc"] * _dsigmoid(o, do) * wg
+            ga_o = rules.linear(xp, gh * s["tc"] * _dsigmoid(o, do) * wg, ao)
             if self.P is not None:  # o's peephole reads the new cell
                 gc = gc + ga_o * self.P[1]
-        ga_g = rules.squash(gc * i * ws, ag, g, dg)
+        ga_g = rules.linear(xp, rules.squash(gc * i * ws, ag, g, dg), ag)
         gc_prev = gc * f * ws
         if wg:
             dsi = _dsigmoid(i, di) * wg
@@ -192,11 +193,11 @@ class _LSTMCell:
             if self.coupled:  # f = 1 - i
                 ga_i = ga_i - gc * s["c_prev"] * dsi
             else:
-                ga_f = gc * s["c_prev"] * _dsigmoid(f, df) * wg
+                ga_f = rules.linear(xp, gc * s["c_prev"] * _dsigmoid(f, df) * wg, af)
+            ga_i = rules.linear(xp, ga_i, ai)
             if self.P is not None:
                 gc_prev = gc_prev + ga_i * self.P[0] + ga_f * self.P[2]
-        ga = xp.concatenate([rules.linear(xp, ga_i, ai), rules.linear(xp, ga_o, ao), rules.linear(xp, ga_f, af),
-                             rules.linear(xp, ga_g, ag)], axis=-1)
+        ga = xp.concatenate([ga_i, ga_o, ga_f, ga_g], axis=-1)
         return ga, (ga @ self.R, gc_prev)
 
 
