@@ -326,7 +326,10 @@ def cmd_latent(args: argparse.Namespace) -> int:
     ids = tx.encode(args.text)
     feeds = tx._feeds(ids)
     tid = tx.resolve_target(_int_or_str(args.target))
-    selectors = args.layers or [s for s in lat.selectors() if s.startswith("head:")][:1]
+    offered = lat.selectors()
+    selectors = args.layers or [s for s in offered if s.startswith("head:")][:1] or offered[:1]
+    if not selectors:
+        raise _UsageError(f"{path}: no latent layers found (no residual stream, MLP or attention heads recognised)")
     with step("explaining"):
         res = lat.explain(feeds, selectors, tid, output=tx.output)
     tgt = int(res.explanation.target[0])

@@ -114,7 +114,7 @@ def terminal_matrix(inputs: Sequence[str], outputs: Sequence[str], matrix: np.nd
             return text
         short = f"~{len(legend) + 1}"
         cut = text
-        while width(cut) > max_width - len(short):
+        while cut and width(cut) > max_width - len(short):
             cut = cut[:-1]
         legend.append(f"{cut}{short} = {token!r}")
         return cut + short

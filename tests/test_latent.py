@@ -204,3 +204,19 @@ def test_cli_latent_and_inspect(text_model, tmp_path, capsys):
     np.testing.assert_allclose(report["conditional"]["2"], cond[1], rtol=1e-6, atol=1e-9)
     assert main(["latent", str(text_model), "t5 t9", "--layers", "mlp:9"]) == 2  # a clear error, no traceback
     assert "this model offers" in capsys.readouterr().err
+
+
+def test_cli_latent_default_layers_without_heads(text_model, capsys, monkeypatch):
+    """Without --layers: the first attention heads, else the first selector the model offers (a graph whose heads
+    are not recognised), else a clear error; never a run that lists nothing."""
+    from onnx_lrp import latent
+    from onnx_lrp.cli import main
+
+    offered = latent.LatentExplainer.selectors
+    monkeypatch.setattr(latent.LatentExplainer, "selectors",
+                        lambda self: [s for s in offered(self) if not s.startswith("head:")])
+    assert main(["latent", str(text_model), "t5 t9", "--no-color"]) == 0
+    assert "resid:0: most relevant neurons:" in capsys.readouterr().out
+    monkeypatch.setattr(latent.LatentExplainer, "selectors", lambda self: [])
+    assert main(["latent", str(text_model), "t5 t9"]) == 2
+    assert "no latent layers found" in capsys.readouterr().err

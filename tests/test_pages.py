@@ -162,6 +162,19 @@ def test_terminal_matrix_keeps_tokens_and_fits_the_terminal():
     assert f"\x1b[38;2;255;255;255m{m[0, strongest]:+.2f}" in txt  # white on the row's strongest colour
 
 
+def test_terminal_matrix_narrower_than_its_abbreviations():
+    """A ``max_width`` below the length of an abbreviation mark (``~1``) still gives a matrix (it looped forever)."""
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("terminal_matrix did not return"))
+    signal.alarm(10)
+    try:
+        txt = terminal_matrix(["abc", "defgh"], ["xyz"], np.ones((1, 2)), color=False, max_width=1)
+    finally:
+        signal.alarm(0)
+    assert "~1 = 'abc'" in txt and "~2 = 'defgh'" in txt
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_page_in_a_headless_browser(tmp_path):
     """Rendered by chromium: the strongest chip is red with white text, a pale chip has dark text."""
