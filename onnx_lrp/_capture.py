@@ -72,7 +72,8 @@ class ForwardCapture:
     """
 
     def __init__(self, graph: Graph, device: Device = CPU, session_options: ort.SessionOptions | None = None,
-                 attention: dict[str, Block] | None = None, prepack: bool = False):
+                 attention: dict[str, Block] | None = None, prepack: bool = False,
+                 weights: dict[str, Any] | None = None):
         self.graph = graph
         self.device = device
         self.providers = list(device.providers)
@@ -87,9 +88,10 @@ class ForwardCapture:
         init = graph.model.graph.initializer
         self._prepacked = prepacked_constants(graph)
         self.weight_names = [t.name for t in init if is_weight(t) and t.name not in self._prepacked]
-        self._weights = {n: device.to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
-        device.synchronize()  # uploads finish before onnxruntime's stream reads them
-        self._float_outputs: set[str] = set()
+        if weights is None:  # ``weights``: another capture's arrays of the same graph (uploaded once)
+            weights = {n: device.to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
+            device.synchronize()  # uploads finish before onnxruntime's stream reads them
+        self._weights = weights
         self._lock = threading.Lock()
 
     @property

@@ -165,7 +165,8 @@ class Explainer:
                              set(self.graph.output_names))
         # short inputs: attention probabilities captured; long inputs: attention blocks, chunkable (_fitting_plan)
         self._capture = ForwardCapture(self.graph, self._device, session_options, prepack=prepack)
-        self._capture_long = ForwardCapture(self.graph, self._device, session_options, blocks, prepack)
+        self._capture_long = ForwardCapture(self.graph, self._device, session_options, blocks, prepack,
+                                            weights=self._capture.weights)
         if prepack and self._gemm is not None:  # the relevance pass's products with the weights too
             self._gemm.prepack(list(self._capture.weights.values()))
         self._recompute = Recompute(lambda: _threads_like(default_session_options(), session_options))

@@ -112,6 +112,12 @@ def test_long_input_memory_is_linear():
     assert _peak(T, capturing=True)["added"] > quadratic, "the reference does not hold the probabilities"
 
 
+def test_both_capture_sessions_bind_the_same_weight_arrays():
+    """The short-input and the long-input capture read one copy of the weights (on a GPU: one upload)."""
+    ex = Explainer(tiny_model("llama")[1])
+    assert ex._capture.weights and ex._capture_long.weights is ex._capture.weights
+
+
 def test_memory_budget_too_small_raises_before_running(monkeypatch):
     ex = Explainer(tiny_model("llama")[1], memory_budget="2MB")
     ran = []

@@ -241,20 +241,18 @@ def attention_backward(xp: Any, GO: Any, A: Any, Bt: Any, V: Any, scores: Scores
     ``eps``: eps-LRP on ``O = P V`` when ``P`` is constant (``wP = 0``): ``G_O`` is first scaled by
     ``O / stab(O)``. Gradients of operands that get weight 0 are None.
     """
-    wA, wB, wP, wV = weights
     rows = A.shape[-2]
-    lead = GO.ndim - max(A.ndim, V.ndim)
     out_batch = np.broadcast_shapes(A.shape[:-2], Bt.shape[:-2], V.shape[:-2])
+    lead = GO.ndim - len(out_batch) - 2  # target axes in front of the output's own
     r = block_rows(GO.shape[:lead] + out_batch + (rows, Bt.shape[-1]), GO.dtype.itemsize, rows)
     try:
-        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r)
+        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead)
     except _NotRowwise:
-        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, rows)
+        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, rows, lead)
 
 
-def _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r):
+def _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead):
     wA, wB, wP, wV = weights
-    lead = GO.ndim - max(A.ndim, V.ndim)
     if eps and not wP:
         O = xp.concatenate([_probs(xp, A, Bt, scores, r0, min(rows, r0 + r))[0] @ V
                             for r0 in range(0, rows, r)], axis=-2)
