@@ -17,7 +17,8 @@ from ._analysis import Analysis
 from ._graph import Graph
 from ._patterns import epsilon_site
 from ._recompute import Program, RecomputeCache, find_program
-from .errors import OnnxLrpError
+from ._inputs import is_allocation_failure
+from .errors import OnnxLrpError, ResourceError
 from .ops import OpContext, region_backward, spec_of
 from .ops.attention_blocks import Block, ChainUnit, block_backward, find_blocks
 from .ops.linear import product_weights
@@ -349,7 +350,11 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any],
         except OnnxLrpError:
             raise
         except Exception as exc:
-            raise OnnxLrpError(f"node {step.name!r} ({step.op_type}, rule {step.rule.name}): {type(exc).__name__}: {exc}") from exc
+            where = f"node {step.name!r} ({step.op_type}, rule {step.rule.name})"
+            if is_allocation_failure(exc):
+                raise ResourceError(f"the relevance pass ran out of memory at {where}: {type(exc).__name__}: "
+                                    f"{exc}; explain fewer tokens, a smaller batch or fewer targets at once") from exc
+            raise OnnxLrpError(f"{where}: {type(exc).__name__}: {exc}") from exc
         del gy
         env.end_step(release)
         for name, g in zip(step.inputs, gx):

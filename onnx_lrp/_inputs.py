@@ -596,6 +596,12 @@ _CXX = re.compile(r"/onnxruntime_src/\S+:\d+\s+(?:[\w:<>,*& ]+?\([^()]*\)(?:\s*c
 _ALLOCATION_FAILURES = ("Failed to allocate memory", "bad_alloc", "BFCArena", "out of memory")
 
 
+def is_allocation_failure(exc: BaseException) -> bool:
+    """An allocation that failed: numpy's ``MemoryError``, CuPy's ``OutOfMemoryError``, onnxruntime's messages."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or any(m in str(exc) for m in _ALLOCATION_FAILURES))
+
+
 def ort_failure(graph: Graph, feeds: Mapping[str, np.ndarray], exc: Exception) -> InputError | ResourceError:
     """An :class:`InputError` for an onnxruntime failure during a run: the node and its op type, the graph inputs
     the node reads (with their shapes), and onnxruntime's message without its source locations; a
@@ -603,7 +609,7 @@ def ort_failure(graph: Graph, feeds: Mapping[str, np.ndarray], exc: Exception) -
     text = str(exc)
     text = text.split("Status Message:", 1)[-1] if "Status Message:" in text else text
     text = _CXX.sub("", text).strip()
-    if isinstance(exc, MemoryError) or any(m in text for m in _ALLOCATION_FAILURES):
+    if is_allocation_failure(exc):
         return ResourceError(f"{graph.source}: onnxruntime ran out of memory on inputs of shapes {_shapes(feeds)} "
                              f"({text}); explain fewer tokens or a smaller batch")
     m = _NODE.search(str(exc))

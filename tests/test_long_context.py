@@ -168,3 +168,18 @@ def test_run_failures_are_resource_errors_only_when_an_allocation_failed():
                                                       "Name:'nowhere' Status Message: indices out of range"))
     assert isinstance(other, InputError) and not isinstance(other, ResourceError)
     assert "'nowhere' (Gather)" in str(other)
+
+
+def test_memory_failure_in_the_relevance_pass_is_a_resource_error(monkeypatch):
+    """numpy's MemoryError (or CuPy's OutOfMemoryError) inside a rule: a ResourceError naming the step."""
+    ex = Explainer(tiny_model("llama")[1])
+    feeds = _feeds(ex, 12)
+    ex.explain(feeds)
+    step = next(iter(ex._plans.values())).steps[-1]
+
+    def failing(env, grads):
+        raise MemoryError("Unable to allocate 9.00 GiB for an array")
+
+    monkeypatch.setattr(step, "backward", failing)
+    with pytest.raises(ResourceError, match=rf"relevance pass ran out of memory at node '{step.name}'"):
+        ex.explain(feeds)
