@@ -9,11 +9,15 @@ relevance path explicit without changing what the model computes.
   of an optimised BERT) likewise, its tables, gamma and beta read through ``DequantizeLinear`` nodes.
 - :func:`merge_duplicated_dequantize`: onnxruntime's optimizer writes one ``DequantizeLinear`` per reader of a
   tensor; the readers of identical ones read the first, so that an int8 embedding lookup's rows are one source.
+- :func:`fuse_written_out_softmax`: ``exp(z - max z) / sum exp(z - max z)`` over one axis (jax2tf, hand-written
+  graphs) becomes the ``Softmax`` it is, so that it gets the softmax rule (attention or output softmax), not a
+  product and a sum of its pieces.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ._registry import MS
 
@@ -24,11 +28,85 @@ EMBED_LAYER_NORMS = ("EmbedLayerNormalization", "QEmbedLayerNormalization")
 def canonize(model: onnx.ModelProto) -> bool:
     """Apply every canonizer that ``model`` needs (in place); True if it changed."""
     merged = merge_duplicated_dequantize(model)
-    return expand_embed_layer_norm(model) or merged
+    fused = fuse_written_out_softmax(model)
+    return expand_embed_layer_norm(model) or merged or fused
 
 
 def needs_canonizing(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in EMBED_LAYER_NORMS for n in model.graph.node) or bool(_dequantize_groups(model))
+    return (any(n.op_type in EMBED_LAYER_NORMS for n in model.graph.node) or bool(_dequantize_groups(model))
+            or bool(_written_out_softmaxes(model)))
+
+
+def _axes(model: onnx.ModelProto, node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int] | None:
+    """A reduction's axes (attribute, or a constant second input), if it keeps its dimensions; else None."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if int(attrs.get("keepdims", 1)) != 1:
+        return None
+    if "axes" in attrs:
+        return [int(a) for a in attrs["axes"]]
+    if len(node.input) > 1 and node.input[1]:
+        value = constants.get(node.input[1])
+        return None if value is None else [int(a) for a in np.ravel(value)]
+    return None  # all axes
+
+
+def _written_out_softmaxes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, int, list[onnx.NodeProto]]]:
+    """``Div(e, ReduceSum(e, [a]))`` with ``e = Exp(z - ReduceMax(z, [a]))`` (or ``e = Exp(z)``), whose pieces
+    nothing else reads: (the Div, z, a, the nodes it replaces)."""
+    g = model.graph
+    if not any(n.op_type == "Exp" for n in g.node):
+        return []
+    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer
+                 if t.data_type == onnx.TensorProto.INT64 and (t.raw_data or t.int64_data)}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+    def only(t: str, *nodes: onnx.NodeProto) -> bool:
+        return t not in outputs and {id(n) for n in readers.get(t, [])} == {id(n) for n in nodes}
+
+    found = []
+    for div in g.node:
+        if div.op_type != "Div" or div.domain not in ("", "ai.onnx") or len(div.input) != 2:
+            continue
+        exp, red = producer.get(div.input[0]), producer.get(div.input[1])
+        if (exp is None or red is None or exp.op_type != "Exp" or red.op_type != "ReduceSum"
+                or red.input[0] != exp.output[0] or not only(exp.output[0], red, div) or not only(red.output[0], div)):
+            continue
+        axes = _axes(model, red, constants)
+        if axes is None or len(axes) != 1 or (opset < 13 and axes[0] != -1):  # before 13, Softmax flattens from axis
+            continue
+        z, replaced = exp.input[0], [exp, red]
+        sub = producer.get(z)
+        if sub is not None and sub.op_type == "Sub" and only(z, exp):
+            mx = producer.get(sub.input[1])
+            if (mx is not None and mx.op_type == "ReduceMax" and mx.input[0] == sub.input[0]
+                    and _axes(model, mx, constants) == axes and only(mx.output[0], sub)):
+                z, replaced = sub.input[0], replaced + [sub, mx]  # exp(z - max z): the same softmax
+        found.append((div, z, axes[0], replaced))
+    return found
+
+
+def fuse_written_out_softmax(model: onnx.ModelProto) -> bool:
+    """Replace each written-out softmax (:func:`_written_out_softmaxes`) by ``Softmax(z, axis)`` with the Div's
+    output name (in place); True if any was found."""
+    found = _written_out_softmaxes(model)
+    if not found:
+        return False
+    g = model.graph
+    dropped = {id(n) for _, _, _, nodes in found for n in nodes}
+    fused = {id(div): helper.make_node("Softmax", [z], [div.output[0]], name=div.name or f"softmax_{k}", axis=axis)
+             for k, (div, z, axis, _) in enumerate(found)}
+    kept = [fused.get(id(n), n) for n in g.node if id(n) not in dropped]
+    del g.node[:]
+    g.node.extend(kept)
+    return True
 
 
 def expand_embed_layer_norm(model: onnx.ModelProto) -> bool:

@@ -331,6 +331,47 @@ def test_output_softmax_is_not_attention(composite):
     np.testing.assert_allclose(res.relevance["x"][0], expect, rtol=1e-4, atol=1e-7)
 
 
+def _written_out_softmax(opset: int, with_max: bool) -> list:
+    """magika's spelling: ``exp(z - ReduceMax(z)) / ReduceSum(exp(z - ReduceMax(z)))`` over the last axis (axes an
+    input from opset 18; opset 11 here for the attribute form)."""
+    axes = {"axes": [-1]} if opset < 18 else {}
+    ax = ["axes"] if opset >= 18 else []
+    nodes = [node("MatMul", ["x", "W"], ["z"])]
+    if with_max:
+        nodes += [node("ReduceMax", ["z"] + ax, ["m"], **axes), node("Sub", ["z", "m"], ["u"])]
+    nodes += [node("Exp", ["u" if with_max else "z"], ["e"]), node("ReduceSum", ["e"] + ax, ["s"], **axes),
+              node("Div", ["e", "s"], ["p"])]
+    return nodes
+
+
+@pytest.mark.parametrize("opset,with_max", [(18, True), (11, True), (18, False)])
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
+def test_written_out_output_softmax_is_a_softmax(composite, opset, with_max):
+    """The same maths as the ``Softmax`` op, so the same rule: R_x = x * W (s_t (e_t - s)) for the probability s_t
+    (not a product rule on ``e / sum e`` and eps on ``z - max z``); what the model computes is unchanged."""
+    W = f32(5, 3, seed=1)
+    inits = {"W": W} | ({"axes": np.array([-1], np.int64)} if opset >= 18 else {})
+    m = model(_written_out_softmax(opset, with_max), {"x": (2, 5)}, {"p": (2, 3)}, inits, opset=opset)
+    x = f32(2, 5, seed=2)
+    ex = Explainer(m, composite=composite)
+    assert [n.op_type for n in ex.graph.nodes] == ["MatMul", "Softmax"]
+    res = ex.explain({"x": x}, target=0)
+    z = x.astype(np.float64) @ W
+    s = np.exp(z - z.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    np.testing.assert_allclose(res.outputs["p"], s, rtol=1e-5)
+    for b in range(2):
+        expect = x[b] * (W @ (s[b, 0] * (np.eye(3)[0] - s[b])))
+        np.testing.assert_allclose(res.relevance["x"][b], expect, rtol=1e-4, atol=1e-7)
+
+
+def test_softmax_pieces_read_elsewhere_stay_as_they_are():
+    """A written-out softmax whose sum is also a graph output is not fused (its pieces are needed)."""
+    W = f32(5, 3, seed=1)
+    m = model(_written_out_softmax(11, True), {"x": (2, 5)}, {"p": (2, 3), "s": (2, 1)}, {"W": W}, opset=11)
+    assert "Softmax" not in [n.op_type for n in Explainer(m).graph.nodes]
+
+
 def test_time_major_output_is_detected():
     """x (N=2, T=4, F) -> Transpose -> (T, N, F) @ W -> (T, N, C): the graph maps the inputs' batch to output axis
     1; ``position=2`` explains out[2, b, target_b] for each b: R_x[b, 2] = x[b, 2] * W[:, t_b], other steps 0."""
