@@ -77,10 +77,11 @@ def _written_out_softmaxes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto,
             continue
         exp, red = producer.get(div.input[0]), producer.get(div.input[1])
         if (exp is None or red is None or exp.op_type != "Exp" or red.op_type != "ReduceSum"
-                or red.input[0] != exp.output[0] or not only(exp.output[0], red, div) or not only(red.output[0], div)):
+                or red.input[0] != exp.output[0] or not only(exp.output[0], red, div)
+                or not only(red.output[0], div)):
             continue
         axes = _axes(model, red, constants)
-        if axes is None or len(axes) != 1 or (opset < 13 and axes[0] != -1):  # before 13, Softmax flattens from axis
+        if axes is None or len(axes) != 1 or (opset < 13 and axes[0] != -1):  # < 13: Softmax flattens from axis
             continue
         z, replaced = exp.input[0], [exp, red]
         sub = producer.get(z)

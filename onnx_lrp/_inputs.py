@@ -258,7 +258,7 @@ class InputChecks:
             raise InputError(f"{self.graph.source}: input {lk.input!r} holds {int(ids[bad])} at index {bad}, outside "
                              f"[0, {lk.rows}): {table} (a tokenizer with another vocabulary?)")
         longest = lk.rows - (hi + 1 - ids.shape[-1]) if ids.ndim else lk.rows
-        raise InputError(f"{self.graph.source}: input(s) {_shapes(feeds, exclude=lk.input)} are longer than the "
+        raise InputError(f"{self.graph.source}: input(s) {feed_shapes(feeds, exclude=lk.input)} are longer than the "
                          f"model allows (at most {longest} along their last axis): the {lk.input!r} filled in for "
                          f"them reach {hi}, and {table}; shorten them")
 
@@ -269,7 +269,7 @@ class InputChecks:
         d, what = problem
         longest = self._longest(feeds, d)
         limit = (f"at most {longest} along their last axis" if longest else "smaller")
-        raise InputError(f"{self.graph.source}: input(s) {_shapes(feeds, only=d.inputs)} are larger than the model "
+        raise InputError(f"{self.graph.source}: input(s) {feed_shapes(feeds, only=d.inputs)} are larger than the model "
                          f"allows ({limit}): {what}; shorten them")
 
     def _derived_problem(self, feeds: Mapping[str, np.ndarray]) -> tuple[DerivedIndex, str] | None:
@@ -553,7 +553,8 @@ def _describe(spec: GraphInput) -> str:
     return f"({dtype}, shape {tuple(spec.shape)})" if spec.shape else f"({dtype})"
 
 
-def _shapes(feeds: Mapping[str, np.ndarray], only: Iterable[str] | None = None, exclude: str = "") -> str:
+def feed_shapes(feeds: Mapping[str, np.ndarray], only: Iterable[str] | None = None, exclude: str = "") -> str:
+    """``name (shape), ...`` of the inputs (``only`` these, without ``exclude``), for error messages."""
     names = [n for n in (only if only is not None else feeds) if n in feeds and n != exclude]
     return ", ".join(f"{n!r} {tuple(feeds[n].shape)}" for n in names) or "none"
 
@@ -610,14 +611,14 @@ def ort_failure(graph: Graph, feeds: Mapping[str, np.ndarray], exc: Exception) -
     text = text.split("Status Message:", 1)[-1] if "Status Message:" in text else text
     text = _CXX.sub("", text).strip()
     if is_allocation_failure(exc):
-        return ResourceError(f"{graph.source}: onnxruntime ran out of memory on inputs of shapes {_shapes(feeds)} "
+        return ResourceError(f"{graph.source}: onnxruntime ran out of memory on inputs of shapes {feed_shapes(feeds)} "
                              f"({text}); explain fewer tokens or a smaller batch")
     m = _NODE.search(str(exc))
     if m is None:
-        return InputError(f"{graph.source}: onnxruntime failed on inputs {_shapes(feeds)}: {text}")
+        return InputError(f"{graph.source}: onnxruntime failed on inputs {feed_shapes(feeds)}: {text}")
     op, name = m.groups()
     node = next((n for n in graph.nodes if n.name == name or (n.proto is not None and n.proto.name == name)), None)
     reads = sorted(_ancestors(graph, node.inputs)[1]) if node is not None else list(feeds)
     return InputError(f"{graph.source}: onnxruntime failed in node {name!r} ({op}), which reads input(s) "
-                      f"{_shapes(feeds, only=reads)}: {text}. Check these inputs' shapes and values against the "
+                      f"{feed_shapes(feeds, only=reads)}: {text}. Check these inputs' shapes and values against the "
                       "model (onnx-lrp inspect lists its nodes)")

@@ -192,13 +192,16 @@ def estimate(shapes: Inferred, captured: Iterable[str], outputs: Iterable[str], 
         return size(name, compute_itemsize) if dt.kind == "f" and dt.itemsize != compute_itemsize else 0
 
     cap = [size(v) + converted(v) for v in captured]
-    forward, masks = 0, []
+    forward, masks, scores = 0, [], 0
     for b in blocks:
         z = shapes.shapes.get(b.qk.outputs[0])
-        if z is None:
+        if z is None:  # scores of unknown size: a whole block of them
+            scores = block_bytes
             continue
+        scores = max(scores, nbytes(z, 4))
         head = nbytes(z, 4) // max(1, z[-3] if len(z) >= 3 else 1)
         masks.append(max([size(s) for s in b.sides if size(s) > 4] or [head if b.sides else 0]))
         forward = max(forward, 3 * nbytes(z, 4) // (chunks if b.pv.name in chunked else 1) + masks[-1])
-    backward = 4 * max(cap, default=0) + 6 * block_bytes + 2 * max(masks, default=0)
+    # one block of query rows of the attention backward: at most block_bytes of scores, none without attention
+    backward = 4 * max(cap, default=0) + 6 * min(block_bytes, scores) + 2 * max(masks, default=0)
     return Estimate(sum(cap), sum(size(o) for o in outputs), forward, backward)

@@ -17,7 +17,7 @@ from ._device import Device, resolve_device
 from ._engine import Env, Plan, blas_threads, compile_plan, conditionable, run_plan, to_compute
 from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
-from ._inputs import InputChecks, past_length
+from ._inputs import InputChecks, feed_shapes, past_length
 from ._kernels import Gemm, usable_cores
 from ._memory import Shapes, available_bytes, chunks_for, estimate, human, parse_bytes
 from ._recompute import Recompute, RecomputeCache
@@ -436,9 +436,11 @@ class Explainer:
                            chunks, self.dtype.itemsize, BLOCK_BYTES, chunked={b.pv.name for b in chunkable})
             if est.total <= min(limit, share * avail if avail else limit):
                 return plan, cap, chunks
-        ids = next((v for k, v in feeds.items() if "ids" in k), max(feeds.values(), key=lambda v: v.size))
+        ids = next((v for k, v in feeds.items() if "ids" in k and v.ndim == 2), None)
+        what_runs = (f"{ids.shape[-1]} tokens (batch {ids.shape[0]})" if ids is not None
+                     else f"inputs of shapes {feed_shapes(feeds)}")
         raise ResourceError(
-            f"{self.graph.source}: explaining {ids.shape[-1]} tokens (batch {ids.shape[0]}) needs about "
+            f"{self.graph.source}: explaining {what_runs} needs about "
             f"{est.describe()}, but {human(limit)} is {what}; explain fewer tokens or a smaller batch"
             + (", or raise memory_budget" if what == "the memory_budget" else ""))
 

@@ -183,3 +183,16 @@ def test_memory_failure_in_the_relevance_pass_is_a_resource_error(monkeypatch):
     monkeypatch.setattr(step, "backward", failing)
     with pytest.raises(ResourceError, match=rf"relevance pass ran out of memory at node '{step.name}'"):
         ex.explain(feeds)
+
+
+def test_memory_estimate_of_a_graph_without_attention():
+    """No attention block, no attention term in the estimate (it counted 192 MB of attention blocks for any graph);
+    a refusal of a model without token ids names its inputs' shapes."""
+    from _graphs import f32, model, node
+
+    m = model([node("Relu", ["x"], ["r"]), node("Mul", ["r", "r"], ["y"])], {"x": (1, 4000)}, {"y": (1, 4000)})
+    x = {"x": f32(1, 4000)}
+    res = Explainer(m, memory_budget="1MB").explain(x, output_relevance=np.ones((1, 4000), np.float32))
+    assert res.relevance["x"].shape == (1, 4000)
+    with pytest.raises(ResourceError, match=r"explaining inputs of shapes 'x' \(1, 4000\) needs about"):
+        Explainer(m, memory_budget="1KB").explain(x, output_relevance=np.ones((1, 4000), np.float32))
