@@ -87,6 +87,26 @@ def test_quantise_dequantise_pair_is_transparent(qtype, axis, block):
         np.testing.assert_allclose(res.relevance["x"], _expected(X, G, W), rtol=RTOL, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [0, 4, 3])
+def test_scales_read_at_run_time(block):
+    """Scales that are graph values (not constants), per channel or per block of the axis (the last block short
+    for 3): the pair still passes G unchanged, R_x = x * (G W^T)."""
+    import ml_dtypes
+
+    W = rng.randn(8, 5).astype(np.float32)
+    shape = (2, 3, -(-8 // block)) if block else (8,)
+    attrs = {"axis": 2} | ({"block_size": block} if block else {})
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["xq"], **attrs),
+             helper.make_node("MatMul", ["xq", "W"], ["y"])]
+    zero = np.zeros(shape, ml_dtypes.int4 if block else np.int8)
+    m = _graph(nodes, {"x": X.shape, "s": shape}, {"zp": zero, "W": W})
+    s = np.asarray(0.01 + 0.05 * rng.rand(*shape), dtype=np.float32)
+    G = rng.randn(2, 3, 5).astype(np.float32)
+    res = Explainer(m, sources=["x"]).explain({"x": X, "s": s}, output="y", output_relevance=G)
+    np.testing.assert_allclose(res.relevance["x"], _expected(X, G, W), rtol=RTOL, atol=1e-6)
+
+
 def test_dequantised_weight_is_folded_once():
     """A weight written as DequantizeLinear(int8, scale, zero point) (QDQ format, per output channel) is a
     constant for the rules: the gamma rule, which needs the weight at plan time, applies to it. (onnxruntime fuses

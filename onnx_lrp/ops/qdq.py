@@ -33,12 +33,17 @@ def _scale(ctx: OpContext, k: int):
                        "(quantize_static's nodes_to_exclude / op_types_to_quantize)")
     name = None if const is not None else ctx.value(ctx.input(k))
     cache: dict[tuple, object] = {}
+    xp = ctx.xp
 
     def scale(env, shape):
         if const is None:
             value = env[name]
-            return value if value.ndim == 0 or value.size == 1 else value.reshape(
-                [-1 if j == axis % len(shape) else 1 for j in range(len(shape))])
+            if value.ndim == 0 or value.size == 1:
+                return value
+            a = axis % len(shape)
+            if block:  # one scale per block of the axis: repeated to its extent (the last block may be short)
+                return xp.take(xp.repeat(value, block, axis=a), xp.arange(shape[a]), axis=a)
+            return value.reshape([-1 if j == a else 1 for j in range(len(shape))])
         key = tuple(shape)
         if key not in cache:
             extent = shape[axis % len(shape)] if shape else 1
