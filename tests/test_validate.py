@@ -408,6 +408,14 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
     with pytest.raises(InputError, match=r"t.jsonl:2: expected a JSON string or an object with a 'text' string"):
         compare(llama, llama, texts=tmp_path / "t.jsonl", tokenizer=tmp_path)
+    from onnx_lrp.validate._inputs import read_texts
+
+    (tmp_path / "gaps.jsonl").write_text('"a"\n\n{"txt": "b"}\n')  # line numbers count the blank lines
+    with pytest.raises(InputError, match=r"gaps.jsonl:3: expected a JSON string"):
+        read_texts(tmp_path / "gaps.jsonl")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.txt: not UTF-8 text"):
+        read_texts(tmp_path / "latin1.txt")
     out = _cli(str(llama), str(tmp_path / "nothing.onnx"))
     assert out.returncode == 2 and "onnx-lrp: error:" in out.stderr and "Traceback" not in out.stderr
     out = _cli(str(llama), str(llama), "--fail-under", "rel_err=0.1")

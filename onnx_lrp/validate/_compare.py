@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .._files import read_json
 from ..errors import InputError
 from ._inputs import DEFAULT_TEXTS, Item, array_batches, image_batches, read_arrays, read_texts, text_batches
 from ._metrics import SIGN_FLOOR, output_agreement, rel_err, relevance_agreement, row_err
@@ -191,14 +192,12 @@ def _batches(texts, inputs, images, tok, batch_size: int, a, b) -> Iterator[tupl
 
 
 def _preprocessor(a, b):
-    import json
-
     from ..image import Preprocessor
 
     for side in (a, b):
         f = side.folder / "preprocessor_config.json" if side.folder is not None else None
         if f is not None and f.is_file():
-            return Preprocessor.from_config(json.loads(f.read_text()))
+            return Preprocessor.from_config(read_json(f))
     raise InputError(f"images need a preprocessor_config.json next to A ({a.name}) or B ({b.name})")
 
 

@@ -42,11 +42,15 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file (texts: one per line, or JSONL with a 'text' field)")
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        numbered = [(k, line) for k, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                    if line.strip()]
+    except UnicodeDecodeError as err:
+        raise InputError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if p.suffix != ".jsonl":
-        return lines
+        return [line for _, line in numbered]
     texts = []
-    for k, line in enumerate(lines, 1):
+    for k, line in numbered:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:

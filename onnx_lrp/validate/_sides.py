@@ -8,7 +8,6 @@ residual stream after each block (ONNX: :mod:`._residual`; PyTorch: ``output_hid
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .._files import read_json
 from .._graph import Graph
 from ..errors import OnnxLrpError
 from ..explainer import Explainer
@@ -133,9 +133,7 @@ class OnnxSide:
         return None
 
     def config(self) -> dict:
-        if self.folder is None or not (self.folder / "config.json").is_file():
-            return {}
-        return json.loads((self.folder / "config.json").read_text())
+        return {} if self.folder is None else read_json(self.folder / "config.json")
 
     # ------------------------------------------------------------------ running
     def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -256,7 +254,7 @@ class TorchSide:
             self.cfg = self.module.config.to_dict() if hasattr(self.module, "config") else {}
         else:
             self.folder = Path(model)
-            self.cfg = json.loads((self.folder / "config.json").read_text())
+            self.cfg = read_json(self.folder / "config.json")
         self.model_type = self.cfg.get("model_type", "")
         name = self.name
         if not isinstance(composite, str):
