@@ -39,7 +39,7 @@ from ._graph import Graph, Node
 from ._patterns import SUM_OPS
 from ._registry import MS, spec_of
 from .errors import TargetError
-from .explainer import Explainer, Explanation, last_token
+from .explainer import Explainer, Explanation
 from .validate._residual import SKIP_NORMS
 
 # fused attention ops with a num_heads attribute (com.microsoft)
@@ -584,22 +584,13 @@ def _check_unit(site: Site, unit: int, n: int) -> None:
 def _default_target(ex: Explainer, feeds: dict, output: str, target: Any, position: Any
                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """One target (and position for sequence outputs) per batch element: as given, or the model's prediction at
-    the default position (:meth:`Explainer.explain`'s defaults), from a forward pass."""
+    the default position, checked and resolved as :meth:`Explainer.explain` does, from a forward pass."""
     y = ex.forward(feeds, [output])[output]
-    B = y.shape[0]
-    pos = None
-    if y.ndim == 3:
-        pos = last_token(feeds, B, y.shape[1]) if position is None else np.broadcast_to(np.asarray(position), (B,))
-        pos = np.where(pos < 0, pos + y.shape[1], pos).astype(np.int64)
-    elif position is not None:
-        raise TargetError(f"position given, but the output {output!r} of shape {y.shape} has no sequence axis")
-    if target is None:
-        rows = y[np.arange(B), pos] if pos is not None else y
-        return rows.argmax(-1).astype(np.int64), pos
-    tgt = np.asarray(target)
-    if tgt.dtype.kind not in "iu" or tgt.ndim > 1:
-        raise TargetError(f"target: one integer id per batch element, got {tgt.dtype} of shape {tgt.shape}")
-    return np.broadcast_to(tgt, (B,)).astype(np.int64), pos
+    _, lead, tgt, pos = ex._one_hot(y, target, position, feeds)
+    if lead:
+        raise TargetError(f"target {np.shape(target)} / position {np.shape(position)}: one target per batch element "
+                          "here (the units of a layer are the explanations of this pass)")
+    return tgt.astype(np.int64), (None if pos is None else pos.astype(np.int64))
 
 
 def _unit_mask(xp: Any, site: Site, block: Sequence[int]):

@@ -171,6 +171,10 @@ def test_conditioned_explain_and_errors():
         lat.conditional(feeds, "mlp:0", [64])
     with pytest.raises(TargetError, match="give the units"):
         lat.conditional(feeds, "mlp:0")
+    with pytest.raises(TargetError, match=r"position \[99, 99\] out of range for sequence length 7"):
+        lat.conditional(feeds, "mlp:0", [1], position=99)
+    with pytest.raises(TargetError, match="position"):  # not truncated to 1
+        lat.conditional(feeds, "mlp:0", [1], position=1.5)
     with pytest.raises(TargetError, match="not on the relevance path"):
         ex.explain(feeds, conditions={"attention_mask": np.ones(1)})
     # conditions on a collected tensor: its latent relevance is what flows through the kept neuron
