@@ -12,7 +12,7 @@ loading included) and the peak during the runs only (the kernel's mark reset aft
 
 Variants of the memory runs:
   ort      plain onnxruntime forward of the exported graph (the user's graph, default session options)
-  explain  onnx-lrp ``Explainer.explain`` (forward capture + relevance pass), default AttnLRP composite
+  explain  onnx-lrp ``Explainer.explain`` (forward capture + relevance pass), defaults (AttnLRP, automatic pre-packing)
   prepack  the same with ``Explainer(prepack=True)`` (weights pre-packed by onnxruntime: faster, more memory)
   lxt      LXT 2.1 efficient engine: PyTorch forward + backward from the explained logit, same weights
   torch    plain PyTorch forward (``torch.no_grad``)
@@ -153,7 +153,7 @@ def _ort_runner(spec, device):
     return lambda ids: sess.run(None, onnx_feeds(names, ids))
 
 
-def _explain_runner(spec, device, prepack: bool = False):
+def _explain_runner(spec, device, prepack: bool | None = None):
     sys.path.insert(0, str(ROOT))
     from onnx_lrp import Explainer
 

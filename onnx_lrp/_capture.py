@@ -32,8 +32,6 @@ from .errors import ModelLoadError
 from .ops.attention_blocks import Block
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
-# session options given external initializers: id -> (options, names, OrtValues kept alive)
-_EXTERNAL: dict[int, tuple[Any, set, list]] = {}
 # com.microsoft ops that pre-pack their constant inputs when the session is created
 _PREPACKING_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 
@@ -73,7 +71,7 @@ class ForwardCapture:
 
     def __init__(self, graph: Graph, device: Device = CPU, session_options: ort.SessionOptions | None = None,
                  attention: dict[str, Block] | None = None, prepack: bool = False,
-                 weights: dict[str, Any] | None = None):
+                 share: ForwardCapture | None = None):
         self.graph = graph
         self.device = device
         self.providers = list(device.providers)
@@ -88,11 +86,27 @@ class ForwardCapture:
         init = graph.model.graph.initializer
         self._prepacked = prepacked_constants(graph)
         self.weight_names = [t.name for t in init if is_weight(t) and t.name not in self._prepacked]
-        if weights is None:  # ``weights``: another capture's arrays of the same graph (uploaded once)
+        if share is not None:  # another capture of the same graph: its weight arrays (uploaded once)
+            weights = share.weights
+        else:
             weights = {n: device.to_device(np.ascontiguousarray(graph.constant(n))) for n in self.weight_names}
             device.synchronize()  # uploads finish before onnxruntime's stream reads them
         self._weights = weights
+        # weights registered with the session options (prepack): names, and the OrtValues kept alive; shared with
+        # ``share`` when both use the same options (onnxruntime takes each name once per options object)
+        shared = share is not None and session_options is not None and share.session_options is session_options
+        self._external: tuple[set, list] = share._external if shared else (set(), [])
         self._lock = threading.Lock()
+
+    def set_prepack(self, prepack: bool, session_options: ort.SessionOptions | None) -> None:
+        """Switch pre-packing (CPU only); the sessions, and the packed copies of the weights they hold, are dropped
+        and rebuilt at the next run with ``session_options``: a pre-packing capture registers the weights with
+        its options, so it needs options no other session uses."""
+        with self._lock:
+            self.prepack = prepack and self.device.name == "cpu"
+            self.session_options = session_options
+            self._external = (set(), [])
+            self.session, self._chunked = None, {}
 
     @property
     def weights(self) -> dict[str, Any]:
@@ -153,13 +167,13 @@ class ForwardCapture:
             self.session_options = default_session_options()
         opts = self.session_options
         if self.prepack:  # once per options object: every session made with them reads the same arrays
-            added = _EXTERNAL.setdefault(id(opts), (opts, set(), []))
-            new = [n for n in self.weight_names if n not in added[1]]
+            names, kept = self._external
+            new = [n for n in self.weight_names if n not in names]
             values = [ort.OrtValue.ortvalue_from_numpy(self._weights[n]) for n in new]
             if new:
                 opts.add_external_initializers(new, values)
-                added[1].update(new)
-                added[2].extend(values)
+                names.update(new)
+                kept.extend(values)
         try:
             session = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -199,8 +213,9 @@ class ForwardCapture:
     def chunked_session(self, chunks: int) -> ort.InferenceSession:
         """The session whose attention blocks run in ``chunks`` chunks of query rows (1: the plain one)."""
         with self._lock:
+            if self.session is None:  # dropped by set_prepack
+                self.session = self._session(self._session_model(self.exposed, self.shape_exposed))
             session = self.session
-            assert session is not None
             if chunks <= 1 or not self.chunkable():
                 return session
             sess = self._chunked.get(chunks)

@@ -20,6 +20,7 @@ from ._recompute import Program, RecomputeCache, find_program
 from ._inputs import is_allocation_failure
 from .errors import OnnxLrpError, ResourceError
 from .ops import OpContext, region_backward, spec_of
+from .ops._base import scaled_matmul
 from .ops.attention_blocks import Block, ChainUnit, block_backward, find_blocks
 from .ops.linear import product_weights
 from .rules import Epsilon, Rule
@@ -57,7 +58,7 @@ class Env:
         self._values, self._shapes, self._static = values, shapes, static
         self._recomputed = recomputed
         self._memo: dict[str, Any] = {}
-        self.matmul = matmul or _matmul  # 2-D products with weights (onnx_lrp._kernels.Gemm on the CPU)
+        self.matmul = matmul or scaled_matmul  # alpha * (a @ b) (onnx_lrp._kernels.Gemm on the CPU)
 
     def __getitem__(self, name: str):
         v = self._values.get(name)
@@ -87,10 +88,6 @@ class Env:
         if key not in self._memo:
             self._memo[key] = fn()
         return self._memo[key]
-
-
-def _matmul(a: Any, b: Any) -> Any:
-    return a @ b
 
 
 def relevant_nodes(graph: Graph, analysis: Analysis, output: str) -> list[str]:

@@ -5,7 +5,10 @@ CPU model and may run far below the machine's peak (on the AMD EPYC development 
 "Haswell" kernels: 105 GFLOP/s on one core, against 190-220 GFLOP/s for MLAS's AVX-512 kernels on the same
 products; ``benchmarks/bench_speed.py``), and its thread pool competes with onnxruntime's. MLAS is the kernel
 library the forward pass already uses; a one-node ``Gemm`` session per dtype runs each product with
-``threads`` intra-op threads, writing into a numpy array (no copy).
+``threads`` intra-op threads, writing into a numpy array (no copy). Products of two run-time tensors with batch
+axes (the attention products ``G P^T``, ``A^T G``...) run as one ``com.microsoft.FusedMatMul`` node, which reads
+an operand's transposed view in place and applies the rule's scale (measured against numpy at 512 tokens,
+9 heads: 1.5x faster on one thread, 2.1x on two).
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ def usable_cores() -> int:
 
 
 class Gemm:
-    """``a @ b`` (``b`` 2-D) for numpy float32/float64 arrays through onnxruntime's ``Gemm`` with ``threads``
-    intra-op threads; small or other products fall back to numpy.
+    """``alpha * (a @ b)`` for numpy arrays through onnxruntime's kernels with ``threads`` intra-op threads: ``Gemm``
+    for 2-D float32/float64 operands, ``FusedMatMul`` for float32 operands with batch axes (broadcast as in
+    ``numpy.matmul``); small or other products fall back to numpy.
 
     ``prepack(weights)``: products with one of these arrays (or its transpose) as ``b`` run in a session of their
     own that holds it as an initializer, which MLAS packs once (a packed copy of each weight) instead of at every
@@ -47,16 +51,25 @@ class Gemm:
         self._packable.update((w.ctypes.data, w) for w in weights if w.ndim == 2 and w.dtype in _TYPES
                               and w.flags.c_contiguous)
 
-    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        if (not isinstance(a, np.ndarray) or a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype
-                or a.dtype not in _TYPES or 2 * a.shape[0] * a.shape[1] * b.shape[1] < _MIN_FLOPS):
-            return a @ b
+    def unpack(self) -> None:
+        """Forget the weights given to :meth:`prepack` and drop the sessions holding their packed copies."""
+        with self._lock:
+            self._packable.clear()
+            self._sessions = {k: s for k, s in self._sessions.items() if k[0] == "FusedMatMul" or k[2] is None}
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+        if (not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or a.ndim < 2 or b.ndim < 2
+                or a.dtype != b.dtype or a.dtype not in _TYPES
+                or 2 * a.size * b.shape[-1] < _MIN_FLOPS):
+            return _scaled(a @ b, alpha)
+        if a.ndim > 2 or b.ndim > 2:
+            return self._batched(a, b, alpha) if a.dtype == np.float32 else _scaled(a @ b, alpha)
         if b.flags.c_contiguous:
             trans_b, bb = 0, b
         elif b.T.flags.c_contiguous:  # a transposed weight: Gemm reads it transposed, in place
             trans_b, bb = 1, b.T
         else:
-            return a @ b
+            return _scaled(a @ b, alpha)
         a = np.ascontiguousarray(a)
         out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
         w = self._packable.get(bb.ctypes.data)
@@ -68,22 +81,54 @@ class Gemm:
             binding.bind_cpu_input("b", bb)
         binding.bind_output("y", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         sess.run_with_iobinding(binding)
+        return _scaled(out, alpha)
+
+    def _batched(self, a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+        if a.shape[-1] != b.shape[-2]:
+            return _scaled(a @ b, alpha)  # numpy's error names the shapes
+        m, n = a.shape[-2], b.shape[-1]
+        (a, trans_a), (b, trans_b) = _operand(a), _operand(b)
+        out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (m, n), dtype=a.dtype)
+        key = ("FusedMatMul", trans_a, trans_b, float(alpha))
+        with self._lock:
+            sess = self._sessions.get(key)
+            if sess is None:
+                node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft", alpha=float(alpha),
+                                        transA=trans_a, transB=trans_b)
+                t = TensorProto.FLOAT
+                graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info("a", t, None),
+                                                             helper.make_tensor_value_info("b", t, None)],
+                                          [helper.make_tensor_value_info("y", t, None)])
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid("com.microsoft", 1)])
+                model.ir_version = 8
+                sess = self._sessions[key] = self._new_session(model)
+        binding = sess.io_binding()
+        binding.bind_cpu_input("a", a)
+        binding.bind_cpu_input("b", b)
+        binding.bind_output("y", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        sess.run_with_iobinding(binding)
         return out
+
+    def _new_session(self, model: Any, weight: np.ndarray | None = None) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if weight is not None:  # the initializer "b" is the weight itself (no copy)
+            opts.add_external_initializers(["b"], [ort.OrtValue.ortvalue_from_numpy(weight)])
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     def _session(self, dtype: np.dtype, trans_b: int, weight: np.ndarray | None = None) -> Any:
         key = (dtype, trans_b, None if weight is None else weight.ctypes.data)
         with self._lock:
             sess = self._sessions.get(key)
             if sess is None:
-                import onnxruntime as ort
-
                 t = _TYPES[dtype]
                 node = helper.make_node("Gemm", ["a", "b"], ["y"], transB=trans_b)
                 b_shape = ["n", "k"] if trans_b else ["k", "n"]
                 inputs = [helper.make_tensor_value_info("a", t, ["m", "k"])]
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = self.threads
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 inits = []
                 if weight is None:
                     inputs.append(helper.make_tensor_value_info("b", t, b_shape))
@@ -92,11 +137,24 @@ class Gemm:
                     stub.data_location = TensorProto.EXTERNAL
                     stub.external_data.add(key="location", value="onnx-lrp-array")
                     inits.append(stub)
-                    opts.add_external_initializers(["b"], [ort.OrtValue.ortvalue_from_numpy(weight)])
                 graph = helper.make_graph([node], "gemm", inputs, [helper.make_tensor_value_info("y", t, ["m", "n"])],
                                           inits)
                 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
                 model.ir_version = 8
-                sess = self._sessions[key] = ort.InferenceSession(model.SerializeToString(), opts,
-                                                                  providers=["CPUExecutionProvider"])
+                sess = self._sessions[key] = self._new_session(model, weight)
             return sess
+
+
+def _operand(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(array, transposed)``: a C-contiguous array and whether the product reads it transposed (its last two
+    axes swapped: a ``swapaxes`` view is read in place); other strided views are copied."""
+    if x.flags.c_contiguous:
+        return x, 0
+    t = x.swapaxes(-1, -2)
+    if t.flags.c_contiguous:
+        return t, 1
+    return np.ascontiguousarray(x), 0
+
+
+def _scaled(x: Any, alpha: float) -> Any:
+    return x if alpha == 1.0 else x * alpha

@@ -17,6 +17,7 @@ the estimate exceeds the memory available (``MemAvailable``, a cgroup limit) or 
 """
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,3 +206,12 @@ def estimate(shapes: Inferred, captured: Iterable[str], outputs: Iterable[str], 
     # one block of query rows of the attention backward: at most block_bytes of scores, none without attention
     backward = 4 * max(cap, default=0) + 6 * min(block_bytes, scores) + 2 * max(masks, default=0)
     return Estimate(sum(cap), sum(size(o) for o in outputs), forward, backward)
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by the process back to the system (glibc's ``malloc_trim``; elsewhere nothing): large
+    buffers freed by onnxruntime (packed weights) would otherwise stay in the process's heap."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -19,7 +19,7 @@ from ._engine import as_numpy as to_numpy
 from ._graph import Graph, load_split
 from ._inputs import InputChecks, feed_shapes, past_length
 from ._kernels import Gemm, usable_cores
-from ._memory import Shapes, available_bytes, chunks_for, estimate, human, parse_bytes
+from ._memory import Shapes, available_bytes, chunks_for, estimate, human, parse_bytes, return_freed_memory
 from ._recompute import Recompute, RecomputeCache
 from .composites import Composite, get_composite
 from ._patterns import output_layout, right_padding_only
@@ -29,6 +29,7 @@ from .ops.contrib_attention import cache_head_size
 from .rules import Rule
 
 
+PREPACK_MIN_BYTES = 16 << 20  # weights below this are not pre-packed automatically (_packing_fits)
 SHORT_INPUT = 512  # elements per input up to which attention probabilities are captured (fastest; _fitting_plan)
 
 
@@ -105,7 +106,10 @@ class Explainer:
     prepack
         let onnxruntime pre-pack the weights for its matrix kernels, in the forward pass and for the relevance
         pass's products (faster, most on short inputs; costs about one more copy of the weights per use: SmolLM2
-        +1.4 GB). Default: each weight held once, packed at every product.
+        +1.4 GB). ``False``: each weight held once, packed at every product. Default (``None``): on the CPU with
+        the Explainer's own session options, short inputs run pre-packed when two more copies of the weights
+        take at most an eighth of the memory available (SmolLM2: +1.1 GB; docs/performance.md); the first
+        long input (beyond :data:`SHORT_INPUT`) drops the packed copies for good.
     base_dir
         the folder holding the external data files of a ``ModelProto`` ``model`` (never the working
         directory); not needed for paths.
@@ -130,7 +134,7 @@ class Explainer:
         threads: int | None = None,
         blas_threads: int | None = None,
         memory_budget: int | str | None = None,
-        prepack: bool = False,
+        prepack: bool | None = None,
         base_dir: str | os.PathLike | None = None,
     ):
         self._device: Device = resolve_device(device, list(providers) if providers else None)
@@ -147,7 +151,8 @@ class Explainer:
             warnings.warn("Explainer(blas_threads=...) is deprecated: use threads=...", DeprecationWarning, stacklevel=2)
         self.blas_threads = blas_threads or 1
         self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
-        if session_options is None:
+        own_options = session_options is None
+        if own_options:
             session_options = default_session_options()
             session_options.intra_op_num_threads = self.threads
         self._gemm = Gemm(self.threads) if self._device.name == "cpu" else None
@@ -164,10 +169,15 @@ class Explainer:
         blocks = find_blocks(self.graph, self.analysis.carrying, self.analysis.region_of, self.analysis.regions,
                              set(self.graph.output_names))
         # short inputs: attention probabilities captured; long inputs: attention blocks, chunkable (_fitting_plan)
-        self._capture = ForwardCapture(self.graph, self._device, session_options, prepack=prepack)
-        self._capture_long = ForwardCapture(self.graph, self._device, session_options, blocks, prepack,
-                                            weights=self._capture.weights)
-        if prepack and self._gemm is not None:  # the relevance pass's products with the weights too
+        self._capture = ForwardCapture(self.graph, self._device, session_options, prepack=bool(prepack))
+        self._capture_long = ForwardCapture(self.graph, self._device, session_options, blocks, bool(prepack),
+                                            share=self._capture)
+        # prepack=None: short inputs pre-packed while the packed copies are cheap (dropped by _unpack)
+        self._auto_packed = (prepack is None and own_options and self._gemm is not None
+                             and _packing_fits(self._capture.weights.values()))
+        if self._auto_packed:  # options of its own: pre-packing registers the weights with them
+            self._capture.set_prepack(True, _threads_like(default_session_options(), session_options))
+        if (prepack or self._auto_packed) and self._gemm is not None:  # the relevance pass's products too
             self._gemm.prepack(list(self._capture.weights.values()))
         self._recompute = Recompute(lambda: _threads_like(default_session_options(), session_options))
         self._shapes = Shapes(self.graph)
@@ -402,6 +412,18 @@ class Explainer:
             self._plans[key] = plan
         return plan
 
+    def _unpack(self) -> None:
+        """End automatic pre-packing (``prepack=None``): drop the packed copies of the weights before a long input
+        runs (they would count against its memory) and run unpacked from then on."""
+        with self._lock:
+            if not self._auto_packed:
+                return
+            self._auto_packed = False
+            self._capture.set_prepack(False, self._capture_long.session_options)
+            if self._gemm is not None:
+                self._gemm.unpack()
+        return_freed_memory()
+
     def _captured(self, plan: Plan, feeds: Mapping[str, Any]) -> list[str]:
         """The plan's values the forward run returns (not constants, not inputs)."""
         return [v for v in plan.values if v not in self._static and v not in feeds]
@@ -418,6 +440,7 @@ class Explainer:
         """
         if max((v.size for v in feeds.values()), default=0) <= SHORT_INPUT:
             return self._plan(output, collect, "capture"), self._capture, 1
+        self._unpack()
         plan = self._plan(output, collect)
         shapes = self._shapes(feeds)
         cap = self._capture_long
@@ -686,6 +709,15 @@ def load_graph(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.Pa
             proto.CopyFrom(model)
         canonize(proto)
     return Graph(proto, desc, weights)
+
+
+def _packing_fits(weights: Any) -> bool:
+    """Whether automatic pre-packing pays: the weights take at least :data:`PREPACK_MIN_BYTES` (below, packing
+    at every product costs less than building the packed sessions) and two more copies of them (the packed ones
+    of the forward and of the relevance pass) at most an eighth of the memory available (unknown: no)."""
+    avail = available_bytes()
+    total = sum(int(w.nbytes) for w in weights)
+    return avail is not None and PREPACK_MIN_BYTES <= total and 2 * total <= avail // 8
 
 
 def _threads_like(opts: Any, like: Any) -> Any:

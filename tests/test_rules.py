@@ -53,6 +53,22 @@ def _stab(z, eps):
     return z + eps * np.where(z >= 0, 1.0, -1.0)
 
 
+def test_stabilise_signs_and_dtype():
+    """``stab(z) = z + eps sign(z)`` with ``sign(+0) = sign(-0) = 1``; never 0 where ``|z|`` is below ``eps``; the
+    input's dtype is kept and the input is not written."""
+    from onnx_lrp.rules import stabilise
+
+    z = np.array([0.0, -0.0, 1e-12, -1e-12, -2.0, 3.0, np.inf, -np.inf], dtype=np.float32)
+    before = z.copy()
+    out = stabilise(z, 1e-10)
+    eps32 = np.float32(1e-10)
+    expected = np.array([eps32, eps32, np.float32(1e-12) + eps32, np.float32(-1e-12) - eps32, -2.0, 3.0, np.inf,
+                         -np.inf], dtype=np.float32)
+    assert out.dtype == np.float32 and np.array_equal(out, expected) and (out != 0).all()
+    assert np.array_equal(z, before, equal_nan=True) and np.signbit(z[1])
+    np.testing.assert_array_equal(stabilise(np.array([-0.0, -1.0, 2.0]), 0.5), [0.5, -1.5, 2.5])
+
+
 def _two_layer_graphs():
     """``y = (0.5 (x W1 + b1)) W2 + b2`` written as MatMul + bias Add + scale Mul, and as Gemm + Mul + Gemm."""
     W1, b1, W2, b2 = f32(5, 6, seed=11), f32(6, seed=12), f32(6, 3, seed=13), f32(3, seed=14)

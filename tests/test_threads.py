@@ -1,6 +1,9 @@
 """Thread control and the relevance pass's matrix-product kernel.
 
-- ``onnx_lrp._kernels.Gemm`` (onnxruntime's MLAS) equals numpy's product, for weights stored either way round;
+- ``onnx_lrp._kernels.Gemm`` (onnxruntime's MLAS) equals numpy's product, for weights stored either way round,
+  and for batched products of run-time tensors (transposed views, broadcast batch axes, the rule's scale);
+- pre-packing (``Explainer(prepack=...)``, automatic by default) changes no relevance, and the first long input
+  drops the packed copies;
 - ``Explainer(threads=N)`` sets onnxruntime's intra-op threads and the kernels' threads, and the relevance does
   not depend on N; ``blas_threads`` still works, with a deprecation warning.
 """
@@ -37,6 +40,71 @@ def test_gemm_falls_back_to_numpy():
     for a, b in (small, strided, mixed):
         np.testing.assert_allclose(g(a, b), a @ b, rtol=1e-5)
     assert not g._sessions  # none of them needed a session
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_batched_products_equal_numpy(trans_a, trans_b):
+    """Attention-shaped products: operands given as ``swapaxes`` views are read in place, a batch axis of size 1
+    broadcasts (grouped keys), ``alpha`` scales; float64 and mismatched shapes take numpy's path."""
+    rng = np.random.RandomState(4)
+    a = rng.randn(2, 3, 64, 48).astype(np.float32)
+    b = rng.randn(1, 3, 48, 80).astype(np.float32)
+    a_op = np.ascontiguousarray(a.swapaxes(-1, -2)).swapaxes(-1, -2) if trans_a else a
+    b_op = np.ascontiguousarray(b.swapaxes(-1, -2)).swapaxes(-1, -2) if trans_b else b
+    assert a_op.flags.c_contiguous != trans_a and b_op.flags.c_contiguous != trans_b
+    g = Gemm(2)
+    out = g(a_op, b_op, 0.5)
+    ref = 0.5 * (a.astype(np.float64) @ b.astype(np.float64))
+    assert out.shape == (2, 3, 64, 80) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert any(k[0] == "FusedMatMul" for k in g._sessions)  # ran on onnxruntime's kernel
+    np.testing.assert_allclose(g(a.astype(np.float64), b.astype(np.float64), 0.5), ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="matmul"):
+        g(a, rng.randn(1, 3, 49, 80).astype(np.float32))
+
+
+@pytest.mark.parametrize("prepack", [None, True])
+def test_prepacked_weights_change_no_relevance(prepack, monkeypatch):
+    """Pre-packed weights (forward and relevance products) give the unpacked relevance; by default (None) they are
+    used while they fit and dropped for good at the first long input, whose relevance is unchanged too."""
+    import onnx_lrp.explainer as explainer_module
+
+    _, path = tiny_model("llama")
+    rng = np.random.RandomState(5)
+    short, long_ = rng.randint(3, 120, size=(2, 9)), rng.randint(3, 120, size=(1, 40))
+    monkeypatch.setattr(explainer_module, "SHORT_INPUT", 20)  # 40 tokens run the long path
+    monkeypatch.setattr(explainer_module, "PREPACK_MIN_BYTES", 0)  # the tiny model's weights count as large
+    plain = Explainer(path, prepack=False)
+    packed = Explainer(path, prepack=prepack)
+    assert not plain._capture.prepack and not plain._gemm._packable
+    assert packed._capture.prepack and packed._gemm._packable
+    assert packed._capture_long.prepack is (prepack is True)
+    for ids in (short, long_, short):
+        a = plain.explain({"input_ids": ids}).relevance["input_ids"]
+        b = packed.explain({"input_ids": ids}).relevance["input_ids"]
+        assert rel_err(b, a) <= 1e-5
+    assert packed._capture.prepack is (prepack is True)  # automatic packing ended with the long input
+    assert bool(packed._gemm._packable) is (prepack is True)
+
+
+def test_automatic_prepack_only_when_it_fits(monkeypatch):
+    """Two more copies of the weights must fit in an eighth of the memory available, and the weights must be
+    large enough to pay for the packed sessions; with the caller's session options (which pre-packing would
+    change) nothing is packed automatically."""
+    import onnx_lrp.explainer as explainer_module
+    from onnx_lrp._capture import default_session_options
+
+    _, path = tiny_model("llama")
+    weights = sum(w.nbytes for w in Explainer(path, prepack=False)._capture.weights.values())
+    assert weights < explainer_module.PREPACK_MIN_BYTES and not Explainer(path)._auto_packed  # tiny: not worth it
+    monkeypatch.setattr(explainer_module, "PREPACK_MIN_BYTES", weights)
+    monkeypatch.setattr(explainer_module, "available_bytes", lambda: 16 * weights - 8)
+    assert not Explainer(path)._auto_packed
+    monkeypatch.setattr(explainer_module, "available_bytes", lambda: 16 * weights)
+    assert Explainer(path)._auto_packed
+    assert not Explainer(path, session_options=default_session_options())._auto_packed
+    monkeypatch.setattr(explainer_module, "available_bytes", lambda: None)
+    assert not Explainer(path)._auto_packed
 
 
 def test_threads_set_both_passes_and_do_not_change_results():

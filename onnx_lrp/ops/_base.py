@@ -41,7 +41,7 @@ class Env(Protocol):
 
     def memo(self, key: str, fn: Callable[[], Array]) -> Array: ...
 
-    def matmul(self, a: Array, b: Array) -> Array: ...
+    def matmul(self, a: Array, b: Array, alpha: float = 1.0) -> Array: ...
 
 
 Backward = Callable[[Env, list], list]
@@ -117,6 +117,11 @@ class OpContext:
     def fail(self, message: str) -> Exception:
         n = self.node
         return OnnxLrpError(f"node {n.name!r} ({n.op_type}): {message}")
+
+
+def scaled_matmul(a: Array, b: Array, alpha: float = 1.0) -> Array:
+    """``alpha * (a @ b)``: the product rules use where the engine gives none of its own (``Env.matmul``)."""
+    return a @ b if alpha == 1.0 else (a @ b) * alpha
 
 
 def unbroadcast(xp: Any, g: Array, shape: Sequence[int], out_ndim: int) -> Array:

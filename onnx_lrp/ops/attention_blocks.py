@@ -32,7 +32,7 @@ import numpy as np
 from .._graph import FLOAT_TYPES, Graph, Node
 from .._patterns import nan_guard
 from ..rules import stabilise
-from ._base import unbroadcast
+from ._base import scaled_matmul, unbroadcast
 
 BLOCK_BYTES = 32 << 20  # size of one (targets, batch, heads, rows, keys) array of a block
 # ops of the score chain f (one carrying operand) and between softmax and P
@@ -232,29 +232,32 @@ Scores = Callable[[Any, int, int], "tuple[Any, Callable[[Any], Any]]"]
 
 
 def attention_backward(xp: Any, GO: Any, A: Any, Bt: Any, V: Any, scores: Scores,
-                       weights: tuple[float, float, float, float], eps: float = 0.0) -> tuple[Any, Any, Any]:
+                       weights: tuple[float, float, float, float], eps: float = 0.0,
+                       matmul: Callable | None = None) -> tuple[Any, Any, Any]:
     """``(G_A, G_Bt, G_V)`` of ``O = softmax(f(A Bt)) V`` in blocks of query rows (module docstring).
 
     ``GO``: ``(targets.., batch.., rows, dv)``; ``A``: ``(batch.., rows, d)``; ``Bt``: ``(batch.., d, keys)``;
     ``V``: ``(batch.., keys, dv)``. ``scores(Z_r, r0, r1)`` -> ``(S_r, back)``: the softmax input of rows
     ``r0:r1`` from ``Z_r = A_r Bt`` and ``back(G_S) = G_Z`` through ``f``. ``weights``: ``(wA, wB, wP, wV)``.
     ``eps``: eps-LRP on ``O = P V`` when ``P`` is constant (``wP = 0``): ``G_O`` is first scaled by
-    ``O / stab(O)``. Gradients of operands that get weight 0 are None.
+    ``O / stab(O)``. Gradients of operands that get weight 0 are None. ``matmul(a, b, alpha)``: the engine's
+    product (``env.matmul``; default numpy's).
     """
     rows = A.shape[-2]
     out_batch = np.broadcast_shapes(A.shape[:-2], Bt.shape[:-2], V.shape[:-2])
     lead = GO.ndim - len(out_batch) - 2  # target axes in front of the output's own
     r = block_rows(GO.shape[:lead] + out_batch + (rows, Bt.shape[-1]), GO.dtype.itemsize, rows)
+    mm = matmul or scaled_matmul
     try:
-        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead)
+        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead, mm)
     except _NotRowwise:
-        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, rows, lead)
+        return _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, rows, lead, mm)
 
 
-def _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead):
+def _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead, mm):
     wA, wB, wP, wV = weights
     if eps and not wP:
-        O = xp.concatenate([_probs(xp, A, Bt, scores, r0, min(rows, r0 + r))[0] @ V
+        O = xp.concatenate([mm(_probs(xp, A, Bt, scores, r0, min(rows, r0 + r), mm)[0], V)
                             for r0 in range(0, rows, r)], axis=-2)
         GO = GO * (O / stabilise(O, eps))
     if not wP:
@@ -268,21 +271,21 @@ def _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead):
         g = GO[..., r0:r1, :]
         if not g.any():
             continue
-        P, back = _probs(xp, A, Bt, scores, r0, r1)
+        P, back = _probs(xp, A, Bt, scores, r0, r1, mm)
         if wV:
-            gv = P.swapaxes(-1, -2) @ g
+            gv = mm(P.swapaxes(-1, -2), g)
             GV = gv if GV is None else GV + gv
         if not wP:
             continue
-        GP = (g @ Vt) * wP
+        GP = mm(g, Vt, wP)
         GS = P * (GP - (P * GP).sum(axis=-1, keepdims=True))
         del P, GP
         GZ = back(GS)
         del GS
         if GA is not None:
-            GA[..., r0:r1, :] = (GZ @ Bt.swapaxes(-1, -2)) * wA
+            GA[..., r0:r1, :] = mm(GZ, Bt.swapaxes(-1, -2), wA)
         if wB:
-            gb = (A[..., r0:r1, :].swapaxes(-1, -2) @ GZ) * wB
+            gb = mm(A[..., r0:r1, :].swapaxes(-1, -2), GZ, wB)
             GB = gb if GB is None else GB + gb
     if wV and GV is None:  # no row reached
         GV = xp.zeros(GO.shape[:lead] + np.broadcast_shapes(V.shape[:-2], A.shape[:-2]) + V.shape[-2:], dtype=GO.dtype)
@@ -295,8 +298,8 @@ def _blocks(xp, GO, A, Bt, V, scores, weights, eps, rows, r, lead):
     return GA, GB, GV
 
 
-def _probs(xp, A, Bt, scores, r0, r1):
-    S, back = scores(A[..., r0:r1, :] @ Bt, r0, r1)
+def _probs(xp, A, Bt, scores, r0, r1, mm):
+    S, back = scores(mm(A[..., r0:r1, :], Bt), r0, r1)
     return softmax_rows(xp, S), back
 
 
@@ -362,7 +365,7 @@ def block_backward(block: Block, units: list[ChainUnit], weights: tuple[float, f
 
             return S, back_chain
 
-        grads = attention_backward(xp, gy[0], A, Bt, V, scores, weights)
+        grads = attention_backward(xp, gy[0], A, Bt, V, scores, weights, matmul=env.matmul)
         return [g if c else None for g, c in zip(grads, carrying)]
 
     return back

@@ -146,7 +146,8 @@ def group_query_attention(ctx: OpContext):
         if bool(((g != 0).any(axis=-1) & ~rows_ok).any()):
             raise ctx.fail("relevance reaches a padding row (position > seqlens_k): onnxruntime's "
                            "GroupQueryAttention assumes right padding, so its output there is undefined")
-        GQ, GK, GV = fused_attention_backward(xp, heads_first(g, heads), Q, Kx, Vx, scores, weights, eps)
+        GQ, GK, GV = fused_attention_backward(xp, heads_first(g, heads), Q, Kx, Vx, scores, weights, eps,
+                                              env.matmul)
         GK, GV = _group_sum(GK, kv_heads), _group_sum(GV, kv_heads)
         if rd:
             GQ, GK = rotate(GQ, c, s, rd, interleaved, inverse=True), rotate(GK, c, s, rd, interleaved, inverse=True)
@@ -219,7 +220,8 @@ def multi_head_attention(ctx: OpContext):
         if any(g is not None for g in gy[1:]):
             raise ctx.fail("relevance at the 'present' outputs is not supported")
         Q, K, V, scores = env.memo(key, lambda: forward(env))
-        parts = fused_attention_backward(xp, heads_first(gy[0], heads), Q, K, V, scores, weights, eps=eps)
+        parts = fused_attention_backward(xp, heads_first(gy[0], heads), Q, K, V, scores, weights, eps=eps,
+                                         matmul=env.matmul)
         return [_heads_last(p) if ctx.carrying(k) else None for k, p in enumerate(parts)] + [None] * (
             len(ctx.node.inputs) - 3)
 

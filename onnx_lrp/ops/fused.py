@@ -47,17 +47,18 @@ def linear_epsilon(ctx: OpContext) -> float:
     return lin.epsilon if isinstance(lin, Epsilon) else 0.0
 
 
-def fused_attention_backward(xp, GO, Q, K, V, scores, weights: tuple[float, float, float], eps: float = 0.0):
+def fused_attention_backward(xp, GO, Q, K, V, scores, weights: tuple[float, float, float], eps: float = 0.0,
+                             matmul=None):
     """``(G_Q, G_K, G_V)`` of ``O = softmax(scores(Q K^T)) V`` (heads first, ``(.., N, S, d)``) with the product
     weights of :func:`attention_weights`, in blocks of query rows
     (:func:`~onnx_lrp.ops.attention_blocks.attention_backward`: ``G_V = wV P^T G_O``, ``G_P = wP G_O V^T``, softmax
     VJP, ``G_Q = wQK G_Z K``, ``G_K = wQK G_Z^T Q``). ``scores(Z_r, r0, r1) -> (S_r, back)`` applies the op's scale,
     soft-cap, bias and masks to rows ``r0:r1``. ``eps`` (eps-LRP of the composite's linear rule): with ``P``
     constant (``wP = 0``), ``O = P V`` is a linear map of ``V`` and ``G_O`` is first scaled by ``O / stab(O)``,
-    as on the unfused ``MatMul``."""
+    as on the unfused ``MatMul``. ``matmul``: the engine's product (``env.matmul``)."""
     wP, wV, wQK = weights
     GQ, GKt, GV = attention_blocks.attention_backward(xp, GO, Q, K.swapaxes(-1, -2), V, scores, (wQK, wQK, wP, wV),
-                                                      eps)
+                                                      eps, matmul)
     if GQ is None:
         GQ = xp.zeros(GV.shape[:-2] + Q.shape[-2:], dtype=GO.dtype)
     GK = GKt.swapaxes(-1, -2) if GKt is not None else xp.zeros(GV.shape[:-2] + K.shape[-2:], dtype=GO.dtype)
@@ -197,7 +198,7 @@ def attention_backward(ctx: OpContext, W: np.ndarray, mask: int, attention_bias:
         g = gy[0]
         dv = hv // heads
         GO = g.reshape(g.shape[:-1] + (heads, dv)).swapaxes(-2, -3)
-        parts = fused_attention_backward(xp, GO, Q, K, V, scores, weights, eps=linear_epsilon(ctx))
+        parts = fused_attention_backward(xp, GO, Q, K, V, scores, weights, eps=linear_epsilon(ctx), matmul=env.matmul)
         flat = [p.swapaxes(-2, -3) for p in parts]  # (.., B, S, N, d)
         Gqkv = xp.concatenate([p.reshape(p.shape[:-2] + (-1,)) for p in flat], axis=-1)
         if zscale is not None:

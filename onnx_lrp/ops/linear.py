@@ -112,8 +112,8 @@ def matmul(ctx: OpContext):
             out_ndim = max(A.ndim, B.ndim)
             if A.ndim == 1 or B.ndim == 1:
                 raise ctx.fail("products of 1-D operands are not supported")
-            ga = unbroadcast(xp, g @ _swap(B), A.shape, out_ndim) * wa if wa else None
-            gb = unbroadcast(xp, _swap(A) @ g, B.shape, out_ndim) * wb if wb else None
+            ga = unbroadcast(xp, env.matmul(g, _swap(B), wa), A.shape, out_ndim) if wa else None
+            gb = unbroadcast(xp, env.matmul(_swap(A), g, wb), B.shape, out_ndim) if wb else None
             return [ga, gb]
 
         return back_product
