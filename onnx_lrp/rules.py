@@ -22,12 +22,22 @@ import numpy as np
 def stabilise(z: Any, eps: float) -> Any:
     """The eps-LRP denominator ``stab(z) = z + eps * sign(z)`` with ``sign(0) = 1`` (numpy or CuPy arrays).
 
-    ``z + 0.0`` turns ``-0.0`` into ``+0.0``, whose sign ``copysign`` then reads as positive: two passes, no
+    ``z + 0.0`` turns ``-0.0`` into ``+0.0``, whose sign ``copysign`` then reads as positive: three passes, no
     boolean or integer temporaries (6x faster than ``where``/``sign`` forms on float32)."""
-    d = z + 0.0
-    np.copysign(eps, d, out=d)
+    xp = _array_module(z)
+    d = xp.empty_like(z)
+    xp.add(z, 0.0, out=d)
+    xp.copysign(eps, d, out=d)
     d += z
     return d
+
+
+def _array_module(a: Any) -> Any:
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy
+    return np
 
 
 @dataclass(frozen=True)

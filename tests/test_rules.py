@@ -67,6 +67,7 @@ def test_stabilise_signs_and_dtype():
     assert out.dtype == np.float32 and np.array_equal(out, expected) and (out != 0).all()
     assert np.array_equal(z, before, equal_nan=True) and np.signbit(z[1])
     np.testing.assert_array_equal(stabilise(np.array([-0.0, -1.0, 2.0]), 0.5), [0.5, -1.5, 2.5])
+    assert stabilise(np.array(-0.0, np.float32), 0.5) == 0.5 and stabilise(np.float64(-2.0), 0.5) == -2.5  # 0-d, scalar
 
 
 def _two_layer_graphs():
