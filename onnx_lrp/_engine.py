@@ -379,8 +379,8 @@ _BLAS = None
 def blas_threads(xp: Any, n: int | None) -> Any:
     """A context limiting numpy's BLAS to ``n`` threads during the relevance pass (via threadpoolctl when
     installed; else a no-op): the products with the weights run on onnxruntime's kernels
-    (:mod:`onnx_lrp._kernels`) with the Explainer's threads; numpy's BLAS takes the small attention products,
-    fastest on one thread (OpenBLAS's threads wait on each other on a loaded machine)."""
+    (:mod:`onnx_lrp._kernels`) with the Explainer's threads, float32 attention products too; numpy's BLAS takes
+    the small and float64 products, fastest on one thread (OpenBLAS's threads wait on each other on a loaded machine)."""
     global _BLAS
     if n is None or xp is not np:
         return contextlib.nullcontext()

@@ -7,8 +7,8 @@ products; ``benchmarks/bench_speed.py``), and its thread pool competes with onnx
 library the forward pass already uses; a one-node ``Gemm`` session per dtype runs each product with
 ``threads`` intra-op threads, writing into a numpy array (no copy). Products of two run-time tensors with batch
 axes (the attention products ``G P^T``, ``A^T G``...) run as one ``com.microsoft.FusedMatMul`` node, which reads
-an operand's transposed view in place and applies the rule's scale (measured against numpy at 512 tokens,
-9 heads: 1.5x faster on one thread, 2.1x on two).
+an operand's transposed view in place and applies the rule's scale (against numpy at 512 tokens, 9 heads:
+1.6x faster on one thread, 2.3x on two; ``benchmarks/bench_kernels.py``).
 """
 from __future__ import annotations
 
@@ -96,13 +96,9 @@ class Gemm:
                 node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft", alpha=float(alpha),
                                         transA=trans_a, transB=trans_b)
                 t = TensorProto.FLOAT
-                graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info("a", t, None),
-                                                             helper.make_tensor_value_info("b", t, None)],
-                                          [helper.make_tensor_value_info("y", t, None)])
-                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
-                                                                helper.make_opsetid("com.microsoft", 1)])
-                model.ir_version = 8
-                sess = self._sessions[key] = self._new_session(model)
+                sess = self._sessions[key] = self._new_session(
+                    node, [helper.make_tensor_value_info(n, t, None) for n in ("a", "b")],
+                    helper.make_tensor_value_info("y", t, None))
         binding = sess.io_binding()
         binding.bind_cpu_input("a", a)
         binding.bind_cpu_input("b", b)
@@ -110,9 +106,20 @@ class Gemm:
         sess.run_with_iobinding(binding)
         return out
 
-    def _new_session(self, model: Any, weight: np.ndarray | None = None) -> Any:
+    def _new_session(self, node: Any, inputs: list, output: Any, weight: np.ndarray | None = None) -> Any:
+        """A session running the one ``node`` with ``threads`` threads; ``weight``: the data of its initializer
+        ``b`` (held in place, no copy)."""
         import onnxruntime as ort
 
+        inits = []
+        if weight is not None:
+            stub = TensorProto(name="b", data_type=_TYPES[weight.dtype], dims=list(weight.shape))
+            stub.data_location = TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="onnx-lrp-array")
+            inits.append(stub)
+        model = helper.make_model(helper.make_graph([node], "product", inputs, [output], inits),
+                                  opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -129,19 +136,10 @@ class Gemm:
                 node = helper.make_node("Gemm", ["a", "b"], ["y"], transB=trans_b)
                 b_shape = ["n", "k"] if trans_b else ["k", "n"]
                 inputs = [helper.make_tensor_value_info("a", t, ["m", "k"])]
-                inits = []
-                if weight is None:
+                if weight is None:  # else an initializer whose data is the weight itself
                     inputs.append(helper.make_tensor_value_info("b", t, b_shape))
-                else:  # an initializer whose data is the weight itself
-                    stub = TensorProto(name="b", data_type=t, dims=list(weight.shape))
-                    stub.data_location = TensorProto.EXTERNAL
-                    stub.external_data.add(key="location", value="onnx-lrp-array")
-                    inits.append(stub)
-                graph = helper.make_graph([node], "gemm", inputs, [helper.make_tensor_value_info("y", t, ["m", "n"])],
-                                          inits)
-                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-                model.ir_version = 8
-                sess = self._sessions[key] = self._new_session(model, weight)
+                sess = self._sessions[key] = self._new_session(
+                    node, inputs, helper.make_tensor_value_info("y", t, ["m", "n"]), weight)
             return sess
 
 

@@ -93,10 +93,10 @@ class Explainer:
         (CUDA when usable, else CPU with a logged warning). ``self.device`` / ``self.device_reason`` say which.
     threads
         threads of the forward pass (onnxruntime's intra-op pool, unless ``session_options`` say otherwise) and of
-        the relevance pass's products with the weights (:mod:`onnx_lrp._kernels`, onnxruntime's MLAS kernels);
-        default: the cores this process may use. The two passes run one after the other, so they never compete
-        for the cores. numpy's BLAS, left with the small attention products, runs one thread (with two, OpenBLAS
-        made explanations up to 22x slower on the shared 2-core machine: docs/performance.md).
+        the relevance pass's products with the weights and its float32 attention products (:mod:`onnx_lrp._kernels`,
+        onnxruntime's MLAS kernels); default: the cores this process may use. The two passes run one after the
+        other, so they never compete for the cores. numpy's BLAS, left with the small products, runs one thread
+        (with two, OpenBLAS made explanations up to 22x slower on the shared 2-core machine: docs/performance.md).
     blas_threads
         deprecated (use ``threads``): numpy BLAS threads during the relevance pass (default 1).
     memory_budget

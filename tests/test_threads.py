@@ -31,6 +31,18 @@ def test_gemm_equals_numpy(dtype, transposed):
                                else 1e-10, atol=1e-3 if dtype == np.float32 else 1e-10)
 
 
+def test_prepacked_gemm_equals_numpy_and_unpack_drops_its_sessions():
+    rng = np.random.RandomState(6)
+    a, w = rng.randn(70, 300).astype(np.float32), rng.randn(200, 300).astype(np.float32)
+    g = Gemm(1)
+    g.prepack([w])
+    np.testing.assert_allclose(g(a, w.T), a.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    assert [k for k in g._sessions if k[2] is not None] == [(np.dtype(np.float32), 1, w.ctypes.data)]
+    g.unpack()
+    assert not g._packable and all(k[2] is None for k in g._sessions)
+    np.testing.assert_allclose(g(a, w.T), a.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
 def test_gemm_falls_back_to_numpy():
     rng = np.random.RandomState(1)
     g = Gemm(1)
@@ -59,6 +71,8 @@ def test_batched_products_equal_numpy(trans_a, trans_b):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert any(k[0] == "FusedMatMul" for k in g._sessions)  # ran on onnxruntime's kernel
     np.testing.assert_allclose(g(a.astype(np.float64), b.astype(np.float64), 0.5), ref, rtol=1e-12)
+    w = rng.randn(80, 48).astype(np.float32)  # a 2-D operand against batch axes (read transposed)
+    np.testing.assert_allclose(g(a, w.T), a.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="matmul"):
         g(a, rng.randn(1, 3, 49, 80).astype(np.float32))
 
