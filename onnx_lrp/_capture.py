@@ -28,7 +28,7 @@ from ._device import CPU, Device, check_session
 from ._graph import Graph
 from ._stream import copy_without_initializers, is_weight
 from ._inputs import ort_failure, quiet_run
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .ops.attention_blocks import Block
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
@@ -171,7 +171,13 @@ class ForwardCapture:
             new = [n for n in self.weight_names if n not in names]
             values = [ort.OrtValue.ortvalue_from_numpy(self._weights[n]) for n in new]
             if new:
-                opts.add_external_initializers(new, values)
+                try:
+                    opts.add_external_initializers(new, values)
+                except Exception as exc:  # onnxruntime takes each name once per options object
+                    raise ConfigError(
+                        f"{self.graph.source}: these session_options already hold the weights of another "
+                        f"pre-packing Explainer ({exc}); give each Explainer(prepack=True) session options of "
+                        "its own") from exc
                 names.update(new)
                 kept.extend(values)
         try:

@@ -101,6 +101,19 @@ def test_prepacked_weights_change_no_relevance(prepack, monkeypatch):
     assert bool(packed._gemm._packable) is (prepack is True)
 
 
+def test_session_options_shared_by_two_prepacking_explainers_are_refused():
+    """Pre-packing registers the weights with the session options: a second Explainer on the same options object
+    would read the first one's weights, so it is refused with a message naming the remedy."""
+    from onnx_lrp._capture import default_session_options
+    from onnx_lrp.errors import ConfigError
+
+    _, path = tiny_model("llama")
+    opts = default_session_options()
+    Explainer(path, session_options=opts, prepack=True)
+    with pytest.raises(ConfigError, match="session options of its own"):
+        Explainer(path, session_options=opts, prepack=True)
+
+
 def test_automatic_prepack_only_when_it_fits(monkeypatch):
     """Two more copies of the weights must fit in an eighth of the memory available, and the weights must be
     large enough to pay for the packed sessions; with the caller's session options (which pre-packing would
