@@ -12,7 +12,9 @@ loading included) and the peak during the runs only (the kernel's mark reset aft
 
 Variants of the memory runs:
   ort      plain onnxruntime forward of the exported graph (the user's graph, default session options)
-  explain  onnx-lrp ``Explainer.explain`` (forward capture + relevance pass), defaults (AttnLRP, automatic pre-packing)
+  explain  onnx-lrp ``Explainer.explain`` (forward capture + relevance pass), defaults (AttnLRP, automatic pre-packing);
+           causal LMs with ``full_output=False`` (the lm head at the explained position only, as ``TextExplainer``)
+  full     the same with ``explain(full_output=True)`` (the default: logits of every position; causal LMs only)
   prepack  the same with ``Explainer(prepack=True)`` (weights pre-packed by onnxruntime: faster, more memory)
   lxt      LXT 2.1 efficient engine: PyTorch forward + backward from the explained logit, same weights
   torch    plain PyTorch forward (``torch.no_grad``)
@@ -47,7 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODELS_DIR = Path(os.environ.get("ONNX_LRP_MODELS", Path.home() / ".cache" / "onnx-lrp" / "models"))
-CPU_VARIANTS = ("ort", "explain", "prepack", "lxt", "torch")
+CPU_VARIANTS = ("ort", "explain", "full", "prepack", "lxt", "torch")
 GPU_VARIANTS = ("ort_cuda", "explain_cuda", "lxt_cuda")
 
 
@@ -153,13 +155,18 @@ def _ort_runner(spec, device):
     return lambda ids: sess.run(None, onnx_feeds(names, ids))
 
 
-def _explain_runner(spec, device, prepack: bool | None = None):
+def _explain_runner(spec, device, prepack: bool | None = None, full_output: bool = False):
     sys.path.insert(0, str(ROOT))
     from onnx_lrp import Explainer
 
     ex = Explainer(spec["onnx"], device=device, threads=spec.get("threads"), prepack=prepack)
-    kw = {} if spec["causal"] else {"position": 0}
+    # causal LMs as TextExplainer runs them: the lm head at the explained position only
+    kw = {"full_output": full_output} if spec["causal"] else {"position": 0}
     return lambda ids: ex.explain(onnx_feeds(ex.input_names, ids), **kw)
+
+
+def _full_runner(spec, device):
+    return _explain_runner(spec, device, full_output=True)
 
 
 def _prepack_runner(spec, device):
@@ -231,13 +238,15 @@ def _torch_runner(spec, device):
     return run
 
 
-RUNNERS = {"ort": _ort_runner, "explain": _explain_runner, "prepack": _prepack_runner, "lxt": _lxt_runner,
+RUNNERS = {"ort": _ort_runner, "explain": _explain_runner, "full": _full_runner, "prepack": _prepack_runner,
+           "lxt": _lxt_runner,
            "torch": _torch_runner}
 
 
 def interleaved(spec: dict, req: dict) -> list[dict]:
     """Time the variants round by round in one process (see the module docstring); medians of times and ratios."""
-    runs = {v: RUNNERS[v](spec, "cpu") for v in req["time_variants"] if v != "torch" or spec["pt"]}
+    runs = {v: RUNNERS[v](spec, "cpu") for v in req["time_variants"]
+            if (v != "torch" or spec["pt"]) and (v != "full" or spec["causal"])}
     rows = []
     for batch in req["batches"]:
         for seq in req["seqs"]:
@@ -254,7 +263,7 @@ def interleaved(spec: dict, req: dict) -> list[dict]:
                     times[v].append(time.perf_counter() - t)
             row = dict(batch=batch, seq=seq, rounds=len(times["explain"]), times_s=times,
                        median_s={v: statistics.median(t) for v, t in times.items()})
-            for ours in ("explain", "prepack"):
+            for ours in ("explain", "full", "prepack"):
                 for other in ("ort", "lxt"):
                     if ours in times and other in times:
                         row[f"{ours}/{other}"] = statistics.median(e / o for e, o in zip(times[ours], times[other]))
@@ -466,7 +475,8 @@ def report(name: str, threads: int, res: dict) -> None:
     rows = res["interleaved"].get("rows", [])
     print("  time (s, median of interleaved rounds) | ratios (median of per-round ratios) | peak MB with loading / "
           "during runs (own process)")
-    print(f"  batch  seq rounds {'ort':>8} {'explain':>8} {'prepack':>8} {'lxt':>8} {'torch':>8}   b/a   b/c   p/a   p/c"
+    print(f"  batch  seq rounds {'ort':>8} {'explain':>8} {'full':>8} {'prepack':>8} {'lxt':>8} {'torch':>8}   b/a   b/c"
+          "   f/a   p/a   p/c"
           f"   {'explain MB':>11} {'prepack MB':>11} {'lxt MB':>11} {'ort MB':>11}")
     for r in rows:
         m = r["median_s"]
@@ -475,8 +485,9 @@ def report(name: str, threads: int, res: dict) -> None:
         cell = lambda x: f"{x['peak_mb']:5.0f}/{x['run_peak_mb']:<5.0f}" if x else f"{'-':>11}"  # noqa: E731
         t = lambda v: f"{m[v]:8.4f}" if v in m else f"{'-':>8}"  # noqa: E731
         ratio = lambda k: f"{r[k]:5.2f}" if k in r else f"{'-':>5}"  # noqa: E731
-        print(f"  {r['batch']:5d} {r['seq']:4d} {r['rounds']:6d} {t('ort')} {t('explain')} {t('prepack')} {t('lxt')} "
-              f"{t('torch')} {ratio('explain/ort')} {ratio('explain/lxt')} {ratio('prepack/ort')} {ratio('prepack/lxt')}"
+        print(f"  {r['batch']:5d} {r['seq']:4d} {r['rounds']:6d} {t('ort')} {t('explain')} {t('full')} {t('prepack')} "
+              f"{t('lxt')} {t('torch')} {ratio('explain/ort')} {ratio('explain/lxt')} {ratio('full/ort')} "
+              f"{ratio('prepack/ort')} {ratio('prepack/lxt')}"
               f"   {cell(mem['explain'])} {cell(mem['prepack'])} {cell(mem['lxt'])} {cell(mem['ort'])}")
     for r in res.get("multi", {}).get("rows", []):
         print(f"  {r['k']} targets at seq {r['seq']}: batched {r['batched_s']:.3f} s, separate {r['separate_s']:.3f} s "

@@ -28,6 +28,7 @@ from ._device import CPU, Device, check_session
 from ._graph import Graph
 from ._stream import copy_without_initializers, is_weight
 from ._inputs import ort_failure, quiet_run
+from ._rows import ROWS, RowHead, gather_rows, rows_feed
 from .errors import ConfigError, ModelLoadError
 from .ops.attention_blocks import Block
 
@@ -67,12 +68,15 @@ class ForwardCapture:
     bound from and outputs returned as numpy arrays; on CUDA, as CuPy arrays on the GPU. ``attention``: attention
     blocks (:func:`~onnx_lrp.ops.attention_blocks.find_blocks`) that runs on long inputs may evaluate in chunks of
     query rows (:func:`chunk_attention`), so that the forward holds one chunk of one layer's scores at a time.
+    ``rows``: the output's position-wise head (:func:`onnx_lrp._rows.find_row_head`), computed at the rows fed as
+    :data:`~onnx_lrp._rows.ROWS` only.
     """
 
     def __init__(self, graph: Graph, device: Device = CPU, session_options: ort.SessionOptions | None = None,
                  attention: dict[str, Block] | None = None, prepack: bool = False,
-                 share: ForwardCapture | None = None):
+                 share: ForwardCapture | None = None, rows: RowHead | None = None):
         self.graph = graph
+        self.rows = rows  # a head computed at the rows fed as ROWS only (onnx_lrp._rows)
         self.device = device
         self.providers = list(device.providers)
         self.session_options = session_options
@@ -148,6 +152,9 @@ class ForwardCapture:
         del model.graph.node[:]
         nodes = (chunk_attention(self.graph.nodes, self.chunkable(exposed | shape_exposed), chunks, self._ranks())
                  if chunks > 1 else [n.proto for n in self.graph.nodes])
+        if self.rows is not None:
+            nodes = gather_rows(self.rows, nodes)
+            model.graph.input.append(helper.make_tensor_value_info(ROWS, onnx.TensorProto.INT64, ["batch", "k", 1]))
         for node in nodes:
             model.graph.node.append(node)
             for o in node.output:
@@ -234,8 +241,11 @@ class ForwardCapture:
             chunks: int = 1) -> tuple[dict, dict]:
         """Run once; returns (tensor values by name, shapes by name). Values live on the capture's device.
         ``chunks``: attention blocks in that many chunks of query rows (:meth:`chunked_session`); one session
-        throughout (prepare() may swap in a new one meanwhile)."""
+        throughout (prepare() may swap in a new one meanwhile). With a row-restricted head (``rows``) the head
+        runs at the rows ``feeds`` give as :data:`~onnx_lrp._rows.ROWS`, by default at every position."""
         session = self.chunked_session(chunks)
+        if self.rows is not None and ROWS not in feeds:
+            feeds = rows_feed(self.rows, feeds)  # the head at every position
         names = list(dict.fromkeys(list(values) + [SHAPE_PREFIX + s for s in shapes]))
         out_values, out_shapes = {}, {}
         for n, ov in zip(names, self._run(session, feeds, names)):

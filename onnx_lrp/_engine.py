@@ -303,7 +303,8 @@ def conditionable(plan: Plan) -> set[str]:
 
 
 def run_plan(plan: Plan, env: Env, start: dict[str, Any],
-             conditions: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+             conditions: dict[str, Callable[[Any], Any]] | None = None,
+             expand: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
     """Propagate the start gradients through the plan; returns the gradients at ``plan.keep``.
 
     ``conditions``: tensor -> function of its gradient (a mask keeping some neurons). When the gradient of a
@@ -311,6 +312,9 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any],
     applied and the gradients that reached tensors not processed yet by paths around it are dropped: only the
     relevance flowing through the conditioned tensors reaches the inputs (conditional relevance, "relevance through
     a concept": CRP, Achtibat et al. 2023). Gradients have the leading target axes (``env.lead``).
+
+    ``expand``: tensor -> function applied to its complete gradient before the step producing the tensor reads it
+    (the gradient of a head computed at a few rows, scattered into the tensor's full shape: :mod:`onnx_lrp._rows`).
     """
     xp = env.xp
     grads: dict[str, Any] = dict(start)
@@ -324,7 +328,11 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any],
             del grads[other]
             owned.discard(other)
 
+    expand = dict(expand or {})  # each applied once
     for step, release in zip(plan.steps, plan.release):
+        for o in expand.keys() & step.outputs & grads.keys():
+            grads[o] = expand.pop(o)(grads[o])
+            owned.discard(o)
         gy = [(grads.get(o) if o in keep else grads.pop(o, None)) for o in step.outputs]
         if conditions and any(o in conditions for o in step.outputs):
             only_through(set(step.outputs))
@@ -365,6 +373,8 @@ def run_plan(plan: Plan, env: Env, start: dict[str, Any],
             else:
                 grads[name] = prev + g
                 owned.add(name)
+    for k in expand.keys() & grads.keys():  # sources: no step produces them
+        grads[k] = expand.pop(k)(grads[k])
     at_end = conditions.keys() - done  # conditioned sources: no step produces them, their gradient is complete now
     if at_end:
         only_through(at_end)

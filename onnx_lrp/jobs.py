@@ -162,11 +162,11 @@ class ExplainJob(TextJob):
                 lres = self.lat.explain(feeds, self.latent, self.tid, output=tx.output)
                 res = lres.explanation
             else:
-                res = tx.explainer.explain(feeds, target=self.tid, output=tx.output)
-            y = res.outputs[tx.output]
+                res = tx.explainer.explain(feeds, target=self.tid, output=tx.output, full_output=False)
+            y = res.outputs[tx.output]  # (batch, 1, vocab) where only the explained rows were computed
             for j, it in enumerate(group):
                 n = len(it["ids"])
-                row = y[j, res.position[j]] if res.position is not None else y[j]
+                row = y[j] if res.position is None else y[j, 0] if y.shape[1] == 1 else y[j, res.position[j]]
                 pred, tgt = int(np.argmax(row)), int(res.target[j])
                 rec = {"tokens": tx.tokenizer.pieces(it["ids"]), "target": tgt, "target_text": tx._label(tgt),
                        "prediction": pred, "prediction_text": tx._label(pred), "score": float(res.score[j]),

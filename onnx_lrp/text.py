@@ -343,9 +343,9 @@ class TextExplainer:
                               "use similarity() or Explainer(...).explain(output_relevance=...)")
         ids = self.encode(text, chat, system)
         tid = self.resolve_target(target)
-        res = self.explainer.explain(self._feeds(ids), target=tid, output=self.output)
-        y = res.outputs[self.output][0]
-        row = y[res.position[0]] if y.ndim == 2 else y
+        res = self.explainer.explain(self._feeds(ids), target=tid, output=self.output, full_output=False)
+        y = res.outputs[self.output][0]  # the explained row only where the model's head allows (else every position)
+        row = (y[0] if y.shape[0] == 1 else y[res.position[0]]) if y.ndim == 2 else y
         pred = int(np.argmax(row))
         tgt = int(res.target[0])
         return TextExplanation(
