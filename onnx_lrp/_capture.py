@@ -11,6 +11,7 @@ numpy arrays on the CPU, as CuPy arrays on CUDA (the same code path on both devi
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from .errors import ConfigError, ModelLoadError
 from .ops.attention_blocks import Block
 
 SHAPE_PREFIX = "onnx_lrp::shape::"
+_SHAPES, _RANKS = "onnx_lrp::shapes", "onnx_lrp::ranks"  # the shapes asked for, concatenated, and their lengths
 # com.microsoft ops that pre-pack their constant inputs when the session is created
 _PREPACKING_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 
@@ -101,6 +103,7 @@ class ForwardCapture:
         shared = share is not None and session_options is not None and share.session_options is session_options
         self._external: tuple[set, list] = share._external if shared else (set(), [])
         self._lock = threading.Lock()
+        self._shape_order: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> shaped tensors
 
     def set_prepack(self, prepack: bool, session_options: ort.SessionOptions | None) -> None:
         """Switch pre-packing (CPU only); the sessions, and the packed copies of the weights they hold, are dropped
@@ -155,14 +158,22 @@ class ForwardCapture:
         if self.rows is not None:
             nodes = gather_rows(self.rows, nodes)
             model.graph.input.append(helper.make_tensor_value_info(ROWS, onnx.TensorProto.INT64, ["batch", "k", 1]))
+        order = []
         for node in nodes:
             model.graph.node.append(node)
             for o in node.output:
                 if o in shape_exposed:
                     out = SHAPE_PREFIX + o
                     model.graph.node.append(helper.make_node("Shape", [o], [out], name=out))
-        for name in sorted(shape_exposed):
-            model.graph.output.append(onnx.ValueInfoProto(name=SHAPE_PREFIX + name))
+                    order.append(o)
+        if order:  # two outputs, not one per shape: each output costs onnxruntime and Python (SmolLM2: 1,266)
+            shapes = [SHAPE_PREFIX + o for o in order]
+            for o in shapes:
+                model.graph.node.append(helper.make_node("Shape", [o], [o + "::rank"], name=o + "::rank"))
+            model.graph.node.append(helper.make_node("Concat", shapes, [_SHAPES], name=_SHAPES, axis=0))
+            model.graph.node.append(helper.make_node("Concat", [o + "::rank" for o in shapes], [_RANKS],
+                                                     name=_RANKS, axis=0))
+            model.graph.output.extend([onnx.ValueInfoProto(name=_SHAPES), onnx.ValueInfoProto(name=_RANKS)])
         return model
 
     def _needs_output(self, name: str) -> bool:
@@ -192,6 +203,8 @@ class ForwardCapture:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"{self.graph.source}: onnxruntime cannot load the model: {exc}") from exc
         check_session(session, self.device.name, self.graph.source)
+        concat = next((n for n in reversed(model.graph.node) if list(n.output) == [_SHAPES]), None)
+        self._shape_order[session] = [i[len(SHAPE_PREFIX):] for i in concat.input] if concat is not None else []
         return session
 
     def chunkable(self, seen: set[str] | None = None) -> list[Block]:
@@ -246,13 +259,19 @@ class ForwardCapture:
         session = self.chunked_session(chunks)
         if self.rows is not None and ROWS not in feeds:
             feeds = rows_feed(self.rows, feeds)  # the head at every position
-        names = list(dict.fromkeys(list(values) + [SHAPE_PREFIX + s for s in shapes]))
+        names = list(dict.fromkeys(values))
+        if shapes:
+            names += [_SHAPES, _RANKS]
         out_values, out_shapes = {}, {}
-        for n, ov in zip(names, self._run(session, feeds, names)):
-            if n.startswith(SHAPE_PREFIX):
-                out_shapes[n[len(SHAPE_PREFIX) :]] = tuple(int(d) for d in ov.numpy())
-            else:
+        outs = self._run(session, feeds, names)
+        for n, ov in zip(names, outs):
+            if n not in (_SHAPES, _RANKS):
                 out_values[n] = self._wrap(ov)
+        if shapes:
+            flat, ranks = outs[-2].numpy().tolist(), outs[-1].numpy().tolist()
+            ends = np.cumsum(ranks).tolist()
+            every = {t: tuple(flat[e - r: e]) for t, r, e in zip(self._shape_order[session], ranks, ends)}
+            out_shapes = {t: every[t] for t in shapes}
         return out_values, out_shapes
 
     def _run(self, session: ort.InferenceSession, feeds: dict, names: list[str]) -> list:
@@ -263,7 +282,7 @@ class ForwardCapture:
             for name, arr in self._weights.items():
                 self._bind_weight(binding, name, arr)
         for n in names:
-            on_host = n.startswith(SHAPE_PREFIX) or self.device.name == "cpu"
+            on_host = n in (_SHAPES, _RANKS) or self.device.name == "cpu"
             binding.bind_output(n, "cpu" if on_host else self.device.name, 0 if on_host else self.device.index)
         try:
             session.run_with_iobinding(binding, quiet_run())

@@ -5,7 +5,8 @@
 - captured tensors are zero-copy views of onnxruntime's outputs that stay valid after later runs
   (checked against a plain onnxruntime session), and tensors are released after their last use;
 - weights are held once (session inputs, data-less stubs in the loaded graph), the user's ModelProto untouched;
-- the softmax NaN guard lets the softmax output and IsNaN mask go uncaptured.
+- the softmax NaN guard lets the softmax output and IsNaN mask go uncaptured;
+- the shapes asked for come back through two outputs (concatenated, and their ranks), each right.
 """
 from __future__ import annotations
 
@@ -137,3 +138,20 @@ def test_blas_threads_do_not_change_results():
     a = Explainer(path).explain({"input_ids": ids}).relevance["input_ids"]
     b = Explainer(path, blas_threads=None).explain({"input_ids": ids}).relevance["input_ids"]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shapes_come_back_concatenated_and_right(family):
+    """The capture returns the shapes asked for through two outputs (all shapes concatenated, and their ranks):
+    each equals the shape of the tensor's value, for every tensor of every rank the graph computes."""
+    _, path = tiny_model(family)
+    ex = Explainer(path)
+    feeds = ex.prepare_inputs({"input_ids": _ids(2, 7)})
+    names = [o for n in ex.graph.nodes for o in n.outputs if o and ex._capture._needs_output(o)]
+    ex._capture.prepare(set(names), set(names))
+    values, shapes = ex._capture.run(feeds, names, names)
+    assert set(shapes) == set(names)
+    assert {len(s) for s in shapes.values()} >= {1, 2, 3, 4}  # ranks differ: the split must follow them
+    for n in names:
+        assert shapes[n] == tuple(values[n].shape), n
+    assert len(ex._capture.session.get_outputs()) == len(set(ex.graph.output_names) | set(names)) + 2
