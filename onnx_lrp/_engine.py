@@ -47,6 +47,7 @@ class Plan:
     keep: set[str] = field(default_factory=set)  # gradients kept (sources, collected tensors)
     release: list[tuple[str, ...]] = field(default_factory=list)  # per step: values read for the last time
     recompute: dict[str, Program] = field(default_factory=dict)  # values recomputed instead of captured
+    reads: list[set[str]] = field(default_factory=list)  # per step: the values it reads
 
 
 class Env:
@@ -159,6 +160,7 @@ def compile_plan(
     plan.values.update(analysis.sources)
     plan.values.update(collect)
     plan.release = _last_reads(reads, plan.keep | set(graph.output_names))
+    plan.reads = reads
     return plan
 
 

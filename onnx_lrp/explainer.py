@@ -254,7 +254,8 @@ class Explainer:
             those rows, ``(batch, k, classes)`` (row j: position ``position[:, j]``) instead of every position's
             logits: faster (SmolLM2: the head is 21% of the forward) and without the ``seq x vocab`` tensors
             (1.6 GB at 8,192 tokens). The same relevance; not with ``output_relevance``, ``collect`` or
-            ``conditions`` on the head's tensors, nor on models without such a head (then the full output).
+            ``conditions`` on the head's tensors, a rule on the head that reads its input (gamma), nor on models
+            without such a head: then the full output.
         check_conservation: under a conserving composite, warn once (:class:`~onnx_lrp.errors.RelevanceWarning`)
             when the summed input relevance is more than 10x the explained score, naming the first tensor where it
             blew up (not with ``conditions``: the conditioned part need not conserve the score).
@@ -282,7 +283,8 @@ class Explainer:
         head = self._rows if (not full_output and output_relevance is None and self._rows is not None
                               and output == self._rows.output and batch_axis in (None, 0)
                               and position_axis in (None, 1)
-                              and not set(self._rows.tensors) & (set(collect) | set(conditions))) else None
+                              and not set(self._rows.tensors) & (set(collect) | set(conditions))
+                              and self._head_on_rows(plan)) else None
         if head is not None:  # the explained positions are known before the forward
             B, S = feeds[head.feed].shape[0], feeds[head.feed].shape[head.axis]
             tgt0, rows, multi, n_rows = self._targets_positions(target, position, feeds, B, S)
@@ -401,6 +403,12 @@ class Explainer:
         return feeds
 
     # ------------------------------------------------------------------ internals
+    def _head_on_rows(self, plan: Plan) -> bool:
+        """Whether the plan's steps of the row-restricted head can run on the explained rows: they read no value
+        of the head's input ``h`` (which stays whole; the gamma rule on the head's product reads it)."""
+        head = set(self._rows.tensors)
+        return all(self._rows.h not in r for step, r in zip(plan.steps, plan.reads) if set(step.outputs) <= head)
+
     def _default_output(self) -> str:
         for name in self.graph.output_names:
             if graph_output_is_float(self.graph, name) and name in self.analysis.carrying:

@@ -130,3 +130,17 @@ def test_full_output_where_rows_cannot_be_chosen(lm):
     res = lm.explain(feeds, collect=[head_tensor], full_output=False)
     assert res.outputs[lm.default_output].shape == ref.outputs[lm.default_output].shape
     np.testing.assert_allclose(res.relevance["input_ids"], ref.relevance["input_ids"], rtol=1e-6, atol=1e-7)
+
+
+def test_gamma_on_the_head_keeps_the_full_output():
+    """The gamma rule on the head's product reads the head's input, which stays whole: rows-only is refused quietly
+    and the full output explained (the same relevance as without the option)."""
+    from onnx_lrp.rules import Gamma
+
+    _, path = tiny_model("llama")
+    ex = Explainer(path, overrides={"/lm_head/MatMul": Gamma(0.25)})
+    feeds = {"input_ids": np.random.RandomState(1).randint(3, 100, size=(2, 6))}
+    full = ex.explain(feeds)
+    rows = ex.explain(feeds, full_output=False)
+    assert rows.outputs[ex.default_output].shape == full.outputs[ex.default_output].shape
+    np.testing.assert_allclose(rows.relevance["input_ids"], full.relevance["input_ids"], rtol=1e-6, atol=1e-7)
