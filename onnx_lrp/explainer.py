@@ -308,7 +308,7 @@ class Explainer:
         y = outputs[output]
         expand = {}
         if head is not None:
-            w, lead, tgt, pos = self._one_hot_rows(to_numpy(y), tgt0, rows, multi, n_rows)
+            w, lead, tgt, pos = self._one_hot_rows(to_numpy(y), tgt0, rows, multi, n_rows, feeds)
             b = 0
             expand[head.h] = lambda g: scatter_rows(xp, g, xp.asarray(rows), S)
         else:
@@ -547,10 +547,7 @@ class Explainer:
         """Start weights ``w`` (one-hot by default, in the output's own layout), the number of leading target axes,
         targets, positions, and the output's batch axis."""
         src = self.graph.source
-        if not np.isfinite(y).all():
-            raise InputError(f"{src}: the model's output {y.shape} is not finite (NaN/inf) for inputs "
-                             f"{ {k: v.shape for k, v in feeds.items()} }: there is nothing to explain; check the "
-                             "inputs' scale (overflow in the model?)")
+        self._check_finite(y, feeds)
         if output_relevance is not None:
             w = _integers_or_floats(output_relevance, "output_relevance", src, floats=True).astype(self.dtype)
             b = 0 if batch_axis is None else output_layout(self.graph, output, y.shape, feeds, {}, batch_axis)[0]
@@ -633,9 +630,17 @@ class Explainer:
             return w[0], 0, tgt[:, 0], (pos[:, 0] if pos is not None else None)
         return w, 1, tgt, pos
 
-    def _one_hot_rows(self, y, tgt, pos, multi: bool, k: int):
+    def _check_finite(self, y, feeds) -> None:
+        """An :class:`InputError` when the explained output holds NaN/inf: there is nothing to explain."""
+        if not np.isfinite(y).all():
+            raise InputError(f"{self.graph.source}: the model's output {y.shape} is not finite (NaN/inf) for inputs "
+                             f"{ {k: v.shape for k, v in feeds.items()} }: there is nothing to explain; check the "
+                             "inputs' scale (overflow in the model?)")
+
+    def _one_hot_rows(self, y, tgt, pos, multi: bool, k: int, feeds):
         """The one-hot start of a head computed at the explained rows only: ``y`` ``(B, k, classes)``, row ``j`` at
         position ``pos[:, j]``; target ``j`` starts at row ``j`` (:mod:`onnx_lrp._rows`)."""
+        self._check_finite(y, feeds)
         B, C = y.shape[0], y.shape[-1]
         if tgt is None:
             tgt = y.argmax(-1)

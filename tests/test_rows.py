@@ -144,3 +144,15 @@ def test_gamma_on_the_head_keeps_the_full_output():
     rows = ex.explain(feeds, full_output=False)
     assert rows.outputs[ex.default_output].shape == full.outputs[ex.default_output].shape
     np.testing.assert_allclose(rows.relevance["input_ids"], full.relevance["input_ids"], rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_rows_are_refused():
+    """A head whose explained rows overflow is an InputError on the rows-only path too, not NaN relevance."""
+    from onnx_lrp import InputError
+
+    m, _ = _head_model()
+    ex = Explainer(m, sources=["x"])
+    x = f32(1, 4, D, seed=5)
+    x[0, 3] = 1e38  # the explained (last) row overflows to inf in the product
+    with pytest.raises(InputError, match="not finite"):
+        ex.explain({"x": x}, target=0, full_output=False, check_conservation=False)
