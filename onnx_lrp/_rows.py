@@ -44,10 +44,11 @@ def find_row_head(graph: Graph, carrying: set[str], output: str) -> RowHead | No
 
     Recognised by its maths: from the output up, each node reads one tensor of the chain and treats rows on their own
     (``Tanh``/``Cast``/``Identity``; ``Add``/``Sub``/``Mul``/``Div`` by a constant of rank <= 1), up to a ``MatMul`` with a
-    constant 2-D weight; each tensor of the chain is read by the next node only (and is no graph output). The output must be 3-D with its
-    batch and sequence axes named like those of a graph input (the rows are chosen before the forward runs)."""
+    constant 2-D weight; each tensor of the chain is read by the next node only (and is no graph output). The output
+    must be 3-D with its batch and sequence axes named like those of a graph input, or of the same fixed sizes (the
+    rows are chosen before the forward runs; :func:`check_rows` verifies the sizes after it)."""
     dims = graph.output_dims.get(output) or []
-    if len(dims) != 3 or not all(isinstance(d, str) and d for d in dims[:2]):
+    if len(dims) != 3 or not all(isinstance(d, (str, int)) and d not in ("", 0) for d in dims[:2]):
         return None
     feed = next(((i.name, a) for i in graph.inputs for a, d in enumerate(i.shape)
                  if a > 0 and d == dims[1] and i.shape and i.shape[0] == dims[0]), None)
@@ -78,6 +79,25 @@ def find_row_head(graph: Graph, carrying: set[str], output: str) -> RowHead | No
             t = p.inputs[k[0]]
         else:
             return None
+
+
+def check_rows(head: RowHead, h_shape: tuple[int, ...] | None, B: int, S: int, source: str) -> None:
+    """An :class:`~onnx_lrp.errors.OnnxLrpError` when the head's input ``h`` is not ``(B, S, hidden)`` (``h_shape``
+    None: onnxruntime could not gather the rows): the graph declared its output's axes like the input's, and they
+    are not, so the rows were chosen for a wrong length."""
+    from .errors import OnnxLrpError
+
+    if h_shape is None or tuple(h_shape[:2]) != (B, S):
+        found = "onnxruntime could not gather the rows" if h_shape is None else f"has shape {tuple(h_shape)}"
+        raise OnnxLrpError(
+            f"{source}: output {head.output!r} is declared with the batch and sequence axes of input {head.feed!r} "
+            f"({B}, {S}), but its head's input {head.h!r} {found}: the graph's declared shapes are wrong; explain "
+            "with full_output=True")
+
+
+def is_gather_failure(exc: Exception) -> bool:
+    """Whether onnxruntime's failure (as :func:`onnx_lrp._inputs.ort_failure` words it) is in the rows' gather."""
+    return f"'{_GATHERED}" in str(exc)
 
 
 def gather_rows(head: RowHead, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

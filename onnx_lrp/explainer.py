@@ -21,7 +21,7 @@ from ._inputs import InputChecks, feed_shapes, past_length
 from ._kernels import Gemm, usable_cores
 from ._memory import Shapes, available_bytes, chunks_for, estimate, human, parse_bytes, return_freed_memory
 from ._recompute import Recompute, RecomputeCache
-from ._rows import find_row_head, rows_feed, scatter_rows
+from ._rows import check_rows, find_row_head, is_gather_failure, rows_feed, scatter_rows
 from .composites import Composite, get_composite
 from ._patterns import output_layout, right_padding_only
 from .errors import InputError, RelevanceWarning, ResourceError, TargetError
@@ -294,8 +294,15 @@ class Explainer:
         outs = set(self.graph.output_names)  # returned anyway: their shapes come from their values
         want_shapes = [s for s in plan.shapes
                        if s not in plan.values and s not in feeds and s not in self._static and s not in outs]
-        values, shapes = capture.run(rows_feed(head, feeds, rows) if head is not None else feeds, want_values,
-                                     want_shapes, chunks)
+        if head is not None and head.h not in feeds:
+            want_shapes.append(head.h)  # the rows were chosen for (B, S): check_rows
+        try:
+            values, shapes = capture.run(rows_feed(head, feeds, rows) if head is not None else feeds, want_values,
+                                         want_shapes, chunks)
+        except InputError as exc:
+            if head is not None and is_gather_failure(exc):
+                check_rows(head, None, B, S, self.graph.source)
+            raise
         shapes.update((s, tuple(values[s].shape)) for s in plan.shapes if s in outs and s not in plan.values)
         outputs = {k: values[k] for k in self.graph.output_names}
         for v in static_now:
@@ -308,6 +315,7 @@ class Explainer:
         y = outputs[output]
         expand = {}
         if head is not None:
+            check_rows(head, feeds[head.h].shape if head.h in feeds else shapes[head.h], B, S, self.graph.source)
             w, lead, tgt, pos = self._one_hot_rows(to_numpy(y), tgt0, rows, multi, n_rows, feeds)
             b = 0
             expand[head.h] = lambda g: scatter_rows(xp, g, xp.asarray(rows), S)
@@ -441,9 +449,10 @@ class Explainer:
                 c = self.graph.constant(name)
                 if c is not None and name not in self._static:
                     self._static[name] = to_compute(self.xp, self.dtype, c)
+            head_input = {self._rows.h} if self._rows is not None else set()  # its shape: check_rows
             (self._capture if mode == "capture" else self._capture_long).prepare(
                 {v for v in plan.values if v not in self._static} | set(self.graph.output_names),
-                {s for s in plan.shapes if s not in self._static},
+                {s for s in plan.shapes if s not in self._static} | head_input,
             )
             self._plans[key] = plan
         return plan

@@ -3,6 +3,7 @@ are recognised, the scatter back, and the same relevance as the full output on h
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from _graphs import f32, model, node
@@ -38,16 +39,48 @@ def test_head_recognised_by_its_maths():
                                                                                           "MatMul"]
 
 
-@pytest.mark.parametrize("case", ["per-position bias", "tensor read elsewhere", "unnamed axes"])
+@pytest.mark.parametrize("case", ["per-position bias", "tensor read elsewhere", "axes unlike the input's"])
 def test_no_head_where_rows_are_not_independent(case):
-    """A bias of shape (T, V) differs per position; a head tensor that is also a graph output must stay whole; without
-    named batch and sequence axes the rows cannot be chosen before the forward."""
+    """A bias of shape (T, V) differs per position; a head tensor that is also a graph output must stay whole; with
+    output axes named unlike any input's (tf2onnx's ``unk__`` names) the rows cannot be chosen before the forward."""
     kw = {"per-position bias": dict(bias_shape=(4, V)),
-          "tensor read elsewhere": dict(extra_output=True),
-          "unnamed axes": dict(dims=(2, 4))}[case]
+          "tensor read elsewhere": dict(extra_output=True)}.get(case, {})
     m, _ = _head_model(**kw)
+    if case == "axes unlike the input's":
+        for k, name in enumerate(("unk__1", "unk__2")):
+            m.graph.output[0].type.tensor_type.shape.dim[k].dim_param = name
     g = Graph(m)
     assert find_row_head(g, set(g.producer) | {"x"}, "y") is None
+
+
+def test_fixed_sizes_find_the_head():
+    """A graph of fixed shapes (jax2onnx writes them): the output's (2, 4) axes match the input's sizes."""
+    m, _ = _head_model(dims=(2, 4))
+    ex = Explainer(m, sources=["x"])
+    assert ex._rows is not None and (ex._rows.feed, ex._rows.axis) == ("x", 1)
+    x = f32(2, 4, D, seed=7)
+    full, rows = ex.explain({"x": x}, target=1), ex.explain({"x": x}, target=1, full_output=False)
+    assert rows.outputs["y"].shape == (2, 1, V)
+    np.testing.assert_allclose(rows.relevance["x"], full.relevance["x"], rtol=1e-6, atol=1e-7)
+
+
+def test_wrongly_declared_axes_are_an_error():
+    """The output declares the input's sequence axis, but the graph drops a position before the head: the rows
+    were chosen for the wrong length, which is said, not explained wrongly."""
+    from onnx_lrp import OnnxLrpError
+
+    m, _ = _head_model()
+    sl = node("Slice", ["x", "st", "en", "ax"], ["xs0"])
+    m.graph.node.insert(0, sl)
+    m.graph.node[1].input[0] = "xs0"  # Mul(x, s) reads the sliced x
+    for name, v in (("st", [1]), ("en", [2 ** 62]), ("ax", [1])):
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(v, np.int64), name))
+    ex = Explainer(m, sources=["x"])
+    assert ex._rows is not None
+    x = f32(1, 4, D, seed=8)
+    for position in (-1, 1):  # the last row is not there (onnxruntime's gather fails); row 1 is, of a shorter h
+        with pytest.raises(OnnxLrpError, match="declared shapes are wrong"):
+            ex.explain({"x": x}, target=0, position=position, full_output=False)
 
 
 def test_scatter_rows_by_hand():
